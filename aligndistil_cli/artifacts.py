@@ -1,0 +1,201 @@
+"""Output directories, manifests, fingerprints and atomic writes.
+
+A stage's output directory is complete exactly when its manifest.json says so.
+The manifest is written last, atomically (write to a temporary file, fsync,
+rename), so a crash at any point leaves a directory no stage will consume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+MANIFEST_VERSION = 1
+_CHUNK = 1 << 20
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_dict(config: Any) -> dict:
+    """A dataclass config as plain JSON-able data (paths as strings)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def prepare_output(out: Path) -> Path:
+    """Create out/ and invalidate any previous manifest before writing anything."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    return out
+
+
+def _output_files(out: Path) -> list[Path]:
+    return sorted(
+        p for p in out.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".") and "checkpoints" not in p.relative_to(out).parts
+    )
+
+
+def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics: dict[str, Any] | None = None) -> dict:
+    """Write config.json, then the manifest (last): the directory is now complete."""
+    out = Path(out)
+    atomic_write_json(out / CONFIG_FILE, config_dict(config))
+    outputs = {
+        str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _output_files(out)
+    }
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "complete": True,
+        "stage": stage,
+        "tool_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config_dict(config),
+        "inputs": inputs,
+        "outputs": outputs,
+        "metrics": metrics or {},
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(path: Path, stage: str | tuple[str, ...] | None = None, role: str = "input") -> dict:
+    """The manifest of a complete output directory, or a one-line UserError.
+
+    Also checks, cheaply, that every recorded output still exists with its size.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{role} {path} does not exist")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{role} {path} has no {MANIFEST}: it is unfinished or not an aligndistil output")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{manifest_path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not manifest.get("complete"):
+        raise UserError(f"{role} {path} is incomplete (its manifest is not marked complete)")
+    stages = (stage,) if isinstance(stage, str) else stage
+    if stages and manifest.get("stage") not in stages:
+        raise UserError(f"{role} {path} was written by stage {manifest.get('stage')!r}, expected {' or '.join(stages)}")
+    for rel, info in manifest.get("outputs", {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise UserError(f"{role} {path} is missing {rel}, which its manifest lists")
+        if f.stat().st_size != info["bytes"]:
+            raise UserError(f"{role} {path}: {rel} has {f.stat().st_size} bytes, its manifest says {info['bytes']}")
+    return manifest
+
+
+def verify_full(path: Path) -> list[str]:
+    """Check every output's sha256; return the problems found (empty when intact)."""
+    manifest = read_manifest(path)
+    problems = []
+    for rel, info in manifest["outputs"].items():
+        if sha256_file(Path(path) / rel) != info["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    return problems
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        read_manifest(path)
+    except UserError:
+        return False
+    return True
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def fingerprint_files(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def fingerprint_model(path: Path) -> str:
+    """Fingerprint of a model directory's weights and config.
+
+    Directories we wrote carry checksums in their manifest, so large models are
+    not re-hashed; other directories are hashed file by file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_json({"hub_id": str(path)})
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        outputs = json.loads(manifest.read_text()).get("outputs", {})
+        picked = {k: v["sha256"] for k, v in outputs.items() if k.endswith(WEIGHT_SUFFIXES) or k == "config.json"}
+        if picked:
+            return sha256_json(picked)
+    files = [p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) or p.name == "config.json"]
+    return fingerprint_files(files, path)
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """Fingerprint of what a tokenizer does: vocabulary, special tokens, template."""
+    spec = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "backend": json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else None,
+    }
+    return sha256_json(spec)
+
+
+def fingerprint_data(path: Path) -> str:
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return fingerprint_files([p for p in path.rglob("*") if p.is_file()], path)
+    return sha256_json({"hub_id": str(path)})
+
+
+def input_record(kind: str, path: Path, fingerprint: str) -> dict:
+    return {"kind": kind, "path": str(path), "fingerprint": fingerprint}

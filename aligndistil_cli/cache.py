@@ -1,0 +1,136 @@
+"""The teacher cache: safetensors shards plus a JSON index.
+
+Layout of a cache directory:
+    index.json                  format, widths, settings key, the shard list
+    shard-00000.safetensors     one contiguous range of data rows
+    manifest.json               written last (artifacts.py)
+
+Each shard holds, for its rows' response positions in row-major order:
+    teacher_logprobs [n, vocab_size]  (format "logits"; padded rows are implicit -inf)
+    coef, alpha, tvd [n] float32
+    row_offsets      [rows + 1] int64, positions of row i are offsets[i]:offsets[i+1]
+Shard boundaries are planned from the tokenised data before any model runs,
+so a rerun with the same settings recognises finished shards by name and by
+the settings key in their metadata, and skips them.
+The index's "format" field leaves room for other formats (hidden states, top-k).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .artifacts import atomic_write_json, read_manifest
+from .errors import UserError
+
+INDEX = "index.json"
+FORMAT_VERSION = 1
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    row_start: int
+    row_end: int
+    positions: int
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}.safetensors"
+
+
+def plan_shards(positions_per_row: list[int], bytes_per_position: int, max_bytes: int) -> list[ShardPlan]:
+    """Split rows into contiguous shards of at most max_bytes (at least one row each)."""
+    plans: list[ShardPlan] = []
+    start, count = 0, 0
+    for row, n in enumerate(positions_per_row):
+        if count and (count + n) * bytes_per_position > max_bytes:
+            plans.append(ShardPlan(len(plans), start, row, count))
+            start, count = row, 0
+        count += n
+    if start < len(positions_per_row):
+        plans.append(ShardPlan(len(plans), start, len(positions_per_row), count))
+    return plans
+
+
+def shard_is_done(path: Path, plan: ShardPlan, settings_key: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # a torn or foreign file is simply recomputed
+        return False
+    return (meta.get("settings_key") == settings_key and meta.get("row_start") == str(plan.row_start)
+            and meta.get("row_end") == str(plan.row_end))
+
+
+def write_shard(path: Path, plan: ShardPlan, settings_key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one shard atomically: a crash leaves either the old state or the whole shard."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    meta = {"settings_key": settings_key, "row_start": str(plan.row_start), "row_end": str(plan.row_end)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def write_index(out: Path, index: dict) -> None:
+    atomic_write_json(out / INDEX, {**index, "format_version": FORMAT_VERSION})
+
+
+class TeacherCache:
+    """Read side: memory-mapped shards, fetched per batch of rows."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, "precompute", role="teacher cache")
+        self.index = json.loads((self.path / INDEX).read_text())
+        if self.index.get("format") != "logits":
+            raise UserError(f"teacher cache {path} has format {self.index.get('format')!r}; this version reads 'logits'")
+        self.shards = self.index["shards"]
+        self._handles: dict[str, object] = {}
+        self._offsets: dict[str, torch.Tensor] = {}
+
+    @property
+    def num_rows(self) -> int:
+        return self.index["rows"]
+
+    def _shard_for(self, row: int) -> dict:
+        for shard in self.shards:
+            if shard["row_start"] <= row < shard["row_end"]:
+                return shard
+        raise UserError(f"teacher cache {self.path} has no row {row}")
+
+    def _open(self, shard: dict):
+        name = shard["file"]
+        if name not in self._handles:
+            try:
+                handle = safe_open(str(self.path / name), framework="pt")
+                self._offsets[name] = handle.get_tensor("row_offsets")
+            except Exception as e:
+                raise UserError(f"teacher cache shard {self.path / name} is unreadable ({e})") from None
+            self._handles[name] = handle
+        return self._handles[name], self._offsets[name]
+
+    def row_positions(self, row: int) -> int:
+        shard = self._shard_for(row)
+        _, offsets = self._open(shard)
+        local = row - shard["row_start"]
+        return int(offsets[local + 1] - offsets[local])
+
+    def fetch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """Concatenated per-position tensors of `rows`, in the given order."""
+        parts: dict[str, list[torch.Tensor]] = {"teacher_logprobs": [], "coef": [], "alpha": [], "tvd": []}
+        for row in rows:
+            shard = self._shard_for(row)
+            handle, offsets = self._open(shard)
+            local = row - shard["row_start"]
+            a, b = int(offsets[local]), int(offsets[local + 1])
+            for key in parts:
+                parts[key].append(handle.get_slice(key)[a:b])
+        return {k: torch.cat(v) for k, v in parts.items()}

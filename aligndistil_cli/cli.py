@@ -1,0 +1,157 @@
+"""The `aligndistil` command line: one thin command per stage.
+
+Each stage command is generated from its config dataclass, so every flag has
+the same name and help text as the config field (and the YAML key) it sets.
+Errors become one line on stderr with exit code 1 (2 for usage errors); a
+traceback only with --debug. Results go to stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from pathlib import Path
+from typing import Annotated, Any, List, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from . import __version__
+from .config import field_types, load_config
+from .errors import UsageError, UserError
+from .stages import STAGES
+
+app = typer.Typer(
+    name="aligndistil",
+    help="Token-level alignment with AlignDistil (Zhang et al., ACL 2025, arXiv 2503.02832).\n\n"
+    "Stages read and write self-describing directories; `aligndistil run pipelines/tiny.yaml` chains them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+_CLI_TYPES = {str: str, int: int, float: float, bool: bool, dict: List[str]}
+
+
+def _parse_named_paths(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--{flag} expects NAME=PATH, got {value!r}")
+        out[name] = path
+    return out
+
+
+def _parameter(f: dataclasses.Field, tp: type) -> inspect.Parameter:
+    flag = f.metadata.get("flag") or f.name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING else None
+    shown = "" if default in (None, "") or tp is dict else f" [default: {default}]"
+    decls = [f"--{flag}/--no-{flag}"] if tp is bool else [f"--{flag}"]
+    option = typer.Option(*decls, help=f.metadata.get("help", "") + shown, show_default=False)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[_CLI_TYPES[tp]], option])
+
+
+def stage_command(name: str, fixed: dict[str, Any] | None = None) -> None:
+    """Register `aligndistil NAME` with one option per config field plus --config."""
+    stage = STAGES[name]
+    types = field_types(stage.config)
+    fields = [f for f in dataclasses.fields(stage.config) if f.name not in (fixed or {})]
+
+    def command(**kwargs: Any) -> None:
+        config_file = kwargs.pop("config_file")
+        for f in fields:
+            if types[f.name] is dict and kwargs.get(f.name) is not None:
+                kwargs[f.name] = _parse_named_paths(kwargs[f.name], f.metadata.get("flag") or f.name) or None
+        config = load_config(stage.config, config_file, {**kwargs, **(fixed or {})})
+        out = stage.run(config)
+        stdout.print(str(out), highlight=False)
+
+    config_param = inspect.Parameter(
+        "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Optional[Path], typer.Option("--config", help="YAML file of config keys; flags win.")],
+    )
+    command.__signature__ = inspect.Signature([config_param] + [_parameter(f, types[f.name]) for f in fields])
+    # "\\b" stops click from re-wrapping the example line.
+    command.__doc__ = f"{stage.summary}\n\n\b\nExample:\n  {stage.example}"
+    app.command(name, help=command.__doc__)(command)
+
+
+for _name in STAGES:
+    stage_command(_name, {"reverse": True} if _name == "train-reverse-dpo" else None)
+
+
+@app.command("run", help="Run a pipeline file's stages in order, skipping complete ones.\n\n"
+                         "Example:\n\n    aligndistil run pipelines/tiny.yaml")
+def run_pipeline(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/tiny.yaml.")],
+    force: Annotated[bool, typer.Option("--force", help="Rerun stages even when their output is complete.")] = False,
+) -> None:
+    from .pipeline import run_file
+
+    run_file(pipeline, force=force)
+
+
+@app.command("verify", help="Check every file of an output directory against its manifest's sha256.\n\n"
+                            "Example:\n\n    aligndistil verify runs/tiny/teacher")
+def verify(directory: Annotated[Path, typer.Argument(help="A stage's output directory.")]) -> None:
+    from .artifacts import verify_full
+
+    problems = verify_full(directory)
+    if problems:
+        raise UserError(f"{directory}: " + "; ".join(problems))
+    stdout.print(f"{directory}: ok", highlight=False)
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        stdout.print(__version__)
+        raise typer.Exit()
+
+
+def _fail(message: str, code: int) -> None:
+    stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: one-line errors and exit codes live here and only here."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        code = app(args=args, prog_name="aligndistil", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        stderr.print(e.format_message() if hasattr(e, "format_message") else str(e))
+        sys.exit(2)
+    except click.ClickException as e:
+        if debug:
+            raise
+        _fail(e.format_message().replace("\n", " "), 2)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except UserError as e:
+        if debug:
+            raise
+        _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - the one place internal errors are turned into a line
+        if debug:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug)", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""One dataclass per stage. Values come from defaults < YAML file < command-line flags.
+
+Every field carries its help text (the CLI shows it verbatim) and its checks;
+validation raises one ConfigError naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+from .losses import VARIANTS
+
+
+def opt(default: Any = None, help: str = "", *, required: bool = False, choices: tuple | None = None,
+        positive: bool = False, nonneg: bool = False, flag: str | None = None, factory=None):
+    """A config field. positive/nonneg/choices/required are checked in __post_init__."""
+    meta = {"help": help, "required": required, "choices": choices, "positive": positive, "nonneg": nonneg,
+            "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StageConfig:
+    """Fields shared by every stage."""
+
+    out: Optional[str] = opt(None, "Output directory of the stage.", required=True)
+    seed: int = opt(0, "Random seed; the same seed and config give the same result on CPU.", nonneg=True)
+    device: str = opt("auto", "Device: auto (cuda when available), cpu, or cuda[:N].")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if meta.get("required") and value in (None, ""):
+                raise ConfigError(f"config field {f.name!r} is required (flag --{f.name.replace('_', '-')})")
+            if value is None:
+                continue
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"config field {f.name!r} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+            if meta.get("positive") and not value > 0:
+                raise ConfigError(f"config field {f.name!r} must be > 0; got {value!r}")
+            if meta.get("nonneg") and not value >= 0:
+                raise ConfigError(f"config field {f.name!r} must be >= 0; got {value!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; subclasses extend."""
+
+
+@dataclass
+class TrainingFields(StageConfig):
+    epochs: int = opt(1, "Passes over the data.", positive=True)
+    max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides epochs).", positive=True)
+    batch_size: int = opt(16, "Sequences (or pairs) per optimizer step.", positive=True)
+    lr: float = opt(1e-4, "Peak learning rate (AdamW).", positive=True)
+    warmup_ratio: float = opt(0.1, "Fraction of steps for linear warm-up.", nonneg=True)
+    min_lr_ratio: float = opt(0.1, "Cosine schedule floor as a fraction of lr.", nonneg=True)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", nonneg=True)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", nonneg=True)
+    adam_beta2: float = opt(0.95, "AdamW beta2.", nonneg=True)
+    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 disables).", nonneg=True)
+    max_length: int = opt(128, "Maximum tokens of prompt + response.", positive=True)
+    max_prompt_length: int = opt(96, "Maximum prompt tokens (prompts are cut from the left).", positive=True)
+    chunk_size: int = opt(1024, "Positions per output-head chunk in the loss (memory is O(chunk x vocab)).", positive=True)
+    log_every: int = opt(1, "Write metrics.jsonl every N steps.", positive=True)
+
+    def validate(self) -> None:
+        if self.warmup_ratio >= 1:
+            raise ConfigError(f"config field 'warmup_ratio' must be < 1; got {self.warmup_ratio}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError("config field 'max_prompt_length' must be < 'max_length' "
+                              f"({self.max_prompt_length} >= {self.max_length})")
+
+
+@dataclass
+class InitToyConfig(StageConfig):
+    num_sft: int = opt(6000, "SFT examples to write.", positive=True)
+    hidden_size: int = opt(128, "Model hidden size.", positive=True)
+    num_layers: int = opt(4, "Transformer layers.", positive=True)
+    num_heads: int = opt(4, "Attention heads.", positive=True)
+    intermediate_size: int = opt(256, "MLP width.", positive=True)
+    pad_vocab_to: int = opt(32, "Pad the embedding rows to a multiple of this, past the tokenizer (as real models do).", positive=True)
+
+
+@dataclass
+class SftConfig(TrainingFields):
+    model: Optional[str] = opt(None, "Model to fine-tune: a Hugging Face model directory or hub id.", required=True)
+    data: Optional[str] = opt(None, "Prompt/response data (JSONL with 'prompt' and 'response').", required=True)
+
+
+@dataclass
+class MakePrefsConfig(StageConfig):
+    model: Optional[str] = opt(None, "Model to sample from.", required=True)
+    data: Optional[str] = opt(None, "Prompts (JSONL with 'prompt').", required=True)
+    scorer: str = opt("toy", "Scorer of responses: 'toy' (the embedded task's gold reward).", choices=("toy",))
+    num_samples: int = opt(2, "Responses sampled per prompt; the best and worst form a pair.", positive=True)
+    max_prompts: Optional[int] = opt(None, "Use only the first N prompts.", positive=True)
+    temperature: float = opt(1.0, "Sampling temperature.", positive=True)
+    top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True)
+    max_new_tokens: int = opt(48, "Longest response in tokens.", positive=True)
+    batch_size: int = opt(128, "Prompts per generation batch.", positive=True)
+
+    def validate(self) -> None:
+        if self.num_samples < 2:
+            raise ConfigError(f"config field 'num_samples' must be >= 2 to form a pair; got {self.num_samples}")
+
+
+@dataclass
+class DpoConfig(TrainingFields):
+    model: Optional[str] = opt(None, "Reference model, also the policy's initialisation.", required=True)
+    data: Optional[str] = opt(None, "Preference pairs (JSONL with 'prompt', 'chosen', 'rejected').", required=True)
+    reverse: bool = opt(False, "Train reverse DPO: chosen and rejected swapped, same beta and reference.")
+    beta: float = opt(0.1, "DPO beta.", positive=True)
+    ref_cache: Optional[str] = opt(None, "Directory for cached reference log-probs (default: OUT/../ref-cache).")
+
+
+@dataclass
+class TeacherFields(StageConfig):
+    variant: str = opt("aligndistil", "Teacher: aligndistil, contrastive, theorem1 or adaptive.", choices=VARIANTS)
+    beta: float = opt(0.1, "The DPO beta of the teacher models.", positive=True)
+    kl_coef: float = opt(0.1, "beta_kl of the contrastive/theorem1 variants (w = beta / kl_coef).", positive=True)
+    alpha_scale: float = opt(20.0, "r in alpha_t = r * TVD_t + eps (the official beta2=10 is r=20).", nonneg=True)
+    alpha_eps: float = opt(1e-3, "eps in alpha_t = r * TVD_t + eps.", positive=True)
+    temperature: float = opt(1.0, "tau: the teacher is softmax(z* / tau).", positive=True)
+
+
+@dataclass
+class PrecomputeConfig(TeacherFields):
+    dpo: Optional[str] = opt(None, "DPO model directory.", required=True)
+    rev: Optional[str] = opt(None, "Reverse-DPO model directory.", required=True)
+    ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).")
+    data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).", required=True)
+    format: str = opt("logits", "Cache format: logits (full-vocabulary teacher log-probs).", choices=("logits",))
+    store_dtype: str = opt("float32", "dtype of stored log-probs.", choices=("float32", "bfloat16"))
+    batch_size: int = opt(32, "Sequences per forward pass.", positive=True)
+    shard_mb: float = opt(256.0, "Upper bound on one shard's size in MiB.", positive=True)
+    max_length: int = opt(128, "Maximum tokens of prompt + response (must match distill).", positive=True)
+    max_prompt_length: int = opt(96, "Maximum prompt tokens (must match distill).", positive=True)
+
+    def validate(self) -> None:
+        from .losses import NEEDS_REFERENCE
+
+        if self.variant in NEEDS_REFERENCE and not self.ref:
+            raise ConfigError(f"config field 'ref' is required by teacher variant {self.variant!r}")
+
+
+@dataclass
+class DistillConfig(TrainingFields):
+    student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).", required=True)
+    cache: Optional[str] = opt(None, "Teacher cache directory written by precompute.", required=True)
+    data: Optional[str] = opt(None, "The data the cache was computed on (checked against its fingerprint).", required=True)
+
+
+@dataclass
+class EvaluateConfig(StageConfig):
+    ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.", required=True)
+    models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).", factory=dict, flag="model")
+    prompts: Optional[str] = opt(None, "Held-out prompts (JSONL with 'prompt').", required=True)
+    pairs: Optional[str] = opt(None, "Held-out preference pairs for implicit-reward accuracy.")
+    dpo: Optional[str] = opt(None, "DPO model, for implicit-reward accuracy on --pairs.")
+    rev: Optional[str] = opt(None, "Reverse-DPO model, for the contrastive reward's accuracy on --pairs.")
+    beta: float = opt(0.1, "beta of the implicit rewards.", positive=True)
+    scorer: str = opt("toy", "Scorer of responses: 'toy' (the embedded task's gold reward).", choices=("toy",))
+    num_prompts: int = opt(600, "Held-out prompts to sample (first N).", positive=True)
+    temperature: float = opt(1.0, "Sampling temperature.", positive=True)
+    top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True)
+    max_new_tokens: int = opt(48, "Longest response in tokens.", positive=True)
+    batch_size: int = opt(128, "Prompts per generation batch.", positive=True)
+
+
+def _base_type(tp: Any) -> Any:
+    """Optional[X] -> X."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """YAML 1.1 reads 1e-3 as a string; coerce by the declared type, naming the field on failure."""
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if tp is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): str(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field {name!r} must be {getattr(tp, '__name__', tp)}; got {value!r}") from None
+    return value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def check_keys(cls: type, keys: typing.Iterable[str], source: str) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
+
+
+def build_config(cls: type, values: dict, source: str = "config") -> Any:
+    """Instantiate a stage config from a dict, with key checks and type coercion."""
+    check_keys(cls, values, source)
+    types_ = field_types(cls)
+    return cls(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+
+
+def load_config(cls: type, config_file: str | Path | None, overrides: dict) -> Any:
+    """defaults < YAML file < flags (flags that were not given are None and do not override)."""
+    values: dict = read_yaml(config_file) if config_file else {}
+    source = str(config_file) if config_file else "flags"
+    check_keys(cls, values, source)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return build_config(cls, values, source)
+
+
+def resolve_path(value: str | None) -> Path | None:
+    return Path(value) if value else None

@@ -1,0 +1,310 @@
+"""Losses of AlignDistil (Zhang et al., ACL 2025, arXiv 2503.02832) and DPO.
+
+Every function here is pure: tensors in, tensors out, no model and no I/O.
+Shapes use B = batch, T = sequence length, N = number of selected positions,
+V = logit width (may include padded rows), H = hidden size.
+
+All teacher arithmetic runs in float32 whatever the input dtype: the official
+code combines bf16 logits and then multiplies them by alpha up to 20, which
+amplifies bf16 rounding error twentyfold.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+VARIANTS = ("aligndistil", "contrastive", "theorem1", "adaptive")
+NEEDS_REFERENCE = frozenset({"theorem1", "adaptive"})
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """DPO loss, mean over the batch.
+
+    All inputs are [B] sequence log-probabilities summed over response tokens.
+    L = -log sigmoid(beta * ((pc - rc) - (pr - rr))). Reverse DPO is this
+    function called with chosen and rejected swapped.
+    """
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(beta * margin.float()).mean()
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """Return logits [..., V] with rows >= vocab_size set to -inf (out of place).
+
+    Models pad their embedding matrix (Qwen2.5: 151,936 rows for 151,665
+    tokens); those rows are not tokens and must get zero probability.
+    """
+    if vocab_size is None or vocab_size >= logits.shape[-1]:
+        return logits
+    pad = logits.new_full(logits.shape[:-1] + (logits.shape[-1] - vocab_size,), float("-inf"))
+    return torch.cat([logits[..., :vocab_size], pad], dim=-1)
+
+
+def total_variation(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """TVD between softmax(logits_p) and softmax(logits_q): [..., V] -> [...], in [0, 1]."""
+    p = torch.softmax(logits_p.float(), dim=-1)
+    q = torch.softmax(logits_q.float(), dim=-1)
+    return 0.5 * (p - q).abs().sum(dim=-1)
+
+
+class Teacher(NamedTuple):
+    """A composed teacher. logits/logprobs [..., V'] float32; alpha, coef, tvd [...]."""
+
+    logits: torch.Tensor
+    alpha: torch.Tensor
+    coef: torch.Tensor
+    tvd: torch.Tensor
+
+
+def _aligndistil(z_dpo, z_rev, z_ref, *, beta, kl_coef, alpha_scale, alpha_eps):
+    tvd = total_variation(z_dpo, z_rev)
+    alpha = alpha_scale * tvd + alpha_eps
+    return z_dpo + alpha.unsqueeze(-1) * (z_dpo - z_rev), alpha, beta / alpha, tvd
+
+
+def _contrastive(z_dpo, z_rev, z_ref, *, beta, kl_coef, alpha_scale, alpha_eps):
+    tvd = total_variation(z_dpo, z_rev)
+    alpha = torch.full_like(tvd, beta / kl_coef)
+    return z_dpo + alpha.unsqueeze(-1) * (z_dpo - z_rev), alpha, torch.full_like(tvd, kl_coef), tvd
+
+
+def _theorem1(z_dpo, z_rev, z_ref, *, beta, kl_coef, alpha_scale, alpha_eps):
+    tvd = total_variation(z_dpo, z_rev)
+    w = beta / kl_coef
+    alpha = torch.full_like(tvd, w)
+    return w * z_dpo + (1.0 - w) * z_ref, alpha, torch.full_like(tvd, kl_coef), tvd
+
+
+def _adaptive(z_dpo, z_rev, z_ref, *, beta, kl_coef, alpha_scale, alpha_eps):
+    tvd = total_variation(z_dpo, z_ref)
+    alpha = alpha_scale * tvd + alpha_eps
+    a = alpha.unsqueeze(-1)
+    return a * z_dpo + (1.0 - a) * z_ref, alpha, beta / alpha, tvd
+
+
+_COMBINE = {
+    "aligndistil": _aligndistil,
+    "contrastive": _contrastive,
+    "theorem1": _theorem1,
+    "adaptive": _adaptive,
+}
+
+
+def compose_teacher_full(
+    dpo_logits: torch.Tensor,
+    rev_logits: torch.Tensor,
+    *,
+    variant: str = "aligndistil",
+    beta: float = 0.1,
+    kl_coef: float = 0.1,
+    alpha_scale: float = 20.0,
+    alpha_eps: float = 1e-3,
+    ref_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> Teacher:
+    """Compose the teacher and return its raw combined logits z*/tau too.
+
+    Logits [..., V] (each model may pad differently; all are cut to
+    vocab_size first, so padded rows never enter a softmax). Returns
+    Teacher(logits [..., vocab_size] float32, alpha, coef, tvd [...]).
+    """
+    if variant not in _COMBINE:
+        raise ValueError(f"unknown teacher variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant in NEEDS_REFERENCE and ref_logits is None:
+        raise ValueError(f"teacher variant {variant!r} needs ref_logits")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    width = vocab_size or dpo_logits.shape[-1]
+    z_dpo = dpo_logits[..., :width].float()
+    z_rev = rev_logits[..., :width].float()
+    z_ref = ref_logits[..., :width].float() if ref_logits is not None else None
+    z, alpha, coef, tvd = _COMBINE[variant](
+        z_dpo, z_rev, z_ref, beta=beta, kl_coef=kl_coef, alpha_scale=alpha_scale, alpha_eps=alpha_eps
+    )
+    return Teacher(z / temperature, alpha, coef, tvd)
+
+
+def compose_teacher(
+    dpo_logits: torch.Tensor,
+    rev_logits: torch.Tensor,
+    *,
+    variant: str = "aligndistil",
+    beta: float = 0.1,
+    kl_coef: float = 0.1,
+    alpha_scale: float = 20.0,
+    alpha_eps: float = 1e-3,
+    ref_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The AlignDistil teacher distribution per position (DESIGN.md section 1).
+
+    dpo_logits, rev_logits, ref_logits: [..., V] at positions that predict a token.
+    vocab_size: the tokenizer's real size; rows >= vocab_size get log-prob -inf.
+
+    Variants (alpha_t = alpha_scale * TVD_t + alpha_eps, w = beta / kl_coef):
+      aligndistil  z* = z_dpo + alpha_t (z_dpo - z_rev),  c_t = beta / alpha_t, TVD(dpo, rev)
+      contrastive  z* = z_dpo + w (z_dpo - z_rev),        c_t = kl_coef
+      theorem1     z* = w z_dpo + (1 - w) z_ref,          c_t = kl_coef
+      adaptive     z* = alpha_t z_dpo + (1 - alpha_t) z_ref, c_t = beta / alpha_t, TVD(dpo, ref)
+
+    Returns (teacher_logprobs [..., V] float32 = log_softmax(z*/temperature),
+    coef [...] float32, tvd [...] float32: the TVD that alpha_t is built from).
+    """
+    teacher = compose_teacher_full(
+        dpo_logits,
+        rev_logits,
+        variant=variant,
+        beta=beta,
+        kl_coef=kl_coef,
+        alpha_scale=alpha_scale,
+        alpha_eps=alpha_eps,
+        ref_logits=ref_logits,
+        temperature=temperature,
+        vocab_size=vocab_size,
+    )
+    logprobs = mask_padded_vocab_width(torch.log_softmax(teacher.logits, dim=-1), dpo_logits.shape[-1])
+    return logprobs, teacher.coef, teacher.tvd
+
+
+def mask_padded_vocab_width(logprobs: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad [..., v] to [..., width] with -inf (the padded rows' zero probability)."""
+    missing = width - logprobs.shape[-1]
+    if missing <= 0:
+        return logprobs
+    return torch.cat([logprobs, logprobs.new_full(logprobs.shape[:-1] + (missing,), float("-inf"))], dim=-1)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(student) || teacher) per position: [N, V], [N, V] -> [N] float32.
+
+    Entries where the student has zero probability (padded rows, both -inf)
+    contribute exactly 0 and no NaN gradient.
+    """
+    log_p = torch.log_softmax(student_logits.float(), dim=-1)
+    log_q = teacher_logprobs.float()
+    p = log_p.exp()
+    # Clamping -inf to the most negative finite float keeps 0 * (-inf - -inf)
+    # out of both the value and the gradient for padded rows.
+    floor = torch.finfo(torch.float32).min
+    diff = log_p.clamp(min=floor) - log_q.clamp(min=floor)
+    return (p * diff).sum(dim=-1)
+
+
+def position_weights(coef: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """Weights [N] realising mean_b (1/n_b) sum_t c_t (.) over selected positions.
+
+    coef [N] per-position coefficients, seq_ids [N] the sequence of each
+    position (0..num_seqs-1). Sequences with no position are left out of the
+    mean instead of dividing by zero.
+    """
+    counts = torch.zeros(num_seqs, dtype=torch.float32, device=coef.device)
+    counts = counts.index_add(0, seq_ids, torch.ones_like(coef, dtype=torch.float32))
+    present = (counts > 0).sum().clamp(min=1)
+    return coef.float() / counts[seq_ids] / present
+
+
+def aligndistil_loss(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    coef: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """AlignDistil loss: mean_b (1/n_b) sum_t c_t KL(pi_theta(.|x, y<t) || pi*_t).
+
+    student_logits [B, T, V] (padded rows already -inf), teacher_logprobs
+    [B, T, V], coef [B, T], mask [B, T] marking positions whose logits predict
+    a response token (already shifted; the first response token and the EOS
+    are in, prompt, padding and post-EOS positions are out). Returns a scalar.
+    """
+    sel = mask.bool()
+    seq_ids = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(sel)[sel]
+    kl = reverse_kl(student_logits[sel], teacher_logprobs[sel])
+    return (position_weights(coef[sel], seq_ids, mask.shape[0]) * kl).sum()
+
+
+def chunked_map(fn: Callable[..., torch.Tensor], chunk_size: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """Apply fn to row chunks of [N, ...] tensors and concatenate the [n] results.
+
+    Each chunk runs under activation checkpointing when gradients are needed,
+    so only one [chunk, V] block is alive at a time in forward and backward:
+    peak extra memory is O(chunk_size x V), not O(N x V).
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    n = tensors[0].shape[0]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outs = []
+    for start in range(0, n, chunk_size):
+        parts = [t[start : start + chunk_size] for t in tensors]
+        if needs_grad:
+            outs.append(checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            outs.append(fn(*parts))
+    if not outs:
+        return tensors[0].new_zeros((0,), dtype=torch.float32)
+    return torch.cat(outs)
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int | None) -> torch.Tensor:
+    """Output head on selected positions: [N, H] x [V, H] -> [N, V] float32, padded rows -inf."""
+    logits = F.linear(hidden, weight, bias).float()
+    return mask_padded_vocab(logits, vocab_size)
+
+
+def token_logps_from_hidden(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """log pi(target) at selected positions, chunked: hidden [N, H], targets [N] -> [N] float32.
+
+    Equivalent to log_softmax(hidden @ weight.T)[n, targets[n]] but never
+    holds more than one [chunk_size, V] logit block.
+    """
+
+    def one_chunk(h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        logits = head_logits(h, weight, bias, vocab_size)
+        return logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    return chunked_map(one_chunk, chunk_size, hidden, targets)
+
+
+def chunked_reverse_kl(
+    hidden: torch.Tensor,
+    teacher_fn: Callable[[int, int], torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Reverse KL of the student head against a teacher, chunked: hidden [N, H] -> [N].
+
+    teacher_fn(start, end) returns the teacher log-probs [end - start, V'] for
+    those positions (V' <= V; missing columns are padded rows, -inf). It is
+    called inside the chunk, so teacher blocks are built (or read) one chunk
+    at a time as well.
+    """
+    width = weight.shape[0]
+    index = torch.arange(hidden.shape[0], device=hidden.device)
+
+    def one_chunk(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        start, end = int(idx[0]), int(idx[-1]) + 1
+        teacher = mask_padded_vocab_width(teacher_fn(start, end).to(h.device).float(), width)
+        return reverse_kl(head_logits(h, weight, bias, vocab_size), teacher)
+
+    return chunked_map(one_chunk, chunk_size, hidden, index)

@@ -1,0 +1,117 @@
+"""Load and save models and tokenizers; run a model up to its output head.
+
+Only positions that predict response tokens ever go through the output head:
+models are run to their final hidden states, the response positions are
+gathered, and the head is applied in chunks (losses.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .data import Batch
+from .errors import UserError
+from .losses import head_logits, token_logps_from_hidden
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Post-head transforms break "logits = h W^T + b"; refuse them by name instead of
+# training on a silently different distribution.
+_POST_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer of {path} has no EOS token; responses must end in one")
+    return tok
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    if not Path(path).exists():
+        raise UserError(f"model {path} does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from None
+    for name in _POST_HEAD_TRANSFORMS:
+        if getattr(model.config, name, None) not in (None, 0, 1, 1.0):
+            raise UserError(f"model {path} applies {name}={getattr(model.config, name)} after its output head; "
+                            "aligndistil does not support post-head logit transforms")
+    return model.to(device)
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def vocab_size(tokenizer) -> int:
+    """The tokenizer's real size; embedding rows past it are padding."""
+    return len(tokenizer)
+
+
+def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] inputs to the output head (the base model's last hidden state)."""
+    base = getattr(model, model.base_model_prefix)
+    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def response_hidden(model, batch: Batch) -> torch.Tensor:
+    """[N, H] hidden states at the positions that predict response tokens, row-major."""
+    return final_hidden(model, batch.input_ids, batch.attention_mask)[batch.loss_mask]
+
+
+def sequence_ids(batch: Batch) -> torch.Tensor:
+    """[N] the batch row of each selected position."""
+    rows = torch.arange(batch.loss_mask.shape[0], device=batch.loss_mask.device)
+    return rows.unsqueeze(1).expand_as(batch.loss_mask)[batch.loss_mask]
+
+
+def sequence_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024) -> torch.Tensor:
+    """[B] log pi(response | prompt), summed over response tokens (EOS included)."""
+    hidden = response_hidden(model, batch)
+    weight, bias = output_head(model)
+    logps = token_logps_from_hidden(hidden, batch.targets[batch.loss_mask], weight, bias, vocab, chunk_size)
+    out = torch.zeros(batch.loss_mask.shape[0], dtype=torch.float32, device=logps.device)
+    return out.index_add(0, sequence_ids(batch), logps)
+
+
+def response_logits(model, batch: Batch, vocab: int) -> torch.Tensor:
+    """[N, V] float32 logits at response positions (padded rows -inf). Not for the hot path."""
+    weight, bias = output_head(model)
+    return head_logits(response_hidden(model, batch), weight, bias, vocab)

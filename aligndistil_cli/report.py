@@ -1,0 +1,253 @@
+"""Evaluation results -> numbers, a terminal table, report.md and PNG plots.
+
+The statistics helpers are plain python so they can be checked by hand; the
+plotting code imports matplotlib lazily so that commands which never write a
+report do not pay for (or depend on) a plotting backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from rich.table import Table
+
+_Z95 = 1.96
+# Rewards are floats from the same scorer; differences this small are ties, not wins.
+_TIE_EPS = 1e-9
+_TRAINING_KEYS = ("loss", "alpha_mean", "coef_mean", "kl_teacher")
+COLUMNS = ("model", "gold reward", "KL to ref", "win rate vs ref", "mean length", "cap rate")
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean with a normal-approximation 95% interval (half-width 0 for a single value)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_ci needs at least one value")
+    m = math.fsum(values) / n
+    h = _Z95 * statistics.stdev(values) / math.sqrt(n) if n >= 2 else 0.0
+    return {"mean": m, "lo": m - h, "hi": m + h, "n": n}
+
+
+def win_rate(model_rewards: list[float], ref_rewards: list[float]) -> dict:
+    """Paired win rate: per prompt 1 for a win, 0.5 for a tie, 0 for a loss."""
+    if len(model_rewards) != len(ref_rewards):
+        raise ValueError(f"win_rate: {len(model_rewards)} model rewards vs {len(ref_rewards)} reference rewards")
+    outcomes = []
+    for m, r in zip(model_rewards, ref_rewards):
+        diff = float(m) - float(r)
+        outcomes.append(0.5 if abs(diff) <= _TIE_EPS else (1.0 if diff > 0 else 0.0))
+    return mean_ci(outcomes)
+
+
+def kl_estimate(model_logps: list[float], ref_logps: list[float]) -> dict:
+    """Monte-Carlo KL(model || ref) from responses sampled from the model.
+
+    E_{y~pi}[log pi(y|x) - log pi_ref(y|x)] is the sequence-level KL, so the
+    per-sample log-ratio is an unbiased (if noisy, possibly negative) estimate.
+    """
+    if len(model_logps) != len(ref_logps):
+        raise ValueError(f"kl_estimate: {len(model_logps)} model log-probs vs {len(ref_logps)} reference log-probs")
+    return mean_ci([float(m) - float(r) for m, r in zip(model_logps, ref_logps)])
+
+
+def length_stats(lengths: list[int], cap: int) -> dict:
+    """Response-length summary; cap_rate is the share of responses cut off at the cap."""
+    if not lengths:
+        raise ValueError("length_stats needs at least one length")
+    ordered = sorted(lengths)
+    n = len(ordered)
+    p90 = ordered[max(math.ceil(0.9 * n), 1) - 1]  # nearest-rank percentile
+    return {"mean": sum(ordered) / n, "median": statistics.median(ordered), "p90": p90,
+            "max": ordered[-1], "cap_rate": sum(1 for x in ordered if x >= cap) / n}
+
+
+def format_ci(d: dict | None, digits: int = 3) -> str:
+    """'0.412 ± 0.051'; '—' where there is no value (the reference's win rate against itself)."""
+    if d is None:
+        return "—"
+    half = (d["hi"] - d["lo"]) / 2
+    return f"{d['mean']:.{digits}f} ± {half:.{digits}f}"
+
+
+def _row(name: str, res: dict) -> list[str]:
+    length = res.get("length") or {}
+    mean_len = f"{length['mean']:.1f}" if "mean" in length else "—"
+    cap = f"{100 * length['cap_rate']:.1f}%" if "cap_rate" in length else "—"
+    return [name, format_ci(res.get("reward")), format_ci(res.get("kl")), format_ci(res.get("win_rate")), mean_len, cap]
+
+
+def results_table(report: dict) -> Table:
+    """The report's per-model numbers as a rich table for the terminal."""
+    table = Table(title=f"{report.get('task', 'evaluation')} ({report.get('num_prompts', '?')} prompts)")
+    for i, col in enumerate(COLUMNS):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for name, res in report["models"].items():
+        table.add_row(*_row(name, res))
+    return table
+
+
+def _cell(text) -> str:
+    # A raw '|' would split the cell and a newline would end the row.
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _plot_reward_vs_kl(plt, report: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, res in report["models"].items():
+        rw, kl = res["reward"], res["kl"]
+        ax.errorbar(kl["mean"], rw["mean"], xerr=(kl["hi"] - kl["lo"]) / 2, yerr=(rw["hi"] - rw["lo"]) / 2,
+                    fmt="o", capsize=4)
+        ax.annotate(name, (kl["mean"], rw["mean"]), textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel(f"KL to reference ({report['reference']}), nats")
+    ax.set_ylabel("gold reward")
+    ax.set_title("Gold reward vs KL (95% CI)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_lengths(plt, report: dict, path: Path) -> None:
+    """Box plot when raw per-response lengths are supplied, else bars of the summary stats.
+
+    The report schema carries only length_stats, so the bar chart is the usual
+    case; an optional models[name]["lengths"] list upgrades it to a box plot.
+    """
+    models = report["models"]
+    names = list(models)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4.5))
+    if all(models[n].get("lengths") for n in names):
+        ax.boxplot([models[n]["lengths"] for n in names])
+        ax.set_xticks(range(1, len(names) + 1), names)
+    else:
+        keys = ("mean", "median", "p90", "max")
+        width = 0.8 / len(keys)
+        for k, key in enumerate(keys):
+            xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(names))]
+            ax.bar(xs, [models[n]["length"][key] for n in names], width, label=key)
+        ax.set_xticks(range(len(names)), names)
+        ax.legend(fontsize=8)
+    ax.axhline(report["max_new_tokens"], color="gray", linestyle="--", linewidth=1)
+    ax.set_ylabel("response length (tokens)")
+    ax.set_title(f"Response lengths (dashed: cap = {report['max_new_tokens']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a run killed mid-write can leave a torn last line; the rest is still worth plotting
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    xs, ys = [], []
+    for i, rec in enumerate(records):
+        val = rec.get(key)
+        if isinstance(val, (int, float)) and math.isfinite(val):
+            xs.append(rec.get("step", i + 1))
+            ys.append(val)
+    return xs, ys
+
+
+def _plot_training(plt, training: dict, out_dir: Path, path: Path) -> bool:
+    """One row per metrics file, one column per key it has; False if nothing was plottable."""
+    runs = []
+    for name, p in training.items():
+        p = Path(p)
+        if not p.is_absolute() and not p.exists():
+            p = out_dir / p
+        if not p.is_file():
+            continue
+        records = _read_metrics(p)
+        keys = [k for k in _TRAINING_KEYS if _series(records, k)[0]]
+        if keys:
+            runs.append((name, records, keys))
+    if not runs:
+        return False
+    ncols = max(len(keys) for _, _, keys in runs)
+    fig, axes = plt.subplots(len(runs), ncols, figsize=(4 * ncols, 3 * len(runs)), squeeze=False)
+    for r, (name, records, keys) in enumerate(runs):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c >= len(keys):
+                ax.axis("off")
+                continue
+            ax.plot(*_series(records, keys[c]))
+            ax.set_title(f"{name}: {keys[c]}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _markdown(report: dict, plots: list[str]) -> str:
+    lines = ["# AlignDistil evaluation report", "",
+             f"Task: {report['task']}. Each model answered the same {report['num_prompts']} prompts "
+             f"(at most {report['max_new_tokens']} new tokens); rewards are from the gold reward model, "
+             f"KL and win rate are against the reference model `{report['reference']}`, and intervals are 95% "
+             "normal-approximation confidence intervals.", "", "## Results", ""]
+    lines += _md_table(list(COLUMNS), [_row(n, r) for n, r in report["models"].items()])
+    acc = report.get("implicit_accuracy")
+    if acc:
+        lines += ["", "## Implicit-reward accuracy", "",
+                  f"On {acc['num_pairs']} held-out preference pairs: DPO implicit reward {acc['dpo']:.3f}, "
+                  f"contrastive implicit reward {acc['contrastive']:.3f}."]
+    if report.get("verdict"):
+        lines += ["", "## Verdict", ""] + [f"- {s}" for s in report["verdict"]]
+    lines += ["", "## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({p})\n" for p in plots]
+    lines += ["## Example responses"]
+    for name, res in report["models"].items():
+        lines += ["", f"### {name}", ""]
+        examples = res.get("examples") or []
+        if not examples:
+            lines.append("(no examples)")
+            continue
+        lines += _md_table(["prompt", "response", "reward"],
+                           [[e["prompt"], e["response"], f"{e['reward']:.3f}"] for e in examples])
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, report: dict) -> list[str]:
+    """Write report.md and its PNG plots into out_dir; return the file names written."""
+    import matplotlib
+
+    # Agg before pyplot: reports are written on headless machines with no display.
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = ["reward_vs_kl.png", "lengths.png"]
+    _plot_reward_vs_kl(plt, report, out_dir / plots[0])
+    _plot_lengths(plt, report, out_dir / plots[1])
+    curves = out_dir / "training_curves.png"
+    if report.get("training") and _plot_training(plt, report["training"], out_dir, curves):
+        plots.append(curves.name)
+    else:
+        # A curve left by an earlier run into this directory would otherwise be hashed into the manifest.
+        curves.unlink(missing_ok=True)
+    (out_dir / "report.md").write_text(_markdown(report, plots), encoding="utf-8")
+    return ["report.md"] + plots

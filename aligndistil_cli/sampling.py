@@ -1,0 +1,84 @@
+"""Batched sampling with left padding and the KV cache, and teacher-forced scoring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import Encoded, collate
+from .modeling import sequence_logps
+from .training import progress
+
+
+@dataclass
+class Sample:
+    prompt: str
+    response_ids: list[int]
+    text: str
+    finished: bool  # ended with EOS before the length cap
+
+
+class _MaskPaddedRows:
+    """Logits processor: embedding rows past the tokenizer are never sampled."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.vocab :] = float("-inf")
+        return scores
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, batch_size: int = 64, seed: int = 0, desc: str = "sample") -> list[Sample]:
+    """Sample one response per prompt (pure sampling: no top-k, so KL estimates stay unbiased)."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    processors = LogitsProcessorList([_MaskPaddedRows(len(tokenizer))])
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    samples: list[Sample] = []
+    model.eval()
+    with progress(desc, len(prompts)) as advance:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            # One seed per batch, drawn from our generator: results do not depend on
+            # what else touched the global RNG.
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                logits_processor=processors,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = out[:, enc.input_ids.shape[1] :].tolist()
+            for prompt, ids in zip(chunk, new):
+                finished = tokenizer.eos_token_id in ids
+                ids = ids[: ids.index(tokenizer.eos_token_id) + 1] if finished else ids
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                samples.append(Sample(prompt, ids, text, finished))
+            advance(len(chunk))
+    tokenizer.padding_side = "right"
+    return samples
+
+
+@torch.no_grad()
+def score_samples(model, tokenizer, samples: list[Sample], batch_size: int = 64, chunk_size: int = 1024) -> list[float]:
+    """log pi(response | prompt) of each sample under model (teacher forcing)."""
+    device = next(model.parameters()).device
+    totals: list[float] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        examples = [Encoded(tokenizer(s.prompt).input_ids, s.response_ids) for s in chunk]
+        batch = collate(examples, tokenizer.pad_token_id).to(device)
+        totals.extend(sequence_logps(model, batch, len(tokenizer), chunk_size).tolist())
+    return totals

@@ -1,0 +1,47 @@
+"""One module per pipeline stage, each exposing run(config) -> output directory.
+
+STAGES maps each command name to its config class, its run function, a
+one-line description and an example; the CLI and `aligndistil run` both read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .. import config as C
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: type
+    module: str
+    summary: str
+    example: str
+
+    @property
+    def run(self) -> Callable:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{self.module}").run
+
+
+STAGES: dict[str, Stage] = {
+    "init-toy": Stage(C.InitToyConfig, "init_toy", "Write the embedded toy task's data and a random-init tiny Llama.",
+                      "aligndistil init-toy --out runs/tiny/toy"),
+    "sft": Stage(C.SftConfig, "sft", "Supervised fine-tuning on prompt/response data.",
+                 "aligndistil sft --model runs/tiny/toy/model --data runs/tiny/toy/sft.jsonl --out runs/tiny/sft"),
+    "make-prefs": Stage(C.MakePrefsConfig, "make_prefs", "Sample k responses per prompt, score them, write best-vs-worst pairs.",
+                        "aligndistil make-prefs --model runs/tiny/sft --data runs/tiny/toy/prompts.jsonl --num-samples 4 --out runs/tiny/prefs"),
+    "train-dpo": Stage(C.DpoConfig, "dpo", "Train DPO against cached reference log-probs.",
+                       "aligndistil train-dpo --model runs/tiny/sft --data runs/tiny/prefs/pairs.jsonl --out runs/tiny/dpo"),
+    "train-reverse-dpo": Stage(C.DpoConfig, "dpo", "Train reverse DPO (chosen and rejected swapped); same as train-dpo --reverse.",
+                               "aligndistil train-reverse-dpo --model runs/tiny/sft --data runs/tiny/prefs/pairs.jsonl --out runs/tiny/rev"),
+    "precompute": Stage(C.PrecomputeConfig, "precompute", "Compose the AlignDistil teacher once and cache it as safetensors shards.",
+                        "aligndistil precompute --dpo runs/tiny/dpo --rev runs/tiny/rev --data runs/tiny/prefs/pairs.jsonl --out runs/tiny/teacher"),
+    "distill": Stage(C.DistillConfig, "distill", "Distil the student from the cached teacher (off-policy AlignDistil).",
+                     "aligndistil distill --student runs/tiny/sft --cache runs/tiny/teacher --data runs/tiny/prefs/pairs.jsonl --out runs/tiny/student"),
+    "evaluate": Stage(C.EvaluateConfig, "evaluate", "Gold reward, KL to the reference, win rate, lengths; report.md with plots.",
+                      "aligndistil evaluate --ref runs/tiny/sft --model dpo=runs/tiny/dpo --model student=runs/tiny/student "
+                      "--prompts runs/tiny/toy/heldout_prompts.jsonl --out runs/tiny/eval"),
+}

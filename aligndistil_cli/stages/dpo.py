@@ -1,0 +1,103 @@
+"""train-dpo / train-reverse-dpo: DPO against reference log-probs computed once.
+
+The reference log-probs of every pair are computed before training, cached
+as safetensors keyed by (reference weights, tokenizer, data, lengths), and
+reused by the reverse run, which swaps chosen and rejected. Training steps run
+only the policy, on chosen and rejected concatenated into one forward pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..artifacts import (fingerprint_data, fingerprint_model, fingerprint_tokenizer, finalize, input_record,
+                         prepare_output, sha256_json)
+from ..config import DpoConfig
+from ..data import PAIR_FIELDS, collate, encode_pairs, load_rows
+from ..losses import dpo_loss
+from ..modeling import load_model, load_tokenizer, pick_device, save_model, sequence_logps
+from ..training import progress, seed_everything, step_batches, total_steps, train
+
+REF_CACHE_VERSION = 1
+
+
+def pair_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B], [B] summed response log-probs of chosen and rejected, in one forward pass."""
+    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device)
+    logps = sequence_logps(model, batch, vocab, chunk_size)
+    return logps[: len(pairs)], logps[len(pairs) :]
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, pad_id, vocab, chunk_size, batch_size, device) -> dict[str, torch.Tensor]:
+    chosen, rejected = [], []
+    with progress("reference log-probs", len(pairs)) as advance:
+        for start in range(0, len(pairs), batch_size):
+            c, r = pair_logps(model, pairs[start : start + batch_size], pad_id, vocab, chunk_size, device)
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+            advance(len(c))
+    return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+
+
+def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device) -> tuple[dict, Path]:
+    """Load the reference log-probs for these pairs, computing and caching them once."""
+    key = sha256_json({
+        "version": REF_CACHE_VERSION, "model": fingerprint_model(config.model),
+        "tokenizer": fingerprint_tokenizer(tokenizer), "data": fingerprint_data(config.data),
+        "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
+    })[:32]
+    cache_dir = Path(config.ref_cache) if config.ref_cache else Path(config.out).resolve().parent / "ref-cache"
+    path = cache_dir / f"ref-logps-{key}.safetensors"
+    if path.is_file():
+        cached = load_file(str(path))
+        if cached["chosen"].shape[0] == len(pairs):
+            return cached, path
+    logps = reference_logps(model, pairs, tokenizer.pad_token_id, len(tokenizer), config.chunk_size,
+                            config.batch_size, device)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(logps, str(tmp), metadata={"key": key})
+    tmp.replace(path)
+    return logps, path
+
+
+def run(config: DpoConfig) -> Path:
+    stage = "train-reverse-dpo" if config.reverse else "train-dpo"
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    rows = load_rows(config.data, PAIR_FIELDS)
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, device)
+    vocab = len(tokenizer)
+    pairs = encode_pairs(tokenizer, rows, config.max_length, config.max_prompt_length)
+    out = prepare_output(Path(config.out))
+    model.eval()
+    ref, ref_path = cached_reference_logps(config, model, tokenizer, pairs, device)
+    # Reverse DPO is DPO on swapped pairs with the same reference: swap the data, not the loop.
+    ref_chosen, ref_rejected = (ref["rejected"], ref["chosen"]) if config.reverse else (ref["chosen"], ref["rejected"])
+    items = [((r, c) if config.reverse else (c, r), i) for i, (c, r) in enumerate(pairs)]
+
+    def loss_fn(chunk):
+        idx = torch.tensor([i for _, i in chunk])
+        pc, pr = pair_logps(model, [p for p, _ in chunk], tokenizer.pad_token_id, vocab, config.chunk_size, device)
+        rc, rr = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
+        loss = dpo_loss(pc, pr, rc, rr, beta=config.beta)
+        with torch.no_grad():
+            reward_c, reward_r = config.beta * (pc - rc), config.beta * (pr - rr)
+        return loss, {"reward_chosen": reward_c.mean().item(), "reward_rejected": reward_r.mean().item(),
+                      "reward_accuracy": (reward_c > reward_r).float().mean().item(),
+                      "margin": (reward_c - reward_r).mean().item()}
+
+    n_steps = total_steps(len(items), config.batch_size, config.epochs, config.max_steps)
+    steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps)
+    summary = train(model, steps, n_steps, loss_fn, config, out, stage)
+    save_model(model, tokenizer, out)
+    inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
+              "data": input_record("data", config.data, fingerprint_data(config.data)),
+              "ref_logps": input_record("ref-logps", ref_path, ref_path.stem)}
+    finalize(out, stage, config, inputs, {**summary, "pairs": len(pairs)})
+    return out

@@ -1,0 +1,63 @@
+"""make-prefs: sample k responses per prompt, score them, keep best vs worst.
+
+Pairs are (highest, lowest) score; prompts whose samples all score the same
+are skipped and counted. This is the DPO paper's controlled-sentiment recipe.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import toy
+from ..artifacts import fingerprint_data, fingerprint_model, finalize, input_record, prepare_output
+from ..config import MakePrefsConfig
+from ..data import PROMPT_FIELDS, load_rows
+from ..modeling import load_model, load_tokenizer, pick_device
+from ..sampling import generate
+from ..toy import write_jsonl
+from ..training import seed_everything
+
+SCORERS = {"toy": toy.gold_reward}
+
+
+def best_vs_worst(prompt: str, texts: list[str], scores: list[float]) -> dict | None:
+    """The (highest, lowest) scored pair, or None when there is no strict preference."""
+    hi = max(range(len(texts)), key=lambda i: scores[i])
+    lo = min(range(len(texts)), key=lambda i: scores[i])
+    if scores[hi] == scores[lo] or texts[hi] == texts[lo]:
+        return None
+    return {"prompt": prompt, "chosen": texts[hi], "rejected": texts[lo],
+            "score_chosen": scores[hi], "score_rejected": scores[lo]}
+
+
+def run(config: MakePrefsConfig) -> Path:
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    prompts = [r["prompt"] for r in load_rows(config.data, PROMPT_FIELDS)][: config.max_prompts]
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, device)
+    out = prepare_output(Path(config.out))
+    repeated = [p for p in prompts for _ in range(config.num_samples)]
+    samples = generate(model, tokenizer, repeated, max_new_tokens=config.max_new_tokens,
+                       temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
+                       seed=config.seed, desc="make-prefs")
+    score = SCORERS[config.scorer]
+    pairs, skipped = [], 0
+    k = config.num_samples
+    for i, prompt in enumerate(prompts):
+        # An empty response (EOS first) cannot be a training target.
+        texts = [s.text for s in samples[i * k : (i + 1) * k] if s.text.strip()]
+        pair = best_vs_worst(prompt, texts, [score(t) for t in texts]) if len(texts) >= 2 else None
+        if pair is None:
+            skipped += 1
+            continue
+        pairs.append(pair)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    margins = [p["score_chosen"] - p["score_rejected"] for p in pairs]
+    metrics = {"prompts": len(prompts), "pairs": len(pairs), "skipped_ties": skipped,
+               "mean_margin": sum(margins) / max(1, len(margins)),
+               "mean_sample_score": sum(score(s.text) for s in samples) / len(samples)}
+    inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
+              "data": input_record("data", config.data, fingerprint_data(config.data))}
+    finalize(out, "make-prefs", config, inputs, metrics)
+    return out

@@ -1,0 +1,141 @@
+"""The one training loop every training stage shares, plus progress and metrics.
+
+A stage supplies its batches and a loss function; the loop owns the optimizer,
+the schedule, clipping, logging and the non-finite guard. There is no mode
+switch in here: what differs between SFT, DPO and distillation is the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .errors import UserError
+
+stderr = Console(stderr=True)
+
+LossFn = Callable[[object], tuple[torch.Tensor, dict]]
+
+
+@contextmanager
+def progress(desc: str, total: int):
+    """A rich progress bar on stderr with ETA and a free-text field for the running loss."""
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=stderr,
+        transient=False,
+    )
+    with bar:
+        task = bar.add_task(desc, total=total, info="")
+        yield lambda advance=1, info="": bar.update(task, advance=advance, info=info)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def total_steps(num_items: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    steps = math.ceil(num_items / batch_size) * epochs
+    return min(steps, max_steps) if max_steps else steps
+
+
+def epoch_orders(num_items: int, epochs: int, seed: int) -> Iterator[list[int]]:
+    """A fresh shuffle per epoch, from a generator seeded by (seed, epoch)."""
+    for epoch in range(epochs if epochs else 1):
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        yield torch.randperm(num_items, generator=gen).tolist()
+
+
+def step_batches(items: list, batch_size: int, epochs: int, seed: int, max_steps: int | None) -> Iterator[list]:
+    """Yield one list of items per optimizer step, over shuffled epochs, at most max_steps."""
+    produced = 0
+    for order in epoch_orders(len(items), epochs, seed):
+        for start in range(0, len(order), batch_size):
+            if max_steps and produced >= max_steps:
+                return
+            yield [items[i] for i in order[start : start + batch_size]]
+            produced += 1
+
+
+def lr_lambda(total: int, warmup_ratio: float, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to min_ratio of the peak."""
+    warmup = int(total * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+    return f
+
+
+class MetricsWriter:
+    """metrics.jsonl: one JSON object per logged step, flushed as it goes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.f = open(self.path, "w", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record, sort_keys=True) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path, desc: str) -> dict:
+    """Optimise model over `steps` (one batch per optimizer step); return summary metrics.
+
+    cfg is a TrainingFields config. Writes out/metrics.jsonl.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(n_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
+    writer = MetricsWriter(out / "metrics.jsonl")
+    model.train()
+    start = time.perf_counter()
+    recent: list[float] = []
+    last: dict = {}
+    try:
+        with progress(desc, n_steps) as advance:
+            for step, batch in enumerate(steps, start=1):
+                loss, extra = loss_fn(batch)
+                if not torch.isfinite(loss):
+                    raise UserError(f"{desc}: non-finite loss at step {step}; stopping (nothing was saved)")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if not torch.isfinite(grad_norm):
+                    raise UserError(f"{desc}: non-finite gradient at step {step}; stopping (nothing was saved)")
+                optimizer.step()
+                schedule.step()
+                recent = (recent + [loss.item()])[-20:]
+                last = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+                        "grad_norm": grad_norm.item(), "elapsed_s": round(time.perf_counter() - start, 3), **extra}
+                if step % cfg.log_every == 0 or step == n_steps:
+                    writer.write(last)
+                advance(info=f"loss {sum(recent) / len(recent):.4f}")
+    finally:
+        writer.close()
+    model.eval()
+    return {"steps": last.get("step", 0), "final_loss": last.get("loss"),
+            "train_seconds": round(time.perf_counter() - start, 2)}
