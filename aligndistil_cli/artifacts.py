@@ -20,7 +20,7 @@ from . import __version__
 from .errors import UserError
 
 MANIFEST = "manifest.json"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "stage_config.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
 
@@ -40,8 +40,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n").encode())
 
 
 def sha256_file(path: Path) -> str:
@@ -195,6 +195,19 @@ def fingerprint_data(path: Path) -> str:
     if path.is_dir():
         return fingerprint_files([p for p in path.rglob("*") if p.is_file()], path)
     return sha256_json({"hub_id": str(path)})
+
+
+_REFINGERPRINT = {"model": fingerprint_model, "data": fingerprint_data}
+
+
+def stale_inputs(manifest: dict) -> list[str]:
+    """Names of recorded model/data inputs whose fingerprint no longer matches."""
+    stale = []
+    for name, rec in manifest.get("inputs", {}).items():
+        refingerprint = _REFINGERPRINT.get(rec.get("kind"))
+        if refingerprint and refingerprint(Path(rec["path"])) != rec["fingerprint"]:
+            stale.append(name)
+    return stale
 
 
 def input_record(kind: str, path: Path, fingerprint: str) -> dict:

@@ -165,6 +165,7 @@ class DistillConfig(TrainingFields):
 @dataclass
 class EvaluateConfig(StageConfig):
     ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.", required=True)
+    ref_name: str = opt("reference", "Name of the reference model in the report.")
     models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).", factory=dict, flag="model")
     prompts: Optional[str] = opt(None, "Held-out prompts (JSONL with 'prompt').", required=True)
     pairs: Optional[str] = opt(None, "Held-out preference pairs for implicit-reward accuracy.")

@@ -1,0 +1,98 @@
+"""`aligndistil run PIPELINE.yaml`: run stages in order, skipping finished ones.
+
+A pipeline file:
+
+    root: runs/tiny          # every stage writes ROOT/NAME
+    seed: 0                  # default seed of every stage
+    stages:
+      - name: sft            # unique; "{sft}" in later values means ROOT/sft
+        stage: sft           # a command name (aligndistil --help lists them)
+        with: {model: "{toy}/model", lr: 3e-3}
+
+A stage is skipped when its directory has a complete manifest recording the
+same resolved config and its model/data inputs still have the recorded
+fingerprints; --force reruns everything.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rich.console import Console
+
+from .artifacts import MANIFEST, config_dict, read_manifest, stale_inputs
+from .config import ConfigError, build_config, read_yaml
+from .errors import UserError
+from .stages import STAGES
+
+console = Console(stderr=True)
+_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
+FIXED = {"train-reverse-dpo": {"reverse": True}}
+
+
+def _substitute(value, outs: dict[str, str], where: str):
+    if isinstance(value, str):
+        def repl(m):
+            if m.group(1) not in outs:
+                raise ConfigError(f"{where}: unknown stage {{{m.group(1)}}} (stages must be defined before use)")
+            return outs[m.group(1)]
+        return _PLACEHOLDER.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, outs, where) for k, v in value.items()}
+    return value
+
+
+def load_pipeline(path: Path) -> list[tuple[str, str, object]]:
+    """(name, stage, resolved config) for each stage of a pipeline file, validated up front."""
+    spec = read_yaml(path)
+    unknown = set(spec) - {"root", "seed", "stages"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown pipeline key(s) {', '.join(sorted(unknown))}; expected root, seed, stages")
+    if not isinstance(spec.get("stages"), list) or not spec["stages"]:
+        raise ConfigError(f"{path}: 'stages' must be a non-empty list")
+    root = Path(spec.get("root", "runs/pipeline"))
+    outs: dict[str, str] = {}
+    resolved = []
+    for i, entry in enumerate(spec["stages"], start=1):
+        where = f"{path}: stage {i}"
+        if not isinstance(entry, dict) or set(entry) - {"name", "stage", "with"} or "stage" not in entry:
+            raise ConfigError(f"{where}: expected keys name, stage, with")
+        stage = entry["stage"]
+        if stage not in STAGES:
+            raise ConfigError(f"{where}: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+        name = str(entry.get("name", stage))
+        if name in outs:
+            raise ConfigError(f"{where}: duplicate stage name {name!r}")
+        values = _substitute(dict(entry.get("with") or {}), outs, f"{where} ({name})")
+        values.setdefault("seed", spec.get("seed", 0))
+        values["out"] = str(root / name)
+        values.update(FIXED.get(stage, {}))
+        resolved.append((name, stage, build_config(STAGES[stage].config, values, f"{where} ({name})")))
+        outs[name] = values["out"]
+    return resolved
+
+
+def is_up_to_date(config) -> bool:
+    out = Path(config.out)
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        manifest = read_manifest(out)
+    except UserError:
+        return False
+    return manifest["config"] == config_dict(config) and not stale_inputs(manifest)
+
+
+def run_file(path: Path, force: bool = False) -> None:
+    """Run (or skip) every stage; a skipped evaluation still prints its table."""
+    from .stages.evaluate import print_report
+
+    for name, stage, config in load_pipeline(Path(path)):
+        if not force and is_up_to_date(config):
+            console.print(f"[dim]skip[/dim] {name} ({stage}): {config.out} is complete and up to date")
+            if stage == "evaluate":
+                print_report(Path(config.out))
+            continue
+        console.print(f"[bold]run[/bold] {name} ({stage}) -> {config.out}")
+        STAGES[stage].run(config)

@@ -1,0 +1,134 @@
+"""evaluate: sample every model on held-out prompts with one seed and compare.
+
+Per model: mean gold reward (95% interval), KL(model || reference) estimated
+from the model's own samples, win rate against the reference's response to
+the same prompt, and the length distribution. On held-out pairs: the
+implicit-reward accuracy of DPO, beta (log pi_dpo - log pi_ref), and of the
+contrastive reward, beta (log pi_dpo - log pi_rev).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..artifacts import atomic_write_json, fingerprint_data, fingerprint_model, finalize, input_record, prepare_output
+from ..config import EvaluateConfig
+from ..data import PAIR_FIELDS, PROMPT_FIELDS, collate, encode_pairs, load_rows
+from ..errors import UserError
+from ..modeling import load_model, load_tokenizer, pick_device, sequence_logps
+from ..report import kl_estimate, length_stats, mean_ci, results_table, win_rate, write_report
+from ..sampling import generate, score_samples
+from ..stages.make_prefs import SCORERS
+from ..training import seed_everything
+
+# Held-out pairs are scored whole: these bounds only guard against runaway rows.
+PAIR_MAX_LENGTH, PAIR_MAX_PROMPT_LENGTH = 512, 384
+
+
+def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, ref_rewards=None) -> tuple[dict, list]:
+    model = ref_model if path is None else load_model(path, device).eval()
+    samples = generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                       temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
+                       seed=config.seed, desc=f"evaluate {name}")
+    rewards = [SCORERS[config.scorer](s.text) for s in samples]
+    own = score_samples(model, tokenizer, samples, config.batch_size)
+    ref = own if model is ref_model else score_samples(ref_model, tokenizer, samples, config.batch_size)
+    result = {
+        "path": str(path) if path else str(config.ref),
+        "reward": mean_ci(rewards),
+        "kl": kl_estimate(own, ref),
+        "win_rate": win_rate(rewards, ref_rewards) if ref_rewards is not None else None,
+        "length": length_stats([len(s.response_ids) for s in samples], config.max_new_tokens),
+        "examples": [{"prompt": s.prompt, "response": s.text, "reward": r} for s, r in zip(samples[:3], rewards[:3])],
+    }
+    return result, rewards
+
+
+@torch.no_grad()
+def implicit_accuracy(config: EvaluateConfig, ref_model, tokenizer, device) -> dict:
+    """Accuracy of beta*(log pi_dpo - log pi_ref) and beta*(log pi_dpo - log pi_rev) on held-out pairs."""
+    pairs = encode_pairs(tokenizer, load_rows(config.pairs, PAIR_FIELDS), PAIR_MAX_LENGTH, PAIR_MAX_PROMPT_LENGTH)
+    vocab = len(tokenizer)
+
+    def logps(model) -> torch.Tensor:
+        out = []
+        for s in range(0, len(pairs), config.batch_size):
+            chunk = pairs[s : s + config.batch_size]
+            batch = collate([c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_token_id).to(device)
+            lp = sequence_logps(model, batch, vocab)
+            out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1).cpu())
+        return torch.cat(out)
+
+    dpo = logps(load_model(config.dpo, device).eval())
+    ref = logps(ref_model)
+    result = {"num_pairs": len(pairs), "dpo": ((dpo - ref)[:, 0] > (dpo - ref)[:, 1]).float().mean().item()}
+    if config.rev:
+        rev = logps(load_model(config.rev, device).eval())
+        result["contrastive"] = ((dpo - rev)[:, 0] > (dpo - rev)[:, 1]).float().mean().item()
+    return result
+
+
+def verdicts(report: dict) -> list[str]:
+    """One honest sentence per model: better, worse or indistinguishable from the reference."""
+    ref_name = report["reference"]
+    ref = report["models"][ref_name]["reward"]
+    lines = []
+    for name, res in report["models"].items():
+        if name == ref_name:
+            continue
+        r, diff = res["reward"], res["reward"]["mean"] - ref["mean"]
+        if r["lo"] > ref["hi"]:
+            word = "beats"
+        elif r["hi"] < ref["lo"]:
+            word = "is worse than"
+        else:
+            word = "is not distinguishable (overlapping 95% intervals) from"
+        lines.append(f"{name} {word} {ref_name} on gold reward ({r['mean']:+.3f} vs {ref['mean']:+.3f}, "
+                     f"difference {diff:+.3f}) at KL {res['kl']['mean']:.2f} nats and mean length "
+                     f"{res['length']['mean']:.1f} tokens (cap rate {res['length']['cap_rate']:.0%}).")
+    return lines
+
+
+def run(config: EvaluateConfig) -> Path:
+    if config.pairs and not config.dpo:
+        raise UserError("evaluate: --pairs needs --dpo (and optionally --rev) for implicit-reward accuracy")
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    prompts = [r["prompt"] for r in load_rows(config.prompts, PROMPT_FIELDS)][: config.num_prompts]
+    tokenizer = load_tokenizer(config.ref)
+    ref_model = load_model(config.ref, device).eval()
+    out = prepare_output(Path(config.out))
+    ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, config, device)
+    models = {config.ref_name: ref_result}
+    for name, path in config.models.items():
+        models[name], _ = evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, ref_rewards)
+    training = {name: str(Path(path) / "metrics.jsonl") for name, path in config.models.items()
+                if (Path(path) / "metrics.jsonl").is_file()}
+    report = {"task": "embedded toy review task (gold reward = sentiment, see aligndistil_cli/toy.py)",
+              "num_prompts": len(prompts), "max_new_tokens": config.max_new_tokens, "reference": config.ref_name,
+              "models": models, "training": training,
+              "implicit_accuracy": implicit_accuracy(config, ref_model, tokenizer, device) if config.pairs else None}
+    report["verdict"] = verdicts(report)
+    atomic_write_json(out / "report.json", report, sort_keys=False)
+    write_report(out, report)
+    inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in config.models.items()}
+    inputs["ref"] = input_record("model", config.ref, fingerprint_model(config.ref))
+    inputs["prompts"] = input_record("data", config.prompts, fingerprint_data(config.prompts))
+    metrics = {name: {"reward": res["reward"]["mean"], "kl": res["kl"]["mean"]} for name, res in models.items()}
+    finalize(out, "evaluate", config, inputs, metrics)
+    print_report(out)
+    return out
+
+
+def print_report(out: Path) -> None:
+    """Print a finished evaluation's table (used by `aligndistil run`)."""
+    from rich.console import Console
+
+    report = json.loads((Path(out) / "report.json").read_text())
+    console = Console()
+    console.print(results_table(report))
+    for line in report["verdict"]:
+        console.print(f"- {line}", highlight=False)
