@@ -92,10 +92,11 @@ for _name in STAGES:
 def run_pipeline(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/tiny.yaml.")],
     force: Annotated[bool, typer.Option("--force", help="Rerun stages even when their output is complete.")] = False,
+    root: Annotated[Optional[Path], typer.Option("--root", help="Write under this directory instead of the file's root.")] = None,
 ) -> None:
     from .pipeline import run_file
 
-    run_file(pipeline, force=force)
+    run_file(pipeline, force=force, root=root)
 
 
 @app.command("verify", help="Check every file of an output directory against its manifest's sha256.\n\n"

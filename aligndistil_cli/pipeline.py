@@ -43,7 +43,7 @@ def _substitute(value, outs: dict[str, str], where: str):
     return value
 
 
-def load_pipeline(path: Path) -> list[tuple[str, str, object]]:
+def load_pipeline(path: Path, root: Path | None = None) -> list[tuple[str, str, object]]:
     """(name, stage, resolved config) for each stage of a pipeline file, validated up front."""
     spec = read_yaml(path)
     unknown = set(spec) - {"root", "seed", "stages"}
@@ -51,7 +51,7 @@ def load_pipeline(path: Path) -> list[tuple[str, str, object]]:
         raise ConfigError(f"{path}: unknown pipeline key(s) {', '.join(sorted(unknown))}; expected root, seed, stages")
     if not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise ConfigError(f"{path}: 'stages' must be a non-empty list")
-    root = Path(spec.get("root", "runs/pipeline"))
+    root = Path(root or spec.get("root", "runs/pipeline"))
     outs: dict[str, str] = {}
     resolved = []
     for i, entry in enumerate(spec["stages"], start=1):
@@ -84,11 +84,11 @@ def is_up_to_date(config) -> bool:
     return manifest["config"] == config_dict(config) and not stale_inputs(manifest)
 
 
-def run_file(path: Path, force: bool = False) -> None:
+def run_file(path: Path, force: bool = False, root: Path | None = None) -> None:
     """Run (or skip) every stage; a skipped evaluation still prints its table."""
     from .stages.evaluate import print_report
 
-    for name, stage, config in load_pipeline(Path(path)):
+    for name, stage, config in load_pipeline(Path(path), root):
         if not force and is_up_to_date(config):
             console.print(f"[dim]skip[/dim] {name} ({stage}): {config.out} is complete and up to date")
             if stage == "evaluate":

@@ -1,0 +1,34 @@
+"""Shared fixtures for the unit and CLI tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    from aligndistil_cli.toy import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(lines, name) -> path; each line is a dict (dumped as JSON) or a raw str/bytes line."""
+
+    def write(lines, name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        chunks = []
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            if isinstance(line, str):
+                line = line.encode("utf-8")
+            chunks.append(line + b"\n")
+        path.write_bytes(b"".join(chunks))
+        return path
+
+    return write

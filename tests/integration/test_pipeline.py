@@ -1,0 +1,167 @@
+"""The whole pipeline in its smoke profile: files written, skipping, round trips, cache exactness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aligndistil_cli.artifacts import read_manifest, verify_full
+from aligndistil_cli.cache import TeacherCache
+from aligndistil_cli.config import DistillConfig, PrecomputeConfig, load_config
+from aligndistil_cli.data import PAIR_FIELDS, collate, encode, load_rows
+from aligndistil_cli.errors import UserError
+from aligndistil_cli.losses import compose_teacher
+from aligndistil_cli.modeling import load_model, load_tokenizer, response_logits
+from aligndistil_cli.pipeline import load_pipeline, run_file
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "pipelines" / "smoke.yaml"
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "manifest.json", "stage_config.json"}
+EXPECTED = {
+    "toy": {"manifest.json", "stage_config.json", "sft.jsonl", "prompts.jsonl", "heldout_prompts.jsonl",
+            "model/config.json", "model/generation_config.json", "model/model.safetensors", "model/tokenizer.json",
+            "model/tokenizer_config.json"},
+    "sft": MODEL_FILES | {"metrics.jsonl"},
+    "prefs": {"manifest.json", "stage_config.json", "pairs.jsonl"},
+    "dpo": MODEL_FILES | {"metrics.jsonl"},
+    "rev": MODEL_FILES | {"metrics.jsonl"},
+    "student": MODEL_FILES | {"metrics.jsonl"},
+    "eval": {"manifest.json", "stage_config.json", "report.json", "report.md", "reward_vs_kl.png", "lengths.png",
+             "training_curves.png"},
+}
+
+
+def files(d: Path) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("smoke")
+    run_file(SMOKE, root=root)
+    return root
+
+
+def test_each_stage_writes_exactly_its_files(runs):
+    for stage, expected in EXPECTED.items():
+        assert files(runs / stage) == expected, stage
+    teacher = files(runs / "teacher")
+    shards = {f for f in teacher if f.startswith("shard-")}
+    assert teacher - shards == {"index.json", "manifest.json", "stage_config.json"}
+    assert len(shards) > 1, "shard_mb in smoke.yaml is small enough to force several shards"
+    assert len(list((runs / "ref-cache").glob("ref-logps-*.safetensors"))) == 1, "reverse DPO reuses the cache"
+
+
+def test_manifests_are_complete_and_verify(runs):
+    for stage in [*EXPECTED, "teacher"]:
+        manifest = read_manifest(runs / stage)
+        assert manifest["complete"] is True
+        assert set(manifest["outputs"]) == files(runs / stage) - {"manifest.json"}
+        assert verify_full(runs / stage) == []
+
+
+def test_second_run_skips_every_stage(runs, capsys):
+    before = {s: (runs / s / "manifest.json").stat().st_mtime_ns for s in EXPECTED}
+    run_file(SMOKE, root=runs)
+    err = capsys.readouterr().err
+    assert err.count("skip") == len(load_pipeline(SMOKE, runs))
+    assert "run " not in err
+    assert before == {s: (runs / s / "manifest.json").stat().st_mtime_ns for s in EXPECTED}
+
+
+@pytest.mark.parametrize("stage", ["toy/model", "sft", "dpo", "rev", "student"])
+def test_saved_models_round_trip(runs, stage):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aligndistil_cli import toy
+
+    d = runs / stage
+    tok = AutoTokenizer.from_pretrained(d)
+    reference = toy.build_tokenizer()
+    for text in ["we visited on monday . write a review about the pizza and the staff .",
+                 "the pizza was not very good . i loved the view ."]:
+        assert tok(text).input_ids == reference(text).input_ids
+        assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+    model = AutoModelForCausalLM.from_pretrained(d)
+    assert model.config.vocab_size > len(tok), "embedding rows are padded past the tokenizer"
+
+
+def test_dpo_moves_the_policy_and_reverse_moves_it_the_other_way(runs):
+    dpo = [json.loads(line) for line in (runs / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(dpo[0]["loss"] - 0.693147) < 1e-4, "policy == reference at step 1, so the loss is ln 2"
+    rev = [json.loads(line) for line in (runs / "rev" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rev[0]["loss"] - 0.693147) < 1e-4
+
+
+def test_cache_equals_live_teacher(runs):
+    """The cached teacher reproduces the composition of the live DPO / reverse-DPO logits."""
+    config = load_config(PrecomputeConfig, None, json.loads((runs / "teacher" / "stage_config.json").read_text()))
+    tok = load_tokenizer(config.dpo)
+    rows = load_rows(config.data, PAIR_FIELDS)[:5]
+    batch = collate([encode(tok, r["prompt"], r["chosen"], config.max_length, config.max_prompt_length) for r in rows],
+                    tok.pad_token_id)
+    dpo, rev = (load_model(p, torch.device("cpu")).eval() for p in (config.dpo, config.rev))
+    with torch.no_grad():
+        live, coef, tvd = compose_teacher(response_logits(dpo, batch, len(tok)), response_logits(rev, batch, len(tok)),
+                                          vocab_size=len(tok))
+    cached = TeacherCache(runs / "teacher").fetch(list(range(5)))
+    assert cached["teacher_logprobs"].shape == (int(batch.loss_mask.sum()), len(tok))
+    torch.testing.assert_close(cached["teacher_logprobs"], live[:, : len(tok)], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached["coef"], coef, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached["tvd"], tvd, rtol=1e-5, atol=1e-6)
+    assert torch.isinf(live[:, len(tok):]).all(), "padded rows of the live teacher have zero probability"
+
+
+def test_precompute_rerun_keeps_finished_shards(runs, tmp_path):
+    copy = tmp_path / "teacher"
+    shutil.copytree(runs / "teacher", copy)
+    victim = sorted(copy.glob("shard-*.safetensors"))[1]
+    original = load_file(victim)
+    victim.unlink()
+    values = json.loads((runs / "teacher" / "stage_config.json").read_text()) | {"out": str(copy)}
+    from aligndistil_cli.stages import precompute
+
+    precompute.run(load_config(PrecomputeConfig, None, values))
+    manifest = read_manifest(copy)
+    assert manifest["metrics"]["shards_reused"] == manifest["metrics"]["shards"] - 1
+    recomputed = load_file(victim)
+    assert recomputed.keys() == original.keys()
+    for key in original:
+        assert torch.equal(recomputed[key], original[key]), key
+
+
+def test_distill_refuses_a_cache_for_other_data(runs, tmp_path):
+    values = json.loads((runs / "student" / "stage_config.json").read_text())
+    other = tmp_path / "other.jsonl"
+    other.write_text((runs / "prefs" / "pairs.jsonl").read_text().replace("the", "a", 1))
+    from aligndistil_cli.stages import distill
+
+    with pytest.raises(UserError, match="other data"):
+        distill.run(load_config(DistillConfig, None, values | {"data": str(other), "out": str(tmp_path / "s")}))
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_unfinished_input_is_refused(runs, tmp_path):
+    broken = tmp_path / "teacher"
+    shutil.copytree(runs / "teacher", broken)
+    (broken / "manifest.json").unlink()
+    values = json.loads((runs / "student" / "stage_config.json").read_text())
+    from aligndistil_cli.stages import distill
+
+    with pytest.raises(UserError, match="unfinished"):
+        distill.run(load_config(DistillConfig, None, values | {"cache": str(broken), "out": str(tmp_path / "s")}))
+
+
+def test_report_names_every_model(runs):
+    report = json.loads((runs / "eval" / "report.json").read_text())
+    assert list(report["models"]) == ["sft", "dpo", "student"]
+    assert report["models"]["sft"]["kl"]["mean"] == 0.0
+    assert 0.0 <= report["implicit_accuracy"]["dpo"] <= 1.0
+    md = (runs / "eval" / "report.md").read_text()
+    assert "| dpo |" in md and "![" in md
