@@ -142,7 +142,7 @@ class PrecomputeConfig(TeacherFields):
     ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).")
     data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).", required=True)
     format: str = opt("logits", "Cache format: logits (full-vocabulary teacher log-probs).", choices=("logits",))
-    store_dtype: str = opt("float32", "dtype of stored log-probs.", choices=("float32", "bfloat16"))
+    dtype: str = opt("float32", "dtype of the stored teacher log-probs (the combination itself is always float32).", choices=("float32", "bfloat16"))
     batch_size: int = opt(32, "Sequences per forward pass.", positive=True)
     shard_mb: float = opt(256.0, "Upper bound on one shard's size in MiB.", positive=True)
     max_length: int = opt(128, "Maximum tokens of prompt + response (must match distill).", positive=True)

@@ -22,7 +22,7 @@ from ..modeling import load_model, load_tokenizer, output_head, pick_device, res
 from ..training import progress, seed_everything
 
 TEACHER_SETTINGS = ("variant", "beta", "kl_coef", "alpha_scale", "alpha_eps", "temperature", "format",
-                    "store_dtype", "max_length", "max_prompt_length")
+                    "dtype", "max_length", "max_prompt_length")
 POSITION_CHUNK = 1024
 
 
@@ -50,7 +50,7 @@ def teacher_for_batch(models: dict, batch, config: PrecomputeConfig, vocab: int)
             kl_coef=config.kl_coef, alpha_scale=config.alpha_scale, alpha_eps=config.alpha_eps,
             temperature=config.temperature, vocab_size=vocab,
         )
-        out["teacher_logprobs"].append(torch.log_softmax(teacher.logits, -1).to(STORE_DTYPES[config.store_dtype]).cpu())
+        out["teacher_logprobs"].append(torch.log_softmax(teacher.logits, -1).to(STORE_DTYPES[config.dtype]).cpu())
         for key in ("coef", "alpha", "tvd"):
             out[key].append(getattr(teacher, key).cpu())
     return {k: torch.cat(v) for k, v in out.items()}
@@ -74,7 +74,7 @@ def run(config: PrecomputeConfig) -> Path:
     settings = {k: getattr(config, k) for k in TEACHER_SETTINGS}
     settings_key = sha256_json({"settings": settings, "inputs": {k: v["fingerprint"] for k, v in inputs.items()}})
 
-    bytes_per_position = vocab * STORE_DTYPES[config.store_dtype].itemsize + 12
+    bytes_per_position = vocab * STORE_DTYPES[config.dtype].itemsize + 12
     plans = plan_shards([len(e.response) for e in examples], bytes_per_position, int(config.shard_mb * 2**20))
     out = prepare_output(Path(config.out))
     planned = {p.name for p in plans}
@@ -96,7 +96,7 @@ def run(config: PrecomputeConfig) -> Path:
             write_shard(out / plan.name, plan, settings_key, tensors)
 
     shards = [{"file": p.name, "row_start": p.row_start, "row_end": p.row_end, "positions": p.positions} for p in plans]
-    write_index(out, {"format": config.format, "vocab_size": vocab, "store_dtype": config.store_dtype,
+    write_index(out, {"format": config.format, "vocab_size": vocab, "store_dtype": config.dtype,
                       "rows": len(examples), "positions": sum(p.positions for p in plans),
                       "settings": settings, "settings_key": settings_key, "shards": shards})
     metrics = {"rows": len(examples), "positions": sum(p.positions for p in plans), "shards": len(plans),
