@@ -1,18 +1,18 @@
 """The teacher cache: safetensors shards plus a JSON index.
 
 Layout of a cache directory:
-    index.json                  format, widths, settings key, the shard list
+    index.json                  format, widths, teacher settings, settings key, the shard list
+    heads.safetensors           format "hidden" only: each teacher's output head, once
     shard-00000.safetensors     one contiguous range of data rows
     manifest.json               written last (artifacts.py)
 
-Each shard holds, for its rows' response positions in row-major order:
-    teacher_logprobs [n, vocab_size]  (format "logits"; padded rows are implicit -inf)
-    coef, alpha, tvd [n] float32
-    row_offsets      [rows + 1] int64, positions of row i are offsets[i]:offsets[i+1]
+Each shard holds, for its rows' response positions in row-major order, the
+format's per-position tensors (teacher.py: teacher_logprobs, or hidden_<model>,
+or topk_logprobs/topk_ids/log_tail), coef/alpha/tvd [n] float32, and
+row_offsets [rows + 1] int64: the positions of row i are offsets[i]:offsets[i+1].
 Shard boundaries are planned from the tokenised data before any model runs,
 so a rerun with the same settings recognises finished shards by name and by
 the settings key in their metadata, and skips them.
-The index's "format" field leaves room for other formats (hidden states, top-k).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from safetensors.torch import save_file
 
 from .artifacts import atomic_write_json, read_manifest
 from .errors import UserError
+from .teacher import FORMATS, TeacherSpec
 
 INDEX = "index.json"
+HEADS = "heads.safetensors"
 FORMAT_VERSION = 1
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -90,8 +92,11 @@ class TeacherCache:
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "precompute", role="teacher cache")
         self.index = json.loads((self.path / INDEX).read_text())
-        if self.index.get("format") != "logits":
-            raise UserError(f"teacher cache {path} has format {self.index.get('format')!r}; this version reads 'logits'")
+        if self.index.get("format") not in FORMATS:
+            raise UserError(f"teacher cache {path} has format {self.index.get('format')!r}; "
+                            f"this version reads {', '.join(FORMATS)}")
+        self.format = self.index["format"]
+        self.spec = TeacherSpec(**{k: self.index["settings"][k] for k in TeacherSpec.__dataclass_fields__})
         self.shards = self.index["shards"]
         self._handles: dict[str, object] = {}
         self._offsets: dict[str, torch.Tensor] = {}
@@ -123,14 +128,24 @@ class TeacherCache:
         local = row - shard["row_start"]
         return int(offsets[local + 1] - offsets[local])
 
+    def heads(self, device) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """name -> (weight, bias) of each teacher's output head (format "hidden")."""
+        if self.format != "hidden":
+            return {}
+        with safe_open(str(self.path / HEADS), framework="pt", device=str(device)) as f:
+            keys = set(f.keys())
+            return {name: (f.get_tensor(f"{name}.weight"), f.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None)
+                    for name in sorted({k.split(".")[0] for k in keys})}
+
     def fetch(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        """Concatenated per-position tensors of `rows`, in the given order."""
-        parts: dict[str, list[torch.Tensor]] = {"teacher_logprobs": [], "coef": [], "alpha": [], "tvd": []}
+        """Concatenated per-position tensors of `rows`, in the given order (read through mmap slices)."""
+        parts: dict[str, list[torch.Tensor]] = {}
         for row in rows:
             shard = self._shard_for(row)
             handle, offsets = self._open(shard)
             local = row - shard["row_start"]
             a, b = int(offsets[local]), int(offsets[local + 1])
-            for key in parts:
-                parts[key].append(handle.get_slice(key)[a:b])
+            for key in handle.keys():
+                if key != "row_offsets":
+                    parts.setdefault(key, []).append(handle.get_slice(key)[a:b])
         return {k: torch.cat(v) for k, v in parts.items()}

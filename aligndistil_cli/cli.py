@@ -14,9 +14,13 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, List, Optional
 
-import click
 import typer
 from rich.console import Console
+
+try:  # typer >= 0.20 vendors its own click; its exceptions are not the installed click's.
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 
 from . import __version__
 from .config import field_types, load_config
@@ -32,8 +36,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-stdout = Console()
 stderr = Console(stderr=True)
+
+
+def emit(text: str) -> None:
+    """Results on stdout, verbatim: no markup, no wrapping, so $(aligndistil ...) captures a path."""
+    print(text, flush=True)
 
 _CLI_TYPES = {str: str, int: int, float: float, bool: bool, dict: List[str]}
 
@@ -71,7 +79,7 @@ def stage_command(name: str, fixed: dict[str, Any] | None = None) -> None:
                 kwargs[f.name] = _parse_named_paths(kwargs[f.name], f.metadata.get("flag") or f.name) or None
         config = load_config(stage.config, config_file, {**kwargs, **(fixed or {})})
         out = stage.run(config)
-        stdout.print(str(out), highlight=False)
+        emit(str(out))
 
     config_param = inspect.Parameter(
         "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -107,17 +115,22 @@ def verify(directory: Annotated[Path, typer.Argument(help="A stage's output dire
     problems = verify_full(directory)
     if problems:
         raise UserError(f"{directory}: " + "; ".join(problems))
-    stdout.print(f"{directory}: ok", highlight=False)
+    emit(f"{directory}: ok")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        emit(__version__)
+        raise typer.Exit()
 
 
 @app.callback()
 def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
 ) -> None:
-    if version:
-        stdout.print(__version__)
-        raise typer.Exit()
+    """Options that apply to every command."""
 
 
 def _fail(message: str, code: int) -> None:
@@ -132,15 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     try:
         code = app(args=args, prog_name="aligndistil", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:
-        stderr.print(e.format_message() if hasattr(e, "format_message") else str(e))
+    except click_errors.NoArgsIsHelpError as e:
+        stderr.print(e.format_message(), markup=False, highlight=False)
         sys.exit(2)
-    except click.ClickException as e:
+    except click_errors.ClickException as e:
         if debug:
             raise
         _fail(e.format_message().replace("\n", " "), 2)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
     except UserError as e:
         if debug:
             raise

@@ -141,8 +141,11 @@ class PrecomputeConfig(TeacherFields):
     rev: Optional[str] = opt(None, "Reverse-DPO model directory.", required=True)
     ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).")
     data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).", required=True)
-    format: str = opt("logits", "Cache format: logits (full-vocabulary teacher log-probs).", choices=("logits",))
-    dtype: str = opt("float32", "dtype of the stored teacher log-probs (the combination itself is always float32).", choices=("float32", "bfloat16"))
+    format: str = opt("auto", "Cache format: logits (full vocabulary), hidden (exact, compact), topk (truncated); "
+                      "auto picks logits for small vocabularies and hidden otherwise.",
+                      choices=("auto", "logits", "hidden", "topk"))
+    top_k: int = opt(64, "Log-probs kept per position by --format topk.", positive=True)
+    dtype: str = opt("float32", "dtype of the stored log-probs or hidden states (the combination itself is always float32).", choices=("float32", "bfloat16"))
     batch_size: int = opt(32, "Sequences per forward pass.", positive=True)
     shard_mb: float = opt(256.0, "Upper bound on one shard's size in MiB.", positive=True)
     max_length: int = opt(128, "Maximum tokens of prompt + response (must match distill).", positive=True)
@@ -160,6 +163,8 @@ class DistillConfig(TrainingFields):
     student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).", required=True)
     cache: Optional[str] = opt(None, "Teacher cache directory written by precompute.", required=True)
     data: Optional[str] = opt(None, "The data the cache was computed on (checked against its fingerprint).", required=True)
+    alpha_scale: Optional[float] = opt(None, "Override r of the cache's teacher (needs a --format hidden cache).", nonneg=True)
+    alpha_eps: Optional[float] = opt(None, "Override eps of the cache's teacher (needs a --format hidden cache).", positive=True)
 
 
 @dataclass

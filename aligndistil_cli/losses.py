@@ -66,38 +66,44 @@ class Teacher(NamedTuple):
     tvd: torch.Tensor
 
 
-def _aligndistil(z_dpo, z_rev, z_ref, *, beta, kl_coef, alpha_scale, alpha_eps):
-    tvd = total_variation(z_dpo, z_rev)
-    alpha = alpha_scale * tvd + alpha_eps
-    return z_dpo + alpha.unsqueeze(-1) * (z_dpo - z_rev), alpha, beta / alpha, tvd
+class VariantSpec(NamedTuple):
+    """How a teacher variant is built: TVD partner, alpha rule, logit combination."""
+
+    tvd_against: str  # "rev" or "ref": alpha_t is built from TVD(pi_dpo, pi_<this>)
+    adaptive_alpha: bool  # alpha_t = r * TVD_t + eps and c_t = beta / alpha_t; else alpha = beta / kl_coef, c_t = kl_coef
+    extrapolate: bool  # z* = z_dpo + alpha (z_dpo - z_rev); else z* = alpha z_dpo + (1 - alpha) z_ref
 
 
-def _contrastive(z_dpo, z_rev, z_ref, *, beta, kl_coef, alpha_scale, alpha_eps):
-    tvd = total_variation(z_dpo, z_rev)
-    alpha = torch.full_like(tvd, beta / kl_coef)
-    return z_dpo + alpha.unsqueeze(-1) * (z_dpo - z_rev), alpha, torch.full_like(tvd, kl_coef), tvd
-
-
-def _theorem1(z_dpo, z_rev, z_ref, *, beta, kl_coef, alpha_scale, alpha_eps):
-    tvd = total_variation(z_dpo, z_rev)
-    w = beta / kl_coef
-    alpha = torch.full_like(tvd, w)
-    return w * z_dpo + (1.0 - w) * z_ref, alpha, torch.full_like(tvd, kl_coef), tvd
-
-
-def _adaptive(z_dpo, z_rev, z_ref, *, beta, kl_coef, alpha_scale, alpha_eps):
-    tvd = total_variation(z_dpo, z_ref)
-    alpha = alpha_scale * tvd + alpha_eps
-    a = alpha.unsqueeze(-1)
-    return a * z_dpo + (1.0 - a) * z_ref, alpha, beta / alpha, tvd
-
-
-_COMBINE = {
-    "aligndistil": _aligndistil,
-    "contrastive": _contrastive,
-    "theorem1": _theorem1,
-    "adaptive": _adaptive,
+VARIANT_SPECS = {
+    "aligndistil": VariantSpec("rev", adaptive_alpha=True, extrapolate=True),
+    "contrastive": VariantSpec("rev", adaptive_alpha=False, extrapolate=True),
+    "theorem1": VariantSpec("rev", adaptive_alpha=False, extrapolate=False),
+    "adaptive": VariantSpec("ref", adaptive_alpha=True, extrapolate=False),
 }
+
+
+def teacher_alpha(variant: str, tvd: torch.Tensor, *, beta: float, kl_coef: float, alpha_scale: float,
+                  alpha_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, c_t) [...] float32 from TVD_t [...].
+
+    Separate from the logits so that a cache that stores TVD_t can serve
+    other r and eps without running the models again.
+    """
+    tvd = tvd.float()
+    if VARIANT_SPECS[variant].adaptive_alpha:
+        alpha = alpha_scale * tvd + alpha_eps
+        return alpha, beta / alpha
+    return torch.full_like(tvd, beta / kl_coef), torch.full_like(tvd, kl_coef)
+
+
+def combine_logits(variant: str, z_dpo: torch.Tensor, z_rev: torch.Tensor | None, z_ref: torch.Tensor | None,
+                   alpha: torch.Tensor) -> torch.Tensor:
+    """z* [..., V] float32 from the teachers' logits [..., V] and alpha_t [...]."""
+    a = alpha.float().unsqueeze(-1)
+    z_dpo = z_dpo.float()
+    if VARIANT_SPECS[variant].extrapolate:
+        return z_dpo + a * (z_dpo - z_rev.float())
+    return a * z_dpo + (1.0 - a) * z_ref.float()
 
 
 def compose_teacher_full(
@@ -119,7 +125,7 @@ def compose_teacher_full(
     vocab_size first, so padded rows never enter a softmax). Returns
     Teacher(logits [..., vocab_size] float32, alpha, coef, tvd [...]).
     """
-    if variant not in _COMBINE:
+    if variant not in VARIANT_SPECS:
         raise ValueError(f"unknown teacher variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if variant in NEEDS_REFERENCE and ref_logits is None:
         raise ValueError(f"teacher variant {variant!r} needs ref_logits")
@@ -129,10 +135,9 @@ def compose_teacher_full(
     z_dpo = dpo_logits[..., :width].float()
     z_rev = rev_logits[..., :width].float()
     z_ref = ref_logits[..., :width].float() if ref_logits is not None else None
-    z, alpha, coef, tvd = _COMBINE[variant](
-        z_dpo, z_rev, z_ref, beta=beta, kl_coef=kl_coef, alpha_scale=alpha_scale, alpha_eps=alpha_eps
-    )
-    return Teacher(z / temperature, alpha, coef, tvd)
+    tvd = total_variation(z_dpo, z_ref if VARIANT_SPECS[variant].tvd_against == "ref" else z_rev)
+    alpha, coef = teacher_alpha(variant, tvd, beta=beta, kl_coef=kl_coef, alpha_scale=alpha_scale, alpha_eps=alpha_eps)
+    return Teacher(combine_logits(variant, z_dpo, z_rev, z_ref, alpha) / temperature, alpha, coef, tvd)
 
 
 def compose_teacher(
@@ -308,3 +313,75 @@ def chunked_reverse_kl(
         return reverse_kl(head_logits(h, weight, bias, vocab_size), teacher)
 
     return chunked_map(one_chunk, chunk_size, hidden, index)
+
+
+class _FusedHeadKL(torch.autograd.Function):
+    """sum_n w_n KL(softmax(h_n W^T + b) || q_n), with its gradient computed in the forward pass.
+
+    Each chunk's student logits, teacher log-probs and dKL/dz = p (log p - log q - KL)
+    live only while that chunk is processed; the gradients w.r.t. hidden,
+    weight and bias are accumulated on the way. Backward only scales them, so
+    nothing is recomputed (unlike checkpointing, which runs the head and the
+    teacher twice).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, position_weights, teacher_fn, vocab_size, chunk_size):
+        needs = ctx.needs_input_grad
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if needs[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
+        kl_all = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        width = weight.shape[0]
+        for s in range(0, hidden.shape[0], chunk_size):
+            e = min(s + chunk_size, hidden.shape[0])
+            h = hidden[s:e]
+            log_p = torch.log_softmax(head_logits(h, weight, bias, vocab_size), dim=-1)
+            log_q = mask_padded_vocab_width(teacher_fn(s, e).to(h.device).float(), width)
+            p = log_p.exp()
+            floor = torch.finfo(torch.float32).min
+            diff = log_p.clamp(min=floor) - log_q.clamp(min=floor)
+            kl = (p * diff).sum(-1)
+            kl_all[s:e] = kl
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            grad_z = position_weights[s:e].float().unsqueeze(-1) * p * (diff - kl.unsqueeze(-1))
+            if grad_h is not None:
+                grad_h[s:e] = grad_z @ weight.float()
+            if grad_w is not None:
+                grad_w += grad_z.T @ h.float()
+            if grad_b is not None:
+                grad_b += grad_z.sum(0)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(kl_all)
+        return (position_weights.float() * kl_all).sum(), kl_all
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl):
+        grads = []
+        for g, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3]):
+            grads.append((g * grad_loss).to(dtype) if needed else None)
+        return (*grads, None, None, None, None)
+
+
+def fused_head_kl_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    position_weights: torch.Tensor,
+    teacher_fn: Callable[[int, int], torch.Tensor],
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted reverse-KL distillation loss straight from student hidden states.
+
+    hidden [N, H] at response positions, weight [V, H], bias [V] or None,
+    position_weights [N] (from position_weights()), teacher_fn(start, end) ->
+    teacher log-probs [end - start, V'] (V' <= V; the rest are padded rows).
+    Returns (loss scalar = sum_n w_n KL_n, kl [N] detached). Peak extra memory
+    is a few [chunk_size, V] float32 blocks; the teacher is built once per chunk.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    return _FusedHeadKL.apply(hidden, weight, bias, position_weights, teacher_fn, vocab_size, chunk_size)

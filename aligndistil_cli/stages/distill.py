@@ -6,6 +6,7 @@ tokenizer, the data and the sequence lengths before any step runs.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -15,8 +16,9 @@ from ..cache import TeacherCache
 from ..config import DistillConfig
 from ..data import PAIR_FIELDS, collate, encode, load_rows
 from ..errors import UserError
-from ..losses import chunked_reverse_kl, position_weights
+from ..losses import fused_head_kl_loss, position_weights
 from ..modeling import load_model, load_tokenizer, output_head, pick_device, response_hidden, save_model, sequence_ids
+from ..teacher import TeacherSpec, logq_fn, realpha
 from ..training import seed_everything, step_batches, total_steps, train
 
 
@@ -34,6 +36,38 @@ def check_cache(cache: TeacherCache, config: DistillConfig, tokenizer) -> None:
             raise UserError(f"teacher cache {cache.path} has {key}={settings[key]} but distill was given {getattr(config, key)}")
 
 
+def cache_spec(cache: TeacherCache, config: DistillConfig) -> TeacherSpec:
+    """The cache's teacher, with r / eps overridden where the format allows it."""
+    overrides = {k: v for k, v in (("alpha_scale", config.alpha_scale), ("alpha_eps", config.alpha_eps)) if v is not None}
+    if overrides and cache.format != "hidden":
+        raise UserError(f"teacher cache {cache.path} has format {cache.format!r}, which bakes alpha into the teacher; "
+                        "--alpha-scale/--alpha-eps at distill time need a cache with --format hidden")
+    return dataclasses.replace(cache.spec, **overrides)
+
+
+def cached_teacher_loss(model, cache: TeacherCache, spec: TeacherSpec, pad_id: int, vocab: int, device,
+                        chunk_size: int):
+    """loss_fn([(row id, Encoded), ...]) -> (AlignDistil loss, metrics) against the cached teacher."""
+    weight, bias = output_head(model)
+    heads = cache.heads(device)
+
+    def loss_fn(chunk):
+        row_ids = [i for i, _ in chunk]
+        batch = collate([e for _, e in chunk], pad_id).to(device)
+        fields = cache.fetch(row_ids)
+        if spec != cache.spec:
+            fields = realpha(fields, spec)
+        if fields["coef"].shape[0] != int(batch.loss_mask.sum()):
+            raise UserError(f"teacher cache {cache.path} does not match the tokenised data at rows {row_ids[:4]}...")
+        weights = position_weights(fields["coef"].to(device), sequence_ids(batch), len(chunk))
+        loss, kl = fused_head_kl_loss(response_hidden(model, batch), weight, bias, weights,
+                                      logq_fn(cache.format, fields, heads, spec, vocab, device), vocab, chunk_size)
+        return loss, {"kl_teacher": kl.mean().item(), "alpha_mean": fields["alpha"].mean().item(),
+                      "coef_mean": fields["coef"].mean().item(), "tvd_mean": fields["tvd"].mean().item()}
+
+    return loss_fn
+
+
 def run(config: DistillConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
@@ -44,25 +78,10 @@ def run(config: DistillConfig) -> Path:
     examples = [encode(tokenizer, r["prompt"], r["chosen"], config.max_length, config.max_prompt_length) for r in rows]
     if len(examples) != cache.num_rows:
         raise UserError(f"teacher cache {cache.path} has {cache.num_rows} rows, data {config.data} has {len(examples)}")
+    spec = cache_spec(cache, config)
     model = load_model(config.student, device)
-    weight, bias = output_head(model)
-    vocab = len(tokenizer)
     out = prepare_output(Path(config.out))
-
-    def loss_fn(chunk):
-        row_ids = [i for i, _ in chunk]
-        batch = collate([e for _, e in chunk], tokenizer.pad_token_id).to(device)
-        teacher = cache.fetch(row_ids)
-        if teacher["coef"].shape[0] != int(batch.loss_mask.sum()):
-            raise UserError(f"teacher cache {cache.path} does not match the tokenised data at rows {row_ids[:4]}...")
-        logprobs = teacher["teacher_logprobs"]
-        kl = chunked_reverse_kl(response_hidden(model, batch), lambda s, e: logprobs[s:e], weight, bias, vocab,
-                                config.chunk_size)
-        coef = teacher["coef"].to(device)
-        loss = (position_weights(coef, sequence_ids(batch), len(chunk)) * kl).sum()
-        return loss, {"kl_teacher": kl.mean().item(), "alpha_mean": teacher["alpha"].mean().item(),
-                      "coef_mean": teacher["coef"].mean().item(), "tvd_mean": teacher["tvd"].mean().item()}
-
+    loss_fn = cached_teacher_loss(model, cache, spec, tokenizer.pad_token_id, len(tokenizer), device, config.chunk_size)
     items = list(enumerate(examples))
     n_steps = total_steps(len(items), config.batch_size, config.epochs, config.max_steps)
     steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps)

@@ -1,28 +1,30 @@
 """precompute: run the DPO and reverse-DPO models (and the reference when the
-variant needs it) once over prompt + chosen, and store the composed teacher.
+variant needs it) once over prompt + chosen, and store the teacher.
 
-Only response positions go through the output heads, in chunks of positions,
-and the teacher is composed in float32 (losses.compose_teacher_full).
+Only response positions go through the output heads, in chunks of positions;
+the teacher is composed in float32 (teacher.py, losses.compose_teacher_full).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..artifacts import (fingerprint_data, fingerprint_model, fingerprint_tokenizer, finalize, input_record,
                          prepare_output, sha256_json)
-from ..cache import STORE_DTYPES, plan_shards, shard_is_done, write_index, write_shard
+from ..cache import HEADS, STORE_DTYPES, plan_shards, shard_is_done, write_index, write_shard
 from ..config import PrecomputeConfig
 from ..data import PAIR_FIELDS, collate, encode, load_rows
 from ..errors import UserError
-from ..losses import NEEDS_REFERENCE, compose_teacher_full, head_logits
 from ..modeling import load_model, load_tokenizer, output_head, pick_device, response_hidden
+from ..teacher import (LOGITS_MAX_BYTES_PER_TOKEN, TeacherSpec, bytes_per_position, check_head_reproduces,
+                       encode_chunk)
 from ..training import progress, seed_everything
 
-TEACHER_SETTINGS = ("variant", "beta", "kl_coef", "alpha_scale", "alpha_eps", "temperature", "format",
-                    "dtype", "max_length", "max_prompt_length")
+SHAPE_SETTINGS = ("format", "top_k", "dtype", "max_length", "max_prompt_length")
 POSITION_CHUNK = 1024
 
 
@@ -36,59 +38,84 @@ def check_same_tokenizers(named: dict[str, object]) -> str:
     return first
 
 
+def teacher_spec(config) -> TeacherSpec:
+    return TeacherSpec(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TeacherSpec)})
+
+
+def choose_format(config: PrecomputeConfig, vocab: int, hidden: int, n_models: int) -> str:
+    """auto -> logits while it stays small, hidden otherwise; refuse logits when it is huge."""
+    itemsize = STORE_DTYPES[config.dtype].itemsize
+    logits_bytes = bytes_per_position("logits", vocab, hidden, n_models, itemsize, config.top_k)
+    if config.format == "auto":
+        return "logits" if logits_bytes <= LOGITS_MAX_BYTES_PER_TOKEN else "hidden"
+    if config.format == "logits" and logits_bytes > LOGITS_MAX_BYTES_PER_TOKEN:
+        raise UserError(f"--format logits would store {logits_bytes / 1024:.0f} KB per token for a vocabulary of "
+                        f"{vocab}; use --format hidden (exact, {n_models * hidden * itemsize / 1024:.1f} KB/token) "
+                        f"or --format topk")
+    if config.format == "topk" and config.top_k >= vocab:
+        raise UserError(f"--top-k {config.top_k} must be smaller than the vocabulary ({vocab})")
+    return config.format
+
+
 @torch.no_grad()
-def teacher_for_batch(models: dict, batch, config: PrecomputeConfig, vocab: int) -> dict[str, torch.Tensor]:
-    """Composed teacher at the batch's response positions, chunk by chunk of positions."""
+def teacher_for_batch(models: dict, batch, spec: TeacherSpec, fmt: str, vocab: int, config) -> dict[str, torch.Tensor]:
+    """The stored tensors for the batch's response positions, chunk by chunk of positions."""
     hidden = {name: response_hidden(m, batch) for name, m in models.items()}
     heads = {name: output_head(m) for name, m in models.items()}
-    out: dict[str, list[torch.Tensor]] = {"teacher_logprobs": [], "coef": [], "alpha": [], "tvd": []}
     n = next(iter(hidden.values())).shape[0]
-    for s in range(0, n, POSITION_CHUNK):
-        logits = {name: head_logits(h[s : s + POSITION_CHUNK], *heads[name], vocab) for name, h in hidden.items()}
-        teacher = compose_teacher_full(
-            logits["dpo"], logits["rev"], ref_logits=logits.get("ref"), variant=config.variant, beta=config.beta,
-            kl_coef=config.kl_coef, alpha_scale=config.alpha_scale, alpha_eps=config.alpha_eps,
-            temperature=config.temperature, vocab_size=vocab,
-        )
-        out["teacher_logprobs"].append(torch.log_softmax(teacher.logits, -1).to(STORE_DTYPES[config.dtype]).cpu())
-        for key in ("coef", "alpha", "tvd"):
-            out[key].append(getattr(teacher, key).cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
+    store = STORE_DTYPES[config.dtype]
+    parts = [encode_chunk(fmt, {k: h[s : s + POSITION_CHUNK].to(store) if fmt == "hidden" else h[s : s + POSITION_CHUNK]
+                                for k, h in hidden.items()}, heads, spec, vocab, store, config.top_k)
+             for s in range(0, n, POSITION_CHUNK)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def run(config: PrecomputeConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
-    names = {"dpo": config.dpo, "rev": config.rev}
-    if config.variant in NEEDS_REFERENCE:
-        names["ref"] = config.ref
+    spec = teacher_spec(config)
+    paths = {"dpo": config.dpo, "rev": config.rev, "ref": config.ref}
+    names = {name: paths[name] for name in spec.models}
     tokenizers = {name: load_tokenizer(path) for name, path in names.items()}
     tok_fp = check_same_tokenizers({f"{n} ({p})": tokenizers[n] for n, p in names.items()})
     tokenizer = tokenizers["dpo"]
     vocab = len(tokenizer)
     rows = load_rows(config.data, PAIR_FIELDS)
     examples = [encode(tokenizer, r["prompt"], r["chosen"], config.max_length, config.max_prompt_length) for r in rows]
+    models = {name: load_model(path, device).eval() for name, path in names.items()}
+    hidden_size = output_head(models["dpo"])[0].shape[1]
+    fmt = choose_format(config, vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}
     inputs["data"] = input_record("data", config.data, fingerprint_data(config.data))
     inputs["tokenizer"] = {"kind": "tokenizer", "fingerprint": tok_fp}
-    settings = {k: getattr(config, k) for k in TEACHER_SETTINGS}
+    settings = {**dataclasses.asdict(spec), **{k: getattr(config, k) for k in SHAPE_SETTINGS}, "format": fmt}
     settings_key = sha256_json({"settings": settings, "inputs": {k: v["fingerprint"] for k, v in inputs.items()}})
 
-    bytes_per_position = vocab * STORE_DTYPES[config.dtype].itemsize + 12
-    plans = plan_shards([len(e.response) for e in examples], bytes_per_position, int(config.shard_mb * 2**20))
+    itemsize = STORE_DTYPES[config.dtype].itemsize
+    per_position = bytes_per_position(fmt, vocab, hidden_size, len(models), itemsize, config.top_k)
+    plans = plan_shards([len(e.response) for e in examples], per_position, int(config.shard_mb * 2**20))
     out = prepare_output(Path(config.out))
     planned = {p.name for p in plans}
     for stale in out.glob("shard-*.safetensors"):
         if stale.name not in planned:
             stale.unlink()
+    if fmt == "hidden":
+        heads = {f"{name}.{part}": t.detach().to(STORE_DTYPES[config.dtype]).cpu().contiguous()
+                 for name, m in models.items() for part, t in zip(("weight", "bias"), output_head(m)) if t is not None}
+        save_file(heads, str(out / HEADS))
     todo = [p for p in plans if not shard_is_done(out / p.name, p, settings_key)]
-    models = {name: load_model(path, device).eval() for name, path in names.items()} if todo else {}
+    checked = fmt != "hidden"
     with progress("precompute", sum(p.row_end - p.row_start for p in todo)) as advance:
         for plan in todo:
             parts = []
             for s in range(plan.row_start, plan.row_end, config.batch_size):
                 chunk = examples[s : min(s + config.batch_size, plan.row_end)]
-                parts.append(teacher_for_batch(models, collate(chunk, tokenizer.pad_token_id).to(device), config, vocab))
+                batch = collate(chunk, tokenizer.pad_token_id).to(device)
+                if not checked:
+                    for name, m in models.items():
+                        check_head_reproduces(m, f"{name} model {names[name]}", batch, response_hidden(m, batch), vocab)
+                    checked = True
+                parts.append(teacher_for_batch(models, batch, spec, fmt, vocab, config))
                 advance(len(chunk))
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             lengths = torch.tensor([len(e.response) for e in examples[plan.row_start : plan.row_end]])
@@ -96,10 +123,11 @@ def run(config: PrecomputeConfig) -> Path:
             write_shard(out / plan.name, plan, settings_key, tensors)
 
     shards = [{"file": p.name, "row_start": p.row_start, "row_end": p.row_end, "positions": p.positions} for p in plans]
-    write_index(out, {"format": config.format, "vocab_size": vocab, "store_dtype": config.dtype,
-                      "rows": len(examples), "positions": sum(p.positions for p in plans),
+    positions = sum(p.positions for p in plans)
+    write_index(out, {"format": fmt, "vocab_size": vocab, "hidden_size": hidden_size, "models": list(models),
+                      "rows": len(examples), "positions": positions, "bytes_per_position": per_position,
                       "settings": settings, "settings_key": settings_key, "shards": shards})
-    metrics = {"rows": len(examples), "positions": sum(p.positions for p in plans), "shards": len(plans),
-               "shards_reused": len(plans) - len(todo)}
+    metrics = {"format": fmt, "rows": len(examples), "positions": positions, "shards": len(plans),
+               "shards_reused": len(plans) - len(todo), "bytes_per_position": per_position}
     finalize(out, "precompute", config, inputs, metrics)
     return out

@@ -41,13 +41,6 @@ def files(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("smoke")
-    run_file(SMOKE, root=root)
-    return root
-
-
 def test_each_stage_writes_exactly_its_files(runs):
     for stage, expected in EXPECTED.items():
         assert files(runs / stage) == expected, stage

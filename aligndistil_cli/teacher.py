@@ -1,0 +1,143 @@
+"""Teacher cache formats: what precompute stores per position, and how distill
+turns it back into teacher log-probs one chunk of positions at a time.
+
+  logits  full teacher log-probs [n, vocab] (exact; about 4 * vocab bytes/token)
+  hidden  each teacher's final hidden state [n, H] in the run's dtype, plus the
+          output heads once per cache; distill rebuilds z* exactly with the
+          stored float32 alpha_t (about 2 * H * 2 bytes/token in bf16)
+  topk    the k largest teacher log-probs and their ids, plus the log of the
+          remaining mass, spread evenly over the other ids (biased; small)
+
+Every format also stores TVD_t, alpha_t and c_t in float32. Only `hidden`
+can serve other r / eps without recomputing (alpha_t = r * TVD_t + eps is
+applied at distill time); `logits` and `topk` bake alpha into the distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .losses import VARIANT_SPECS, combine_logits, compose_teacher_full, teacher_alpha
+
+FORMATS = ("logits", "hidden", "topk")
+SCALARS = ("coef", "alpha", "tvd")
+SCALAR_BYTES = 12
+# Above this the full-vocabulary cache is refused (it is about 600 KB/token at V = 151,936).
+LOGITS_MAX_BYTES_PER_TOKEN = 64 * 1024
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The settings that define the teacher distribution (recorded in the cache index)."""
+
+    variant: str
+    beta: float
+    kl_coef: float
+    alpha_scale: float
+    alpha_eps: float
+    temperature: float
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        spec = VARIANT_SPECS[self.variant]
+        needs_rev = spec.extrapolate or spec.tvd_against == "rev"
+        needs_ref = not spec.extrapolate or spec.tvd_against == "ref"
+        return ("dpo",) + (("rev",) if needs_rev else ()) + (("ref",) if needs_ref else ())
+
+
+def head_logits_real(hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None], vocab: int) -> torch.Tensor:
+    """[n, vocab] float32 logits over real tokens only: padded rows never enter a softmax."""
+    weight, bias = head
+    return F.linear(hidden, weight[:vocab], bias[:vocab] if bias is not None else None).float()
+
+
+def compose(logits: dict[str, torch.Tensor], spec: TeacherSpec, vocab: int):
+    """The composed teacher (losses.compose_teacher_full) from per-model logits."""
+    return compose_teacher_full(
+        logits["dpo"], logits.get("rev", logits["dpo"]), ref_logits=logits.get("ref"), variant=spec.variant,
+        beta=spec.beta, kl_coef=spec.kl_coef, alpha_scale=spec.alpha_scale, alpha_eps=spec.alpha_eps,
+        temperature=spec.temperature, vocab_size=vocab,
+    )
+
+
+def bytes_per_position(fmt: str, vocab: int, hidden: int, n_models: int, itemsize: int, top_k: int) -> int:
+    if fmt == "logits":
+        return vocab * itemsize + SCALAR_BYTES
+    if fmt == "hidden":
+        return n_models * hidden * itemsize + SCALAR_BYTES
+    return top_k * (itemsize + 4) + 4 + SCALAR_BYTES
+
+
+def encode_chunk(fmt: str, hidden: dict[str, torch.Tensor], heads: dict, spec: TeacherSpec, vocab: int,
+                 store_dtype: torch.dtype, top_k: int) -> dict[str, torch.Tensor]:
+    """What one chunk of positions stores, for format fmt. hidden: name -> [n, H]."""
+    teacher = compose({name: head_logits_real(h, heads[name], vocab) for name, h in hidden.items()}, spec, vocab)
+    out = {key: getattr(teacher, key).cpu() for key in SCALARS}
+    if fmt == "hidden":
+        out.update({f"hidden_{name}": h.cpu() for name, h in hidden.items()})
+        return out
+    logprobs = torch.log_softmax(teacher.logits, dim=-1)
+    if fmt == "logits":
+        out["teacher_logprobs"] = logprobs.to(store_dtype).cpu()
+        return out
+    top, ids = logprobs.topk(top_k, dim=-1)
+    # log of the mass outside the top k, computed exactly (not as log(1 - sum)).
+    out["log_tail"] = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1).cpu()
+    out["topk_logprobs"] = top.to(store_dtype).cpu()
+    out["topk_ids"] = ids.to(torch.int32).cpu()
+    return out
+
+
+def logq_fn(fmt: str, fields: dict[str, torch.Tensor], heads: dict, spec: TeacherSpec, vocab: int,
+            device: torch.device) -> Callable[[int, int], torch.Tensor]:
+    """teacher_fn(start, end) -> teacher log-probs [end - start, vocab] float32 for fused_head_kl_loss."""
+    if fmt == "logits":
+        logprobs = fields["teacher_logprobs"]
+        return lambda s, e: logprobs[s:e].to(device).float()
+    if fmt == "topk":
+        ids, top, tail = fields["topk_ids"], fields["topk_logprobs"], fields["log_tail"]
+        spread = math.log(max(1, vocab - ids.shape[-1]))
+
+        def topk_logq(s: int, e: int) -> torch.Tensor:
+            rest = (tail[s:e].to(device).float() - spread).unsqueeze(-1)
+            dense = rest.expand(e - s, vocab).clone()
+            return dense.scatter(-1, ids[s:e].to(device).long(), top[s:e].to(device).float())
+
+        return topk_logq
+
+    alpha = fields["alpha"]
+
+    def hidden_logq(s: int, e: int) -> torch.Tensor:
+        z = {name: head_logits_real(fields[f"hidden_{name}"][s:e].to(device), heads[name], vocab)
+             for name in spec.models}
+        combined = combine_logits(spec.variant, z["dpo"], z.get("rev"), z.get("ref"), alpha[s:e].to(device))
+        return torch.log_softmax(combined / spec.temperature, dim=-1)
+
+    return hidden_logq
+
+
+def realpha(fields: dict[str, torch.Tensor], spec: TeacherSpec) -> dict[str, torch.Tensor]:
+    """alpha_t and c_t recomputed from the stored TVD_t with spec's r and eps (hidden format)."""
+    alpha, coef = teacher_alpha(spec.variant, fields["tvd"], beta=spec.beta, kl_coef=spec.kl_coef,
+                                alpha_scale=spec.alpha_scale, alpha_eps=spec.alpha_eps)
+    return {**fields, "alpha": alpha, "coef": coef}
+
+
+def check_head_reproduces(model, name: str, batch, hidden: torch.Tensor, vocab: int, tol: float = 1e-3) -> None:
+    """Refuse a model whose logits are not head(final hidden): the hidden format would be wrong."""
+    from .modeling import output_head
+
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.loss_mask]
+    rebuilt = head_logits_real(hidden, output_head(model), vocab)
+    err = (full[:, :vocab].float() - rebuilt).abs().max().item()
+    scale = max(1.0, full[:, :vocab].float().abs().max().item())
+    if err > tol * scale:
+        raise UserError(f"{name}: the output head applied to the final hidden states does not reproduce the "
+                        f"model's logits (max abs error {err:.3g}); use --format logits or topk for this model")

@@ -1,0 +1,138 @@
+"""Teacher cache formats through distill, against the live teacher (padded vocabulary: 96 rows, 64 tokens)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from aligndistil_cli.artifacts import read_manifest
+from aligndistil_cli.cache import TeacherCache
+from aligndistil_cli.config import DistillConfig, PrecomputeConfig, load_config
+from aligndistil_cli.data import PAIR_FIELDS, collate, encode, load_rows
+from aligndistil_cli.errors import UserError
+from aligndistil_cli.losses import aligndistil_loss, compose_teacher, mask_padded_vocab
+from aligndistil_cli.modeling import load_model, load_tokenizer
+from aligndistil_cli.stages import distill, precompute
+from aligndistil_cli.stages.distill import cached_teacher_loss
+
+CPU = torch.device("cpu")
+
+
+def precompute_as(runs: Path, out: Path, **overrides) -> Path:
+    values = json.loads((runs / "teacher" / "stage_config.json").read_text()) | {"out": str(out)} | overrides
+    return precompute.run(load_config(PrecomputeConfig, None, values))
+
+
+@pytest.fixture(scope="module")
+def caches(runs, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("formats")
+    return {fmt: precompute_as(runs, root / fmt, format=fmt, top_k=16) for fmt in ("logits", "hidden", "topk")}
+
+
+def live_loss(runs: Path, rows: list[int], variant_kwargs: dict | None = None):
+    """The AlignDistil loss computed the way the official code does: full logits of all three models."""
+    config = load_config(PrecomputeConfig, None, json.loads((runs / "teacher" / "stage_config.json").read_text()))
+    tok = load_tokenizer(config.dpo)
+    data = load_rows(config.data, PAIR_FIELDS)
+    batch = collate([encode(tok, data[i]["prompt"], data[i]["chosen"], config.max_length, config.max_prompt_length)
+                     for i in rows], tok.pad_token_id)
+    student, dpo, rev = (load_model(p, CPU).eval() for p in (runs / "sft", config.dpo, config.rev))
+    with torch.no_grad():
+        z_dpo, z_rev = (m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits for m in (dpo, rev))
+        teacher, coef, _ = compose_teacher(z_dpo, z_rev, vocab_size=len(tok), **(variant_kwargs or {}))
+    z_student = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    loss = aligndistil_loss(mask_padded_vocab(z_student, len(tok)), teacher, coef, batch.loss_mask)
+    return loss, student, tok, batch, config
+
+
+def cached_loss(cache_dir: Path, student, tok, config, rows: list[int], alpha_scale=None):
+    cache = TeacherCache(cache_dir)
+    spec = distill.cache_spec(cache, DistillConfig(out="x", student="s", cache=str(cache_dir), data="d",
+                                                   alpha_scale=alpha_scale))
+    data = load_rows(config.data, PAIR_FIELDS)
+    chunk = [(i, encode(tok, data[i]["prompt"], data[i]["chosen"], config.max_length, config.max_prompt_length))
+             for i in rows]
+    return cached_teacher_loss(student, cache, spec, tok.pad_token_id, len(tok), CPU, chunk_size=7)(chunk)[0]
+
+
+@pytest.mark.parametrize("fmt", ["logits", "hidden"])
+def test_exact_formats_reproduce_the_live_teacher_loss_and_gradient(runs, caches, fmt):
+    rows = [0, 3, 5, 6]
+    live, student, tok, _, config = live_loss(runs, rows)
+    live.backward()
+    live_grad = student.lm_head.weight.grad.clone()
+    student.zero_grad()
+    cached = cached_loss(caches[fmt], student, tok, config, rows)
+    cached.backward()
+    assert abs(cached.item() - live.item()) <= 1e-5 * abs(live.item())
+    torch.testing.assert_close(student.lm_head.weight.grad, live_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_is_biased_and_exact_when_one_id_is_left(runs, caches, tmp_path):
+    rows = [0, 3, 5, 6]
+    live, student, tok, _, config = live_loss(runs, rows)
+    truncated = cached_loss(caches["topk"], student, tok, config, rows)
+    assert torch.isfinite(truncated)
+    assert truncated.item() != pytest.approx(live.item(), rel=1e-3), "a truncated teacher is biased"
+    # With k = vocab - 1 the "evenly spread" tail is one id holding exactly its own mass.
+    full = cached_loss(precompute_as(runs, tmp_path / "k63", format="topk", top_k=len(tok) - 1), student, tok, config, rows)
+    assert full.item() == pytest.approx(live.item(), rel=1e-5)
+
+
+def test_topk_teacher_is_a_distribution(caches):
+    from aligndistil_cli.teacher import logq_fn
+
+    cache = TeacherCache(caches["topk"])
+    fields = cache.fetch([0, 1])
+    logq = logq_fn("topk", fields, {}, cache.spec, cache.index["vocab_size"], CPU)(0, fields["coef"].shape[0])
+    torch.testing.assert_close(logq.logsumexp(-1), torch.zeros(logq.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_compact_formats_are_smaller(caches):
+    size = {fmt: read_manifest(d)["metrics"]["bytes_per_position"] for fmt, d in caches.items()}
+    assert size["topk"] < size["logits"]
+    assert (caches["hidden"] / "heads.safetensors").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["hidden", "topk"])
+def test_distill_trains_from_compact_caches(runs, caches, fmt, tmp_path):
+    values = json.loads((runs / "student" / "stage_config.json").read_text())
+    out = distill.run(load_config(DistillConfig, None, values | {"cache": str(caches[fmt]), "out": str(tmp_path / fmt),
+                                                                "max_steps": 2}))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
+
+
+def test_hidden_cache_serves_other_r(runs, caches):
+    """alpha_t = r TVD_t + eps is applied at distill time, from the stored TVD_t."""
+    rows = [1, 2]
+    live, student, tok, _, config = live_loss(runs, rows, {"alpha_scale": 5.0})
+    cached = cached_loss(caches["hidden"], student, tok, config, rows, alpha_scale=5.0)
+    assert cached.item() == pytest.approx(live.item(), rel=1e-5)
+
+
+def test_other_r_needs_a_hidden_cache(caches):
+    with pytest.raises(UserError, match="format hidden"):
+        distill.cache_spec(TeacherCache(caches["logits"]),
+                           DistillConfig(out="x", student="s", cache="c", data="d", alpha_scale=5.0))
+
+
+def test_logits_format_refused_for_a_large_vocabulary():
+    config = PrecomputeConfig(out="x", dpo="d", rev="r", data="p", format="logits")
+    with pytest.raises(UserError, match="--format hidden"):
+        precompute.choose_format(config, vocab=151_936, hidden=1_536, n_models=2)
+    assert precompute.choose_format(PrecomputeConfig(out="x", dpo="d", rev="r", data="p"), 151_936, 1_536, 2) == "hidden"
+    assert precompute.choose_format(PrecomputeConfig(out="x", dpo="d", rev="r", data="p"), 64, 128, 2) == "logits"
+
+
+def test_post_head_transform_is_refused_by_name(runs, tmp_path):
+    model_dir = tmp_path / "capped"
+    shutil.copytree(runs / "dpo", model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text()) | {"final_logit_softcapping": 30.0}
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="final_logit_softcapping"):
+        load_model(model_dir, CPU)
