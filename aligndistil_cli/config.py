@@ -74,8 +74,17 @@ class TrainingFields(StageConfig):
     max_prompt_length: int = opt(96, "Maximum prompt tokens (prompts are cut from the left).", positive=True)
     chunk_size: int = opt(1024, "Positions per output-head chunk in the loss (memory is O(chunk x vocab)).", positive=True)
     log_every: int = opt(1, "Write metrics.jsonl every N steps.", positive=True)
+    grad_accum: int = opt(1, "Split each step's batch into this many micro-batches (same global batch, less memory).",
+                          positive=True)
+    group_by_length: bool = opt(True, "Batch sequences of similar length together so padding costs little.")
+    precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32. The teacher and the "
+                         "losses are always combined in float32.", choices=("auto", "bf16", "fp32"))
+    attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
+    gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass to save memory.")
 
     def validate(self) -> None:
+        if self.grad_accum > self.batch_size:
+            raise ConfigError(f"config field 'grad_accum' ({self.grad_accum}) must be <= 'batch_size' ({self.batch_size})")
         if self.warmup_ratio >= 1:
             raise ConfigError(f"config field 'warmup_ratio' must be < 1; got {self.warmup_ratio}")
         if self.max_prompt_length >= self.max_length:
@@ -147,6 +156,9 @@ class PrecomputeConfig(TeacherFields):
     top_k: int = opt(64, "Log-probs kept per position by --format topk.", positive=True)
     dtype: str = opt("float32", "dtype of the stored log-probs or hidden states (the combination itself is always float32).", choices=("float32", "bfloat16"))
     batch_size: int = opt(32, "Sequences per forward pass.", positive=True)
+    precision: str = opt("auto", "Teacher weights: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32. "
+                         "The combination is float32 either way.", choices=("auto", "bf16", "fp32"))
+    attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
     shard_mb: float = opt(256.0, "Upper bound on one shard's size in MiB.", positive=True)
     max_length: int = opt(128, "Maximum tokens of prompt + response (must match distill).", positive=True)
     max_prompt_length: int = opt(96, "Maximum prompt tokens (must match distill).", positive=True)

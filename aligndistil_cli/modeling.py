@@ -53,21 +53,41 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
+def bf16_enabled(precision: str, device: torch.device) -> bool:
+    """auto means bf16 on CUDA (where it is fast and safe) and fp32 on CPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for training on float32 master weights, or a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_enabled(precision, device))
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
+               attn_implementation: str | None = None, gradient_checkpointing: bool = False):
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     if not Path(path).exists():
         raise UserError(f"model {path} does not exist")
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from None
     for name in _POST_HEAD_TRANSFORMS:
         if getattr(model.config, name, None) not in (None, 0, 1, 1.0):
             raise UserError(f"model {path} applies {name}={getattr(model.config, name)} after its output head; "
                             "aligndistil does not support post-head logit transforms")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device)
+
+
+def load_student(path: str | Path, device: torch.device, cfg):
+    """A model to train, with cfg's (TrainingFields) attention kernel and checkpointing; fp32 master weights."""
+    return load_model(path, device, attn_implementation=cfg.attn_implementation,
+                      gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def save_model(model, tokenizer, out: Path) -> None:

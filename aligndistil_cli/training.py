@@ -62,15 +62,64 @@ def epoch_orders(num_items: int, epochs: int, seed: int) -> Iterator[list[int]]:
         yield torch.randperm(num_items, generator=gen).tolist()
 
 
-def step_batches(items: list, batch_size: int, epochs: int, seed: int, max_steps: int | None) -> Iterator[list]:
-    """Yield one list of items per optimizer step, over shuffled epochs, at most max_steps."""
+GROUP_BATCHES = 32
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, seed: int) -> list[int]:
+    """Sort each window of GROUP_BATCHES batches by length, then shuffle the batches.
+
+    Batches then hold sequences of similar length (little padding) while the
+    data order stays random at the scale of a window.
+    """
+    window = batch_size * GROUP_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [i for b in perm for i in batches[b]]
+
+
+def step_batches(items: list, batch_size: int, epochs: int, seed: int, max_steps: int | None,
+                 lengths: list[int] | None = None) -> Iterator[list]:
+    """Yield one list of items per optimizer step, over shuffled epochs, at most max_steps.
+
+    With lengths, batches are grouped by length (group_by_length).
+    """
     produced = 0
-    for order in epoch_orders(len(items), epochs, seed):
+    for epoch, order in enumerate(epoch_orders(len(items), epochs, seed)):
+        if lengths is not None:
+            order = group_by_length(order, lengths, batch_size, seed * 1000 + epoch)
         for start in range(0, len(order), batch_size):
             if max_steps and produced >= max_steps:
                 return
             yield [items[i] for i in order[start : start + batch_size]]
             produced += 1
+
+
+def micro_batches(batch: list, n: int) -> list[list]:
+    """Split a step's batch into at most n non-empty micro-batches of near-equal size."""
+    size = -(-len(batch) // n)
+    return [batch[i : i + size] for i in range(0, len(batch), size)]
+
+
+def accumulate(loss_fn: LossFn, batch: list, n: int, precision: str, device) -> tuple[torch.Tensor, dict]:
+    """Forward + backward over micro-batches; each loss is weighted by its share of the batch."""
+    from .modeling import autocast
+
+    total = 0.0
+    extras: dict[str, float] = {}
+    for micro in micro_batches(batch, n):
+        share = len(micro) / len(batch)
+        with autocast(precision, device):
+            loss, extra = loss_fn(micro)
+        if not torch.isfinite(loss):
+            return loss.detach(), extra
+        (loss * share).backward()
+        total += loss.item() * share
+        for k, v in extra.items():
+            extras[k] = extras.get(k, 0.0) + v * share
+    return torch.tensor(total), extras
 
 
 def lr_lambda(total: int, warmup_ratio: float, min_ratio: float) -> Callable[[int], float]:
@@ -107,6 +156,7 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     cfg is a TrainingFields config. Writes out/metrics.jsonl.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(n_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
@@ -118,11 +168,10 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     try:
         with progress(desc, n_steps) as advance:
             for step, batch in enumerate(steps, start=1):
-                loss, extra = loss_fn(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss, extra = accumulate(loss_fn, batch, cfg.grad_accum, cfg.precision, device)
                 if not torch.isfinite(loss):
                     raise UserError(f"{desc}: non-finite loss at step {step}; stopping (nothing was saved)")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 if not torch.isfinite(grad_norm):
                     raise UserError(f"{desc}: non-finite gradient at step {step}; stopping (nothing was saved)")

@@ -17,7 +17,7 @@ from ..config import DistillConfig
 from ..data import PAIR_FIELDS, collate, encode, load_rows
 from ..errors import UserError
 from ..losses import fused_head_kl_loss, position_weights
-from ..modeling import load_model, load_tokenizer, output_head, pick_device, response_hidden, save_model, sequence_ids
+from ..modeling import load_student, load_tokenizer, output_head, pick_device, response_hidden, save_model, sequence_ids
 from ..teacher import TeacherSpec, logq_fn, realpha
 from ..training import seed_everything, step_batches, total_steps, train
 
@@ -79,12 +79,13 @@ def run(config: DistillConfig) -> Path:
     if len(examples) != cache.num_rows:
         raise UserError(f"teacher cache {cache.path} has {cache.num_rows} rows, data {config.data} has {len(examples)}")
     spec = cache_spec(cache, config)
-    model = load_model(config.student, device)
+    model = load_student(config.student, device, config)
     out = prepare_output(Path(config.out))
     loss_fn = cached_teacher_loss(model, cache, spec, tokenizer.pad_token_id, len(tokenizer), device, config.chunk_size)
     items = list(enumerate(examples))
     n_steps = total_steps(len(items), config.batch_size, config.epochs, config.max_steps)
-    steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps)
+    lengths = [len(e.prompt) + len(e.response) for e in examples] if config.group_by_length else None
+    steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps, lengths)
     summary = train(model, steps, n_steps, loss_fn, config, out, "distill")
     save_model(model, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),

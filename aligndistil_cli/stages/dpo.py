@@ -18,7 +18,7 @@ from ..artifacts import (fingerprint_data, fingerprint_model, fingerprint_tokeni
 from ..config import DpoConfig
 from ..data import PAIR_FIELDS, collate, encode_pairs, load_rows
 from ..losses import dpo_loss
-from ..modeling import load_model, load_tokenizer, pick_device, save_model, sequence_logps
+from ..modeling import load_student, load_tokenizer, pick_device, save_model, sequence_logps
 from ..training import progress, seed_everything, step_batches, total_steps, train
 
 REF_CACHE_VERSION = 1
@@ -71,7 +71,7 @@ def run(config: DpoConfig) -> Path:
     device = pick_device(config.device)
     rows = load_rows(config.data, PAIR_FIELDS)
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, device)
+    model = load_student(config.model, device, config)
     vocab = len(tokenizer)
     pairs = encode_pairs(tokenizer, rows, config.max_length, config.max_prompt_length)
     out = prepare_output(Path(config.out))
@@ -93,7 +93,9 @@ def run(config: DpoConfig) -> Path:
                       "margin": (reward_c - reward_r).mean().item()}
 
     n_steps = total_steps(len(items), config.batch_size, config.epochs, config.max_steps)
-    steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps)
+    lengths = [max(len(c.prompt) + len(c.response), len(r.prompt) + len(r.response)) for c, r in pairs]
+    steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps,
+                         lengths if config.group_by_length else None)
     summary = train(model, steps, n_steps, loss_fn, config, out, stage)
     save_model(model, tokenizer, out)
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),

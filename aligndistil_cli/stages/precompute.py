@@ -19,7 +19,7 @@ from ..cache import HEADS, STORE_DTYPES, plan_shards, shard_is_done, write_index
 from ..config import PrecomputeConfig
 from ..data import PAIR_FIELDS, collate, encode, load_rows
 from ..errors import UserError
-from ..modeling import load_model, load_tokenizer, output_head, pick_device, response_hidden
+from ..modeling import bf16_enabled, load_model, load_tokenizer, output_head, pick_device, response_hidden
 from ..teacher import (LOGITS_MAX_BYTES_PER_TOKEN, TeacherSpec, bytes_per_position, check_head_reproduces,
                        encode_chunk)
 from ..training import progress, seed_everything
@@ -82,7 +82,8 @@ def run(config: PrecomputeConfig) -> Path:
     vocab = len(tokenizer)
     rows = load_rows(config.data, PAIR_FIELDS)
     examples = [encode(tokenizer, r["prompt"], r["chosen"], config.max_length, config.max_prompt_length) for r in rows]
-    models = {name: load_model(path, device).eval() for name, path in names.items()}
+    dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
+    models = {name: load_model(path, device, dtype, config.attn_implementation).eval() for name, path in names.items()}
     hidden_size = output_head(models["dpo"])[0].shape[1]
     fmt = choose_format(config, vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..artifacts import fingerprint_data, fingerprint_model, finalize, input_record, prepare_output
 from ..config import SftConfig
 from ..data import SFT_FIELDS, collate, encode, load_rows
-from ..modeling import load_model, load_tokenizer, pick_device, save_model, sequence_logps
+from ..modeling import load_student, load_tokenizer, pick_device, save_model, sequence_logps
 from ..training import seed_everything, step_batches, total_steps, train
 
 
@@ -16,7 +16,7 @@ def run(config: SftConfig) -> Path:
     device = pick_device(config.device)
     rows = load_rows(config.data, SFT_FIELDS)
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, device)
+    model = load_student(config.model, device, config)
     vocab = len(tokenizer)
     examples = [encode(tokenizer, r["prompt"], r["response"], config.max_length, config.max_prompt_length) for r in rows]
     out = prepare_output(Path(config.out))
@@ -26,10 +26,11 @@ def run(config: SftConfig) -> Path:
         # Token-mean negative log-likelihood over response tokens.
         logps = sequence_logps(model, batch, vocab, config.chunk_size)
         n_tokens = batch.num_positions.sum()
-        return -logps.sum() / n_tokens, {"tokens": int(n_tokens)}
+        return -logps.sum() / n_tokens, {"response_tokens_mean": n_tokens.item() / len(chunk)}
 
     n_steps = total_steps(len(examples), config.batch_size, config.epochs, config.max_steps)
-    steps = step_batches(examples, config.batch_size, config.epochs, config.seed, config.max_steps)
+    lengths = [len(e.prompt) + len(e.response) for e in examples] if config.group_by_length else None
+    steps = step_batches(examples, config.batch_size, config.epochs, config.seed, config.max_steps, lengths)
     summary = train(model, steps, n_steps, loss_fn, config, out, "sft")
     save_model(model, tokenizer, out)
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
