@@ -86,12 +86,16 @@ def encode_chunk(fmt: str, hidden: dict[str, torch.Tensor], heads: dict, spec: T
     if fmt == "logits":
         out["teacher_logprobs"] = logprobs.to(store_dtype).cpu()
         return out
-    top, ids = logprobs.topk(top_k, dim=-1)
-    # log of the mass outside the top k, computed exactly (not as log(1 - sum)).
-    out["log_tail"] = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1).cpu()
-    out["topk_logprobs"] = top.to(store_dtype).cpu()
-    out["topk_ids"] = ids.to(torch.int32).cpu()
+    out.update({k: v.cpu() for k, v in topk_fields(logprobs, top_k, store_dtype).items()})
     return out
+
+
+def topk_fields(logprobs: torch.Tensor, k: int, store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Top-k log-probs [n, k], their ids [n, k] int32 and the log of the remaining mass [n]."""
+    top, ids = logprobs.topk(k, dim=-1)
+    # The tail mass is computed exactly (a logsumexp), not as log(1 - sum), which cancels badly.
+    log_tail = logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return {"topk_logprobs": top.to(store_dtype), "topk_ids": ids.to(torch.int32), "log_tail": log_tail}
 
 
 def logq_fn(fmt: str, fields: dict[str, torch.Tensor], heads: dict, spec: TeacherSpec, vocab: int,

@@ -1,0 +1,1 @@
+"""Benchmarks for aligndistil (run with `python -m bench.run`)."""

@@ -1,0 +1,338 @@
+"""Side-by-side benchmark of AlignDistil training from the teacher cache.
+
+One run, one student, one set of tokens:
+  1. step time (forward + backward + AdamW) of SFT, distill-from-cache and a live-teacher
+     step (two teacher forwards, full [B,T,V] float32 logits, naive loss);
+  2. peak memory of the loss alone at V=151,936, T=2,048: chunked vs naive;
+  3. teacher-cache bytes per token (V * itemsize + 12, the "logits" format);
+  4. precompute throughput: teacher forwards + composition vs two plain forward passes.
+Usage: python -m bench.run [--device auto|cpu|cuda] [--preset cpu|gpu] [--quick] [--out bench/results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from aligndistil_cli.cache import STORE_DTYPES
+from aligndistil_cli.data import Encoded, collate
+from aligndistil_cli.losses import (aligndistil_loss, chunked_reverse_kl, compose_teacher, compose_teacher_full,
+                                    head_logits, position_weights, reverse_kl)
+from aligndistil_cli.modeling import (final_hidden, output_head, quiet_transformers, response_hidden, sequence_ids,
+                                      sequence_logps)
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {
+    "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688, vocab=32_000, batch=4, prompt=64,
+                response=192, warmup=2, steps=5, mem_h=64, mem_t=2048, mem_v=151_936),
+    "gpu": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151_936, batch=4, prompt=256,
+                response=768, warmup=3, steps=10, mem_h=896, mem_t=2048, mem_v=151_936),
+}
+# --quick also shrinks the loss-memory vocabulary (V=151,936 takes ~2 min on 2 CPU cores); the row says which V.
+QUICK = dict(batch=2, prompt=32, response=96, warmup=1, steps=2, mem_v=16_384)
+CHUNK = 1024
+CACHE_H, CACHE_V, TOPK, SCALAR_BYTES = 1536, 151_936, 64, 12
+TARGETS = {"distill / sft": 1.15, "distill / live": 0.6, "chunked / naive": 0.1}
+TEACHER_KW = dict(variant="aligndistil", beta=0.1, kl_coef=0.1, alpha_scale=20.0, alpha_eps=1e-3, temperature=1.0)
+NOT_YET = "not implemented yet (issue: compact cache formats)"
+
+
+def build_model(p: dict, seed: int, dtype: torch.dtype, device: torch.device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=p["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                      num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+                      intermediate_size=p["intermediate"], tie_word_embeddings=True, max_position_embeddings=4096,
+                      attn_implementation="sdpa")
+    return Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def make_batch(p: dict, device: torch.device, seed: int = 0):
+    """Random prompt/response ids through the project's own collate, so the masks are the real ones."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, p["vocab"], (p["batch"], p["prompt"] + p["response"]), generator=gen).tolist()
+    return collate([Encoded(r[: p["prompt"]], r[p["prompt"]:]) for r in ids], pad_id=0).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def time_interleaved(fns: dict, warmup: int, n: int, device: torch.device) -> dict[str, list[float]]:
+    """Run the functions round-robin (drift hits all alike); seconds of each of the n timed rounds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rnd in range(warmup + n):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if rnd >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: dict[str, list[float]]) -> dict:
+    return {"times_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()},
+            "min_s": {k: min(v) for k, v in times.items()}}
+
+
+def sft_loss(student, batch, vocab):
+    logps = sequence_logps(student, batch, vocab, CHUNK)  # token_logps_from_hidden, chunked
+    return -logps.sum() / batch.loss_mask.sum()
+
+
+def distill_loss(student, batch, vocab, cache):
+    weight, bias = output_head(student)
+    lp = cache["teacher_logprobs"]
+    kl = chunked_reverse_kl(response_hidden(student, batch), lambda s, e: lp[s:e], weight, bias, vocab, CHUNK)
+    return (position_weights(cache["coef"], sequence_ids(batch), batch.loss_mask.shape[0]) * kl).sum()
+
+
+def live_loss(student, teachers, batch, vocab):
+    """The official recipe: full [B,T,V] float32 logits of all three models, naive loss."""
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    with torch.no_grad():
+        z_dpo, z_rev = (t(**kw).logits.float() for t in teachers)
+        teacher_lp, coef, _ = compose_teacher(z_dpo, z_rev, vocab_size=vocab, **TEACHER_KW)
+        del z_dpo, z_rev
+    return aligndistil_loss(student(**kw).logits.float(), teacher_lp, coef, batch.loss_mask)
+
+
+def train_step(loss_fn, optimizer, device):
+    def step():
+        with autocast(device):
+            loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def bench_steps(p, student, teachers, batch, cache, device) -> dict:
+    vocab, opt = p["vocab"], torch.optim.AdamW(student.parameters(), lr=1e-5)
+    student.train()
+    fns = {"sft": train_step(lambda: sft_loss(student, batch, vocab), opt, device),
+           "distill": train_step(lambda: distill_loss(student, batch, vocab, cache), opt, device),
+           "live": train_step(lambda: live_loss(student, teachers, batch, vocab), opt, device)}
+    res = summary(time_interleaved(fns, p["warmup"], p["steps"], device))
+    med = res["median_s"]
+    return {**res, "distill / sft": med["distill"] / med["sft"], "distill / live": med["distill"] / med["live"]}
+
+
+def loss_peak(variant: str, device: torch.device, T: int, V: int, H: int) -> dict:
+    """Peak bytes above the inputs (hidden, head, teacher log-probs) for one loss forward + backward."""
+    torch.manual_seed(0)
+    hidden = torch.randn(T, H, device=device).requires_grad_()
+    weight = (torch.randn(V, H, device=device) * H**-0.5).requires_grad_()
+    teacher = torch.empty(T, V, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for s in range(0, T, 64):  # in row blocks, so building the input leaves no large earlier peak
+        teacher[s : s + 64] = torch.log_softmax(torch.randn(teacher[s : s + 64].shape, device=device), -1)
+    w = position_weights(torch.full((T,), 0.1, device=device), torch.zeros(T, dtype=torch.long, device=device), 1)
+    base = _mem_now(device)
+    with autocast(device):
+        if variant == "naive":
+            kl = reverse_kl(F.linear(hidden, weight).float(), teacher)
+        else:
+            kl = chunked_reverse_kl(hidden, lambda s, e: teacher[s:e], weight, None, None, CHUNK)
+        loss = (w * kl).sum()
+    loss.backward()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _proc_bytes("VmHWM")
+    return {"variant": variant, "peak_bytes": peak - base, "baseline_bytes": base, "T": T, "V": V, "H": H,
+            "method": "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM - VmRSS, fresh subprocess"}
+
+
+def _proc_bytes(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _mem_now(device: torch.device) -> int:
+    """Baseline just before the loss. CPU: VmRSS, with the VmHWM high-water mark reset to it. Not
+    ru_maxrss: Linux carries a parent's RSS high-water mark across fork + exec into the child."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_bytes("VmRSS")
+
+
+def bench_memory(device: torch.device, H: int, T: int, V: int) -> dict:
+    out: dict = {}
+    for variant in ("chunked", "naive"):
+        if device.type == "cuda":
+            out[variant] = loss_peak(variant, device, T, V, H)
+            torch.cuda.empty_cache()
+        else:  # a fresh process per variant: clean allocator state, nothing of the other variant resident
+            cmd = [sys.executable, "-m", "bench.run", "--device", "cpu", "--mem-probe", variant,
+                   "--mem-shape", f"{T},{V},{H}"]
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+            out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    out["chunked / naive"] = out["chunked"]["peak_bytes"] / out["naive"]["peak_bytes"]
+    return out
+
+
+def cache_bytes() -> dict:
+    """Bytes per cached position: "logits" as precompute.py sizes its shards (V * itemsize + 12)."""
+    return {"H": CACHE_H, "V": CACHE_V,
+            "logits": {name: CACHE_V * dt.itemsize + SCALAR_BYTES for name, dt in STORE_DTYPES.items()},
+            "hidden bf16, 2 teachers": 2 * CACHE_H * 2 + SCALAR_BYTES,
+            f"topk k={TOPK}": TOPK * (4 + 4) + 4 + SCALAR_BYTES, "compact formats status": NOT_YET}
+
+
+@torch.no_grad()
+def precompute_batch(teachers, batch, vocab: int, store: torch.dtype) -> dict[str, torch.Tensor]:
+    """The work of precompute.teacher_for_batch for the "logits" format, written out here so the bench
+    does not track that function's signature: both teachers to response hidden states, then per chunk
+    of positions the heads, compose_teacher_full in float32, log_softmax, storage dtype, to the host."""
+    hidden = [response_hidden(m, batch) for m in teachers]
+    heads = [output_head(m) for m in teachers]
+    out: dict[str, list[torch.Tensor]] = {"teacher_logprobs": [], "coef": [], "alpha": [], "tvd": []}
+    for s in range(0, hidden[0].shape[0], CHUNK):
+        z_dpo, z_rev = (head_logits(h[s : s + CHUNK], *hd, vocab) for h, hd in zip(hidden, heads))
+        t = compose_teacher_full(z_dpo, z_rev, vocab_size=vocab, **TEACHER_KW)
+        out["teacher_logprobs"].append(torch.log_softmax(t.logits, -1).to(store).cpu())
+        for key in ("coef", "alpha", "tvd"):
+            out[key].append(getattr(t, key).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def bench_precompute(p, teachers, batch, store, device) -> tuple[dict, dict]:
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+    @torch.no_grad()
+    def forwards(body_only: bool):
+        for m in teachers:
+            final_hidden(m, batch.input_ids, batch.attention_mask) if body_only else m(**kw)
+
+    fns = {"precompute": lambda: precompute_batch(teachers, batch, p["vocab"], store),
+           "two plain forwards": lambda: forwards(False), "two body-only forwards": lambda: forwards(True)}
+    res, tokens = summary(time_interleaved(fns, 1, p["steps"], device)), batch.input_ids.numel()
+    med = res["median_s"]
+    res.update({"tokens_per_batch": tokens, "tokens_per_s": {k: tokens / v for k, v in med.items()},
+                "precompute / plain": med["precompute"] / med["two plain forwards"],
+                "precompute / body": med["precompute"] / med["two body-only forwards"]})
+    return res, precompute_batch(teachers, batch, p["vocab"], store)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    name = next((x.split(":", 1)[1].strip() for x in info if x.startswith("model name")), platform.processor() or "cpu")
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def rows(r: dict) -> list[tuple[str, str, str, str]]:
+    def ratio(name, value):
+        return (name, f"{value:.3f}", f"<= {TARGETS[name]}", "yes" if value <= TARGETS[name] else "no")
+
+    st, mem, pc, cb = r["steps"], r["memory"], r["precompute"], r["cache_bytes_per_token"]
+    out = [(f"{k} step, median of {len(st['times_s'][k])}", f"{v * 1e3:.1f} ms", "reported", "-")
+           for k, v in st["median_s"].items()]
+    out += [ratio("distill / sft", st["distill / sft"]), ratio("distill / live", st["distill / live"])]
+    out += [(f"loss peak {k} (T={mem[k]['T']}, V={mem[k]['V']}, H={mem[k]['H']})",
+             f"{mem[k]['peak_bytes'] / 2**20:,.0f} MiB", "reported", "-") for k in ("chunked", "naive")]
+    out.append(ratio("chunked / naive", mem["chunked / naive"]))
+    out += [(f"cache bytes/token logits {k} (V={cb['V']})", f"{v:,}", "reported", "-") for k, v in cb["logits"].items()]
+    out += [(f"cache bytes/token {k} (H={cb['H']})", f"{cb[k]:,}", NOT_YET, "-")
+            for k in ("hidden bf16, 2 teachers", f"topk k={TOPK}")]
+    out += [(f"{k} tokens/s", f"{v:,.0f}", "reported", "-") for k, v in pc["tokens_per_s"].items()]
+    out += [(f"{k} (time ratio)", f"{pc[k]:.3f}", "reported", "-") for k in ("precompute / plain", "precompute / body")]
+    return out
+
+
+def print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = r["model"]
+    table = Table(title=f"aligndistil bench, preset {r['preset']}{' (quick)' if r['quick'] else ''}: {r['device_name']}, "
+                        f"torch {r['torch']}, H={m['hidden']} L={m['layers']} V={m['vocab']}, "
+                        f"batch {m['batch']}x{m['prompt'] + m['response']}")
+    for col in ("figure", "measured", "target", "met"):
+        table.add_column(col)
+    for row in rows(r):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--preset", choices=tuple(PRESETS), default=None, help="default: gpu with CUDA, else cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, smaller batch and loss-memory V (a smoke test)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--mem-probe", choices=("chunked", "naive"), help=argparse.SUPPRESS)
+    ap.add_argument("--mem-shape", default="2048,151936,64", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def pick(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench: --device cuda given but CUDA is not available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name.replace("auto", "cpu"))
+
+
+def run(args) -> dict:
+    device, t_start = pick(args.device), time.perf_counter()
+    cuda, preset = device.type == "cuda", args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    p = {**PRESETS[preset], **(QUICK if args.quick else {})}
+    store_name = "bfloat16" if cuda else "float32"  # the cache's storage dtype for this run
+    batch = make_batch(p, device)
+    teachers = [build_model(p, seed, torch.bfloat16 if cuda else torch.float32, device).eval() for seed in (1, 2)]
+    student = build_model(p, 0, torch.float32, device)
+    pre, cache = bench_precompute(p, teachers, batch, STORE_DTYPES[store_name], device)
+    cache = {k: v.to(device) for k, v in cache.items()}  # resident on the device, in the storage dtype
+    steps = bench_steps(p, student, teachers, batch, cache, device)
+    del teachers, student, cache
+    memory = bench_memory(device, p["mem_h"], p["mem_t"], p["mem_v"])
+    shape = {k: v for k, v in p.items() if k not in ("warmup", "steps") and not k.startswith("mem_")}
+    r = {"preset": preset, "quick": args.quick, "device": str(device), "device_name": device_name(device),
+         "torch": torch.__version__, "python": platform.python_version(),
+         "model": {**shape, "arch": "Qwen2ForCausalLM, random init", "tie_word_embeddings": True, "attn": "sdpa",
+                   "student_dtype": "float32" + (" + bf16 autocast" if cuda else ""),
+                   "teacher_dtype": "bfloat16" if cuda else "float32", "cache_dtype": store_name},
+         "warmup": p["warmup"], "timed_steps": p["steps"], "chunk_size": CHUNK, "steps": steps, "memory": memory,
+         "cache_bytes_per_token": cache_bytes(), "precompute": pre, "targets": TARGETS}
+    r["met"] = {k: (steps if k.startswith("distill") else memory)[k] <= t for k, t in TARGETS.items()}
+    r["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return r
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if args.mem_probe:
+        T, V, H = (int(x) for x in args.mem_shape.split(","))
+        print(json.dumps(loss_peak(args.mem_probe, pick(args.device), T, V, H)))
+        return None
+    quiet_transformers()
+    r = run(args)
+    print_table(r)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(r, indent=2) + "\n")
+    print(f"wall time {r['wall_s']} s; results written to {args.out}")
+    return r
+
+
+if __name__ == "__main__":
+    main()
