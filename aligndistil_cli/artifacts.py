@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -79,6 +80,8 @@ def _output_files(out: Path) -> list[Path]:
 def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics: dict[str, Any] | None = None) -> dict:
     """Write config.json, then the manifest (last): the directory is now complete."""
     out = Path(out)
+    # Training checkpoints are scratch for --resume; a finished stage no longer needs them.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     atomic_write_json(out / CONFIG_FILE, config_dict(config))
     outputs = {
         str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _output_files(out)

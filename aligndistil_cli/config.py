@@ -81,6 +81,11 @@ class TrainingFields(StageConfig):
                          "losses are always combined in float32.", choices=("auto", "bf16", "fp32"))
     attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
     gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass to save memory.")
+    save_every: int = opt(100, "Write a resumable checkpoint every N steps (0: never).", nonneg=True)
+    keep_checkpoints: int = opt(2, "Keep at most this many checkpoints.", positive=True)
+    resume: bool = opt(False, "Continue from the latest complete checkpoint in OUT/checkpoints.")
+    skip_nonfinite: int = opt(0, "Tolerate up to N steps with a non-finite loss or gradient (they are skipped and counted).",
+                              nonneg=True)
 
     def validate(self) -> None:
         if self.grad_accum > self.batch_size:

@@ -11,16 +11,19 @@ A pipeline file:
 
 A stage is skipped when its directory has a complete manifest recording the
 same resolved config and its model/data inputs still have the recorded
-fingerprints; --force reruns everything.
+fingerprints; --force reruns everything. A training stage that left a
+checkpoint behind (a killed run) resumes from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 from rich.console import Console
 
+from . import checkpoint
 from .artifacts import MANIFEST, config_dict, read_manifest, stale_inputs
 from .config import ConfigError, build_config, read_yaml
 from .errors import UserError
@@ -81,7 +84,9 @@ def is_up_to_date(config) -> bool:
         manifest = read_manifest(out)
     except UserError:
         return False
-    return manifest["config"] == config_dict(config) and not stale_inputs(manifest)
+    same = {k: v for k, v in manifest["config"].items() if k != "resume"} == \
+        {k: v for k, v in config_dict(config).items() if k != "resume"}
+    return same and not stale_inputs(manifest)
 
 
 def run_file(path: Path, force: bool = False, root: Path | None = None) -> None:
@@ -94,5 +99,7 @@ def run_file(path: Path, force: bool = False, root: Path | None = None) -> None:
             if stage == "evaluate":
                 print_report(Path(config.out))
             continue
+        if hasattr(config, "resume") and checkpoint.latest(config.out) is not None:
+            config = dataclasses.replace(config, resume=True)
         console.print(f"[bold]run[/bold] {name} ({stage}) -> {config.out}")
         STAGES[stage].run(config)

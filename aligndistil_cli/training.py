@@ -7,6 +7,7 @@ switch in here: what differs between SFT, DPO and distillation is the loss.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -19,9 +20,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from . import checkpoint
+from .artifacts import config_dict, sha256_json
 from .errors import UserError
 
 stderr = Console(stderr=True)
+
+# Fields that may differ between a run and its resumption.
+RESUME_FREE = ("resume", "save_every", "keep_checkpoints", "log_every", "device")
 
 LossFn = Callable[[object], tuple[torch.Tensor, dict]]
 
@@ -136,11 +142,25 @@ def lr_lambda(total: int, warmup_ratio: float, min_ratio: float) -> Callable[[in
 
 
 class MetricsWriter:
-    """metrics.jsonl: one JSON object per logged step, flushed as it goes."""
+    """metrics.jsonl: one JSON object per logged step, flushed as it goes.
 
-    def __init__(self, path: Path):
+    On resume the file is cut back to the checkpoint's step first, so the
+    finished file equals that of an uninterrupted run.
+    """
+
+    def __init__(self, path: Path, resume_step: int = 0):
         self.path = Path(path)
+        kept = []
+        if resume_step and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by the kill
+                    break
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
         self.f = open(self.path, "w", encoding="utf-8")
+        self.f.writelines(kept)
 
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -150,31 +170,58 @@ class MetricsWriter:
         self.f.close()
 
 
+def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, desc: str) -> int:
+    if not cfg.resume:
+        return 0
+    found = checkpoint.latest(out)
+    if found is None:
+        stderr.print(f"{desc}: --resume given but {out}/checkpoints has no complete checkpoint; starting at step 0")
+        return 0
+    step = checkpoint.load(found, model, optimizer, schedule, config_hash)
+    stderr.print(f"{desc}: resuming from {found} (step {step})")
+    return step
+
+
 def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path, desc: str) -> dict:
     """Optimise model over `steps` (one batch per optimizer step); return summary metrics.
 
-    cfg is a TrainingFields config. Writes out/metrics.jsonl.
+    cfg is a TrainingFields config. Writes out/metrics.jsonl and, every
+    cfg.save_every steps, a checkpoint that `--resume` continues from: the
+    batches before it are skipped, not recomputed.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(n_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
-    writer = MetricsWriter(out / "metrics.jsonl")
+    config_hash = sha256_json({k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE})
+    first = _resume_point(cfg, out, model, optimizer, schedule, config_hash, desc)
+    writer = MetricsWriter(out / "metrics.jsonl", first)
     model.train()
     start = time.perf_counter()
     recent: list[float] = []
     last: dict = {}
+    skipped = 0
     try:
         with progress(desc, n_steps) as advance:
-            for step, batch in enumerate(steps, start=1):
+            advance(first)
+            for step, batch in enumerate(itertools.islice(steps, first, None), start=first + 1):
                 optimizer.zero_grad(set_to_none=True)
                 loss, extra = accumulate(loss_fn, batch, cfg.grad_accum, cfg.precision, device)
-                if not torch.isfinite(loss):
-                    raise UserError(f"{desc}: non-finite loss at step {step}; stopping (nothing was saved)")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                if not torch.isfinite(grad_norm):
-                    raise UserError(f"{desc}: non-finite gradient at step {step}; stopping (nothing was saved)")
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    skipped += 1
+                    what = "loss" if not torch.isfinite(loss) else "gradient"
+                    if skipped > cfg.skip_nonfinite:
+                        saved = checkpoint.latest(out)
+                        raise UserError(f"{desc}: non-finite {what} at step {step}; stopping. "
+                                        + (f"The last good checkpoint, {saved}, is intact (--resume)." if saved
+                                           else "No checkpoint was written yet.")
+                                        + " --skip-nonfinite N tolerates N such steps.")
+                    optimizer.zero_grad(set_to_none=True)
+                    schedule.step()
+                    advance(info=f"skipped non-finite {what} ({skipped})")
+                    continue
                 optimizer.step()
                 schedule.step()
                 recent = (recent + [loss.item()])[-20:]
@@ -182,9 +229,11 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                         "grad_norm": grad_norm.item(), "elapsed_s": round(time.perf_counter() - start, 3), **extra}
                 if step % cfg.log_every == 0 or step == n_steps:
                     writer.write(last)
+                if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
+                    checkpoint.save(out, step, model, optimizer, schedule, config_hash, cfg.keep_checkpoints)
                 advance(info=f"loss {sum(recent) / len(recent):.4f}")
     finally:
         writer.close()
     model.eval()
-    return {"steps": last.get("step", 0), "final_loss": last.get("loss"),
-            "train_seconds": round(time.perf_counter() - start, 2)}
+    return {"steps": last.get("step", first), "final_loss": last.get("loss"), "resumed_from": first,
+            "nonfinite_skipped": skipped, "train_seconds": round(time.perf_counter() - start, 2)}

@@ -1,0 +1,111 @@
+"""Kill a stage with SIGKILL mid-run, resume it, and compare with an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from aligndistil_cli.config import build_config
+from aligndistil_cli.stages import STAGES
+
+STEPS = 24
+
+
+def stage_values(runs: Path, source: str, out: Path, **extra) -> dict:
+    values = json.loads((runs / source / "stage_config.json").read_text())
+    return values | {"out": str(out)} | extra
+
+
+def run_in_process(stage: str, values: dict) -> Path:
+    return STAGES[stage].run(build_config(STAGES[stage].config, values))
+
+
+def start_and_kill(stage: str, values: dict, tmp: Path, ready) -> None:
+    """Run the stage as the CLI does, in a subprocess, and SIGKILL it once ready(out) holds."""
+    cfg = tmp / f"{stage}.yaml"
+    cfg.write_text(yaml.safe_dump(values))
+    proc = subprocess.Popen([sys.executable, "-m", "aligndistil_cli", stage, "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = Path(values["out"])
+    deadline = time.monotonic() + 120
+    while not ready(out):
+        assert proc.poll() is None, f"{stage} finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "a killed stage must not look complete"
+
+
+def has_checkpoint(out: Path) -> bool:
+    return any((p / "state.json").is_file() for p in (out / "checkpoints").glob("step-*"))
+
+
+def metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage,source,extra", [
+    ("sft", "sft", {"batch_size": 16}),
+    ("train-dpo", "dpo", {"batch_size": 4}),
+    ("train-reverse-dpo", "rev", {"batch_size": 4}),
+    ("distill", "student", {"batch_size": 4}),
+])
+def test_kill_and_resume_matches_uninterrupted(runs, tmp_path, stage, source, extra):
+    common = {"max_steps": STEPS, "save_every": 3, "keep_checkpoints": 2, **extra}
+    reference = run_in_process(stage, stage_values(runs, source, tmp_path / "ref", **common))
+    killed = tmp_path / "killed"
+    values = stage_values(runs, source, killed, **common)
+    start_and_kill(stage, values, tmp_path, has_checkpoint)
+    assert len(list((killed / "checkpoints").glob("step-*"))) <= 2
+    resumed = run_in_process(stage, values | {"resume": True})
+    assert json.loads((resumed / "manifest.json").read_text())["metrics"]["resumed_from"] > 0
+    assert_same_weights(reference, resumed)
+    assert metrics(resumed) == metrics(reference)
+    assert not (resumed / "checkpoints").exists(), "checkpoints are removed once the stage is complete"
+
+
+def test_precompute_resumes_at_shard_granularity(runs, tmp_path):
+    values = stage_values(runs, "teacher", tmp_path / "killed", shard_mb=0.01, batch_size=2)
+    reference = run_in_process("precompute", values | {"out": str(tmp_path / "ref")})
+    start_and_kill("precompute", values, tmp_path, lambda out: len(list(out.glob("shard-*.safetensors"))) >= 2)
+    resumed = run_in_process("precompute", values)
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert manifest["metrics"]["shards_reused"] >= 2
+    for shard in sorted(reference.glob("shard-*.safetensors")):
+        a, b = load_file(shard), load_file(resumed / shard.name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_config(runs, tmp_path):
+    from aligndistil_cli.errors import UserError
+
+    values = stage_values(runs, "sft", tmp_path / "s", max_steps=6, save_every=2, batch_size=16)
+    start_and_kill("sft", values, tmp_path, has_checkpoint)
+    with pytest.raises(UserError, match="different config"):
+        run_in_process("sft", values | {"resume": True, "lr": 1e-2})
+
+
+def test_same_seed_same_metrics(runs, tmp_path):
+    values = stage_values(runs, "dpo", tmp_path / "a", max_steps=4, batch_size=4)
+    a = run_in_process("train-dpo", values)
+    b = run_in_process("train-dpo", values | {"out": str(tmp_path / "b")})
+    assert metrics(a) == metrics(b)
