@@ -328,30 +328,36 @@ class _FusedHeadKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, position_weights, teacher_fn, vocab_size, chunk_size):
         needs = ctx.needs_input_grad
+        vocab = vocab_size or weight.shape[0]
+        # Padded rows get probability 0 and gradient 0: leaving them out of every
+        # block is the same as masking them to -inf, and keeps NaNs out.
+        w_real = weight[:vocab]
+        b_real = bias[:vocab] if bias is not None else None
         grad_h = torch.zeros_like(hidden, dtype=torch.float32) if needs[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
         kl_all = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        width = weight.shape[0]
         for s in range(0, hidden.shape[0], chunk_size):
             e = min(s + chunk_size, hidden.shape[0])
             h = hidden[s:e]
-            log_p = torch.log_softmax(head_logits(h, weight, bias, vocab_size), dim=-1)
-            log_q = mask_padded_vocab_width(teacher_fn(s, e).to(h.device).float(), width)
-            p = log_p.exp()
-            floor = torch.finfo(torch.float32).min
-            diff = log_p.clamp(min=floor) - log_q.clamp(min=floor)
-            kl = (p * diff).sum(-1)
+            # In place where possible: at most about three [chunk, vocab] float32 blocks are alive.
+            log_p = torch.log_softmax(F.linear(h, w_real, b_real).float(), dim=-1)
+            # A new tensor, never in place: teacher_fn may return a view of the cache.
+            diff = log_p - teacher_fn(s, e)[:, :vocab].to(device=h.device, dtype=torch.float32)
+            p = log_p.exp_()
+            kl = torch.linalg.vecdot(p, diff)
             kl_all[s:e] = kl
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
-            grad_z = position_weights[s:e].float().unsqueeze(-1) * p * (diff - kl.unsqueeze(-1))
+            # dKL/dz = p (log p - log q - KL), scaled by the position weight, built in diff's storage.
+            grad_z = diff.sub_(kl.unsqueeze(-1)).mul_(p).mul_(position_weights[s:e].float().unsqueeze(-1))
+            del p
             if grad_h is not None:
-                grad_h[s:e] = grad_z @ weight.float()
+                grad_h[s:e] = grad_z @ w_real.float()
             if grad_w is not None:
-                grad_w += grad_z.T @ h.float()
+                grad_w[:vocab] += grad_z.T @ h.float()
             if grad_b is not None:
-                grad_b += grad_z.sum(0)
+                grad_b[:vocab] += grad_z.sum(0)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(kl_all)
