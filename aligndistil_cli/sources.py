@@ -284,7 +284,9 @@ def detect_format(columns: list[str], first_row: dict, kind: str) -> str:
         return "messages"
     if kind == "sft" and {"prompt", "response"} <= cols:
         return "sft"
-    if kind == "prompts" and "prompt" in cols:
+    # An ultrafeedback-style prompt column holds only the last user turn; the
+    # conversations hold the earlier turns too, so they are read instead.
+    if kind == "prompts" and "prompt" in cols and not _has_user_turn(first_row.get("chosen")):
         return "prompt"
     if kind == "prompts" and "messages" in cols:
         return "messages"

@@ -1,11 +1,13 @@
 """Side-by-side benchmark of AlignDistil training from the teacher cache.
 
 One run, one student, one set of tokens:
-  1. step time (forward + backward + AdamW) of SFT, distill-from-cache and a live-teacher
-     step (two teacher forwards, full [B,T,V] float32 logits, naive loss);
-  2. peak memory of the loss alone at V=151,936, T=2,048: chunked vs naive;
-  3. teacher-cache bytes per token (V * itemsize + 12, the "logits" format);
-  4. precompute throughput: teacher forwards + composition vs two plain forward passes.
+  1. step time (forward + backward + AdamW) of SFT, distill-from-cache (the distill stage's own
+     loss: fused head + KL over the teacher rebuilt from a "hidden" cache, and from a "logits"
+     cache) and a live-teacher step (two teacher forwards, full [B,T,V] float32 logits, naive loss);
+  2. peak memory of the loss alone at V=151,936, T=2,048: fused/chunked vs naive;
+  3. teacher-cache bytes per token of each format (teacher.bytes_per_position);
+  4. precompute throughput: the precompute stage's own teacher_for_batch ("hidden" format)
+     vs two plain forward passes.
 Usage: python -m bench.run [--device auto|cpu|cuda] [--preset cpu|gpu] [--quick] [--out bench/results.json]
 """
 
@@ -25,11 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from aligndistil_cli.cache import STORE_DTYPES
+from aligndistil_cli.config import PrecomputeConfig
 from aligndistil_cli.data import Encoded, collate
-from aligndistil_cli.losses import (aligndistil_loss, chunked_reverse_kl, compose_teacher, compose_teacher_full,
-                                    head_logits, position_weights, reverse_kl)
+from aligndistil_cli.losses import aligndistil_loss, compose_teacher, fused_head_kl_loss, position_weights, reverse_kl
 from aligndistil_cli.modeling import (final_hidden, output_head, quiet_transformers, response_hidden, sequence_ids,
                                       sequence_logps)
+from aligndistil_cli.stages.precompute import teacher_for_batch
+from aligndistil_cli.teacher import TeacherSpec, bytes_per_position, logq_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -40,11 +44,11 @@ PRESETS = {
 }
 # --quick also shrinks the loss-memory vocabulary (V=151,936 takes ~2 min on 2 CPU cores); the row says which V.
 QUICK = dict(batch=2, prompt=32, response=96, warmup=1, steps=2, mem_v=16_384)
-CHUNK = 1024
+CHUNK = 256  # the training stages' default --chunk-size
 CACHE_H, CACHE_V, TOPK, SCALAR_BYTES = 1536, 151_936, 64, 12
 TARGETS = {"distill / sft": 1.15, "distill / live": 0.6, "chunked / naive": 0.1}
 TEACHER_KW = dict(variant="aligndistil", beta=0.1, kl_coef=0.1, alpha_scale=20.0, alpha_eps=1e-3, temperature=1.0)
-NOT_YET = "not implemented yet (issue: compact cache formats)"
+SPEC = TeacherSpec(**TEACHER_KW)
 
 
 def build_model(p: dict, seed: int, dtype: torch.dtype, device: torch.device):
@@ -98,11 +102,13 @@ def sft_loss(student, batch, vocab):
     return -logps.sum() / batch.loss_mask.sum()
 
 
-def distill_loss(student, batch, vocab, cache):
+def distill_loss(student, batch, vocab, cache, fmt):
+    """What distill.cached_teacher_loss does, on cache fields already resident on the device."""
     weight, bias = output_head(student)
-    lp = cache["teacher_logprobs"]
-    kl = chunked_reverse_kl(response_hidden(student, batch), lambda s, e: lp[s:e], weight, bias, vocab, CHUNK)
-    return (position_weights(cache["coef"], sequence_ids(batch), batch.loss_mask.shape[0]) * kl).sum()
+    fields, heads = cache[fmt]
+    w = position_weights(fields["coef"], sequence_ids(batch), batch.loss_mask.shape[0])
+    teacher = logq_fn(fmt, fields, heads, SPEC, vocab, batch.input_ids.device)
+    return fused_head_kl_loss(response_hidden(student, batch), weight, bias, w, teacher, vocab, CHUNK)[0]
 
 
 def live_loss(student, teachers, batch, vocab):
@@ -129,7 +135,9 @@ def bench_steps(p, student, teachers, batch, cache, device) -> dict:
     vocab, opt = p["vocab"], torch.optim.AdamW(student.parameters(), lr=1e-5)
     student.train()
     fns = {"sft": train_step(lambda: sft_loss(student, batch, vocab), opt, device),
-           "distill": train_step(lambda: distill_loss(student, batch, vocab, cache), opt, device),
+           "distill": train_step(lambda: distill_loss(student, batch, vocab, cache, "hidden"), opt, device),
+           "distill (logits cache)": train_step(lambda: distill_loss(student, batch, vocab, cache, "logits"), opt,
+                                                device),
            "live": train_step(lambda: live_loss(student, teachers, batch, vocab), opt, device)}
     res = summary(time_interleaved(fns, p["warmup"], p["steps"], device))
     med = res["median_s"]
@@ -150,8 +158,9 @@ def loss_peak(variant: str, device: torch.device, T: int, V: int, H: int) -> dic
         if variant == "naive":
             kl = reverse_kl(F.linear(hidden, weight).float(), teacher)
         else:
-            kl = chunked_reverse_kl(hidden, lambda s, e: teacher[s:e], weight, None, None, CHUNK)
-        loss = (w * kl).sum()
+            kl = None
+        loss = (w * kl).sum() if kl is not None else \
+            fused_head_kl_loss(hidden, weight, None, w, lambda s, e: teacher[s:e], None, CHUNK)[0]
     loss.backward()
     sync(device)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _proc_bytes("VmHWM")
@@ -192,28 +201,18 @@ def bench_memory(device: torch.device, H: int, T: int, V: int) -> dict:
 
 
 def cache_bytes() -> dict:
-    """Bytes per cached position: "logits" as precompute.py sizes its shards (V * itemsize + 12)."""
-    return {"H": CACHE_H, "V": CACHE_V,
-            "logits": {name: CACHE_V * dt.itemsize + SCALAR_BYTES for name, dt in STORE_DTYPES.items()},
-            "hidden bf16, 2 teachers": 2 * CACHE_H * 2 + SCALAR_BYTES,
-            f"topk k={TOPK}": TOPK * (4 + 4) + 4 + SCALAR_BYTES, "compact formats status": NOT_YET}
+    """Bytes per cached position of each format at H = 1,536, V = 151,936 (two teachers)."""
+    sizes = {f"logits {name}": bytes_per_position("logits", CACHE_V, CACHE_H, 2, dt.itemsize, TOPK)
+             for name, dt in STORE_DTYPES.items()}
+    sizes["hidden bfloat16"] = bytes_per_position("hidden", CACHE_V, CACHE_H, 2, 2, TOPK)
+    sizes[f"topk k={TOPK} float32"] = bytes_per_position("topk", CACHE_V, CACHE_H, 2, 4, TOPK)
+    return {"H": CACHE_H, "V": CACHE_V, "per_token": sizes}
 
 
-@torch.no_grad()
-def precompute_batch(teachers, batch, vocab: int, store: torch.dtype) -> dict[str, torch.Tensor]:
-    """The work of precompute.teacher_for_batch for the "logits" format, written out here so the bench
-    does not track that function's signature: both teachers to response hidden states, then per chunk
-    of positions the heads, compose_teacher_full in float32, log_softmax, storage dtype, to the host."""
-    hidden = [response_hidden(m, batch) for m in teachers]
-    heads = [output_head(m) for m in teachers]
-    out: dict[str, list[torch.Tensor]] = {"teacher_logprobs": [], "coef": [], "alpha": [], "tvd": []}
-    for s in range(0, hidden[0].shape[0], CHUNK):
-        z_dpo, z_rev = (head_logits(h[s : s + CHUNK], *hd, vocab) for h, hd in zip(hidden, heads))
-        t = compose_teacher_full(z_dpo, z_rev, vocab_size=vocab, **TEACHER_KW)
-        out["teacher_logprobs"].append(torch.log_softmax(t.logits, -1).to(store).cpu())
-        for key in ("coef", "alpha", "tvd"):
-            out[key].append(getattr(t, key).cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
+def precompute_batch(teachers, batch, vocab: int, store_name: str, fmt: str) -> dict[str, torch.Tensor]:
+    """The precompute stage's own per-batch work (to the host, as it writes shards)."""
+    config = PrecomputeConfig(out="-", dpo="-", rev="-", data="-", format=fmt, dtype=store_name)
+    return teacher_for_batch(dict(zip(("dpo", "rev"), teachers)), batch, SPEC, fmt, vocab, config)
 
 
 def bench_precompute(p, teachers, batch, store, device) -> tuple[dict, dict]:
@@ -224,14 +223,17 @@ def bench_precompute(p, teachers, batch, store, device) -> tuple[dict, dict]:
         for m in teachers:
             final_hidden(m, batch.input_ids, batch.attention_mask) if body_only else m(**kw)
 
-    fns = {"precompute": lambda: precompute_batch(teachers, batch, p["vocab"], store),
+    fns = {"precompute": lambda: precompute_batch(teachers, batch, p["vocab"], store, "hidden"),
            "two plain forwards": lambda: forwards(False), "two body-only forwards": lambda: forwards(True)}
     res, tokens = summary(time_interleaved(fns, 1, p["steps"], device)), batch.input_ids.numel()
     med = res["median_s"]
     res.update({"tokens_per_batch": tokens, "tokens_per_s": {k: tokens / v for k, v in med.items()},
                 "precompute / plain": med["precompute"] / med["two plain forwards"],
                 "precompute / body": med["precompute"] / med["two body-only forwards"]})
-    return res, precompute_batch(teachers, batch, p["vocab"], store)
+    heads = {name: output_head(m) for name, m in zip(("dpo", "rev"), teachers)}
+    cache = {fmt: ({k: v.to(device) for k, v in precompute_batch(teachers, batch, p["vocab"], store, fmt).items()},
+                   heads) for fmt in ("hidden", "logits")}
+    return res, cache
 
 
 def device_name(device: torch.device) -> str:
@@ -253,9 +255,8 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
     out += [(f"loss peak {k} (T={mem[k]['T']}, V={mem[k]['V']}, H={mem[k]['H']})",
              f"{mem[k]['peak_bytes'] / 2**20:,.0f} MiB", "reported", "-") for k in ("chunked", "naive")]
     out.append(ratio("chunked / naive", mem["chunked / naive"]))
-    out += [(f"cache bytes/token logits {k} (V={cb['V']})", f"{v:,}", "reported", "-") for k, v in cb["logits"].items()]
-    out += [(f"cache bytes/token {k} (H={cb['H']})", f"{cb[k]:,}", NOT_YET, "-")
-            for k in ("hidden bf16, 2 teachers", f"topk k={TOPK}")]
+    out += [(f"cache bytes/token {k} (H={cb['H']}, V={cb['V']})", f"{v:,}", "reported", "-")
+            for k, v in cb["per_token"].items()]
     out += [(f"{k} tokens/s", f"{v:,.0f}", "reported", "-") for k, v in pc["tokens_per_s"].items()]
     out += [(f"{k} (time ratio)", f"{pc[k]:.3f}", "reported", "-") for k in ("precompute / plain", "precompute / body")]
     return out
@@ -301,8 +302,7 @@ def run(args) -> dict:
     batch = make_batch(p, device)
     teachers = [build_model(p, seed, torch.bfloat16 if cuda else torch.float32, device).eval() for seed in (1, 2)]
     student = build_model(p, 0, torch.float32, device)
-    pre, cache = bench_precompute(p, teachers, batch, STORE_DTYPES[store_name], device)
-    cache = {k: v.to(device) for k, v in cache.items()}  # resident on the device, in the storage dtype
+    pre, cache = bench_precompute(p, teachers, batch, store_name, device)  # resident on the device
     steps = bench_steps(p, student, teachers, batch, cache, device)
     del teachers, student, cache
     memory = bench_memory(device, p["mem_h"], p["mem_t"], p["mem_v"])
