@@ -72,7 +72,7 @@ class TrainingFields(StageConfig):
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 disables).", nonneg=True)
     max_length: int = opt(128, "Maximum tokens of prompt + response.", positive=True)
     max_prompt_length: int = opt(96, "Maximum prompt tokens (prompts are cut from the left).", positive=True)
-    chunk_size: int = opt(256, "Positions per output-head chunk in the loss (memory is O(chunk x vocab)).", positive=True)
+    chunk_size: int = opt(128, "Positions per output-head chunk in the loss (memory is O(chunk x vocab)).", positive=True)
     log_every: int = opt(1, "Write metrics.jsonl every N steps.", positive=True)
     grad_accum: int = opt(1, "Split each step's batch into this many micro-batches (same global batch, less memory).",
                           positive=True)

@@ -367,7 +367,8 @@ class _FusedHeadKL(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kl):
         grads = []
         for g, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:3]):
-            grads.append((g * grad_loss).to(dtype) if needed else None)
+            # In place: a second [V, H] float32 buffer would be the largest allocation of the step.
+            grads.append(g.mul_(grad_loss).to(dtype) if needed else None)
         return (*grads, None, None, None, None)
 
 

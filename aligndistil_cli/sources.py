@@ -16,6 +16,7 @@ Row numbers in errors are the line number for .jsonl (what an editor shows) and 
 
 from __future__ import annotations
 
+import csv
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -163,6 +164,12 @@ def _pair(r: _Fields, prompt: list[dict], chosen: list[dict], rejected: list[dic
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _same_prompt(r: _Fields, chosen_prompt: list[dict], rejected_prompt: list[dict]) -> list[dict]:
+    if rejected_prompt != chosen_prompt:
+        raise _RowError(r.name("rejected"), "prompt_mismatch", f"the turns before the response differ from {r.name('chosen')!r}")
+    return chosen_prompt
+
+
 def _explicit(r: _Fields) -> dict:
     """standard and conversational: a prompt column plus response-only chosen/rejected."""
     return _pair(r, _prompt_field(r), _response_field(r, "chosen"), _response_field(r, "rejected"))
@@ -179,13 +186,13 @@ def _ultrafeedback(r: _Fields) -> dict:
         matches = _prompt_field(r) == chosen_prompt
     if not matches:
         raise _RowError(r.name("chosen"), "prompt_mismatch", f"the conversation does not match {r.name('prompt')!r}")
-    if rejected_prompt != chosen_prompt:
-        raise _RowError(r.name("rejected"), "prompt_mismatch", f"the turns before the response differ from {r.name('chosen')!r}")
-    return _pair(r, chosen_prompt, chosen, rejected)
+    return _pair(r, _same_prompt(r, chosen_prompt, rejected_prompt), chosen, rejected)
 
 
-def _shared_prompt(r: _Fields, chosen: list[dict], rejected: list[dict]) -> dict:
+def _implicit(r: _Fields) -> dict:
     """Full conversations without a prompt column: the longest shared prefix is the prompt."""
+    chosen = _messages(r.value("chosen"), r.name("chosen"))
+    rejected = _messages(r.value("rejected"), r.name("rejected"))
     if chosen == rejected:
         raise _RowError(r.name("rejected"), "identical", f"identical to {r.name('chosen')!r}")
     n = 0
@@ -199,12 +206,6 @@ def _shared_prompt(r: _Fields, chosen: list[dict], rejected: list[dict]) -> dict
         if rest[0]["role"] != "assistant":
             raise _RowError(r.name(key), "no_assistant_turn", "the conversation does not end with an assistant turn")
     return _pair(r, _as_prompt(chosen[:n], r.name("chosen")), chosen[n:], rejected[n:])
-
-
-def _implicit(r: _Fields) -> dict:
-    chosen = _messages(r.value("chosen"), r.name("chosen"))
-    rejected = _messages(r.value("rejected"), r.name("rejected"))
-    return _shared_prompt(r, chosen, rejected)
 
 
 # Turn markers of Anthropic HH text; the first turn may lack the leading blank line.
@@ -224,9 +225,7 @@ def _hh_turns(value, name: str) -> list[dict]:
 def _hh(r: _Fields) -> dict:
     chosen_prompt, chosen = _split_last(_hh_turns(r.value("chosen"), r.name("chosen")), r.name("chosen"))
     rejected_prompt, rejected = _split_last(_hh_turns(r.value("rejected"), r.name("rejected")), r.name("rejected"))
-    if rejected_prompt != chosen_prompt:
-        raise _RowError(r.name("rejected"), "prompt_mismatch", f"the turns before the response differ from {r.name('chosen')!r}")
-    return _pair(r, chosen_prompt, chosen, rejected)
+    return _pair(r, _same_prompt(r, chosen_prompt, rejected_prompt), chosen, rejected)
 
 
 def _prompt_only(r: _Fields) -> dict:
@@ -346,6 +345,14 @@ def _call_datasets(what: str, load: Callable):
         raise UserError(f"{what}: could not be loaded ({_first_lines(e)})") from None
 
 
+def _csv_options(datasets, path: Path) -> dict:
+    """Every column as text: pandas would read a column of "4"s as numbers and "NA" as null."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False}
+
+
 def _read_file(path: Path) -> _Table:
     if path.suffix.lower() == ".jsonl":
         # Read directly rather than via Arrow: Arrow would fill absent keys with null and
@@ -354,7 +361,8 @@ def _read_file(path: Path) -> _Table:
         columns = list(dict.fromkeys(key for _, row in rows for key in row))
         return _Table(str(path), columns, rows)
     builder = BUILDERS[path.suffix.lower()]
-    ds = _call_datasets(str(path), lambda d: d.load_dataset(builder, data_files=str(path), split="train"))
+    ds = _call_datasets(str(path), lambda d: d.load_dataset(
+        builder, data_files=str(path), split="train", **(_csv_options(d, path) if builder == "csv" else {})))
     return _Table(str(path), list(ds.column_names), list(enumerate(ds.to_list(), start=1)))
 
 
@@ -387,17 +395,14 @@ def _read(data: str, split: str, subset: str | None) -> list[_Table]:
 
 def _choose_format(tables: list[_Table], keys: dict[str, str], kind: str, data_format: str, data: str) -> str:
     if data_format == "auto":
-        table = next(t for t in tables if t.rows)
-        first = table.rows[0][1]
+        first = next(t for t in tables if t.rows).rows[0][1]
         columns = [key for key, name in keys.items() if any(name in t.columns for t in tables)]
         try:
             data_format = detect_format(columns, {key: first.get(name) for key, name in keys.items()}, kind)
         except UserError as e:
             raise UserError(f"{data}: {e}") from None
     if data_format not in ALLOWED_FORMATS[kind]:
-        raise UserError(
-            f"data format {data_format!r} does not hold {kind}; use one of {', '.join(ALLOWED_FORMATS[kind])}"
-        )
+        raise UserError(f"data format {data_format!r} does not hold {kind}; use one of {', '.join(ALLOWED_FORMATS[kind])}")
     return data_format
 
 

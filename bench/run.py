@@ -44,7 +44,7 @@ PRESETS = {
 }
 # --quick also shrinks the loss-memory vocabulary (V=151,936 takes ~2 min on 2 CPU cores); the row says which V.
 QUICK = dict(batch=2, prompt=32, response=96, warmup=1, steps=2, mem_v=16_384)
-CHUNK = 256  # the training stages' default --chunk-size
+CHUNK = 128  # the training stages' default --chunk-size
 CACHE_H, CACHE_V, TOPK, SCALAR_BYTES = 1536, 151_936, 64, 12
 TARGETS = {"distill / sft": 1.15, "distill / live": 0.6, "chunked / naive": 0.1}
 TEACHER_KW = dict(variant="aligndistil", beta=0.1, kl_coef=0.1, alpha_scale=20.0, alpha_eps=1e-3, temperature=1.0)

@@ -179,8 +179,8 @@ def test_key_overrides(tmp_path):
     assert (rows, stats.format) == ([ROW_A], "standard")
     chats = write_rows(tmp_path / "chats.jsonl", [{"conversation": r["messages"]} for r in read_jsonl(FIXTURES / "messages.jsonl")])
     assert load_source(str(chats), kind="sft", messages_key="conversation")[0] == SFT
+    write_rows(pairs, [{"question": "q", "good": "4", "bad": "4"}])
     with pytest.raises(UserError, match=r"row 1, field 'bad': identical to 'good'"):
-        write_rows(pairs, [{"question": "q", "good": "4", "bad": "4"}])
         load_source(str(pairs), kind="pairs", prompt_key="question", chosen_key="good", rejected_key="bad")
 
 
@@ -296,9 +296,13 @@ def test_unreadable_jsonl_lines(tmp_path, content, problem):
 
 def test_csv_and_parquet_errors_name_the_file_and_row(tmp_path):
     csv = tmp_path / "pairs.csv"
-    csv.write_text("prompt,chosen,rejected\nq,a,b\nq,,b\n")
-    with pytest.raises(UserError, match=f"^{csv}, row 2, field 'chosen': missing \\(null\\)$"):
+    # Numbers and "NA" are text in a CSV of responses, not numbers and nulls.
+    csv.write_text("prompt,chosen,rejected\nWhat is 2+2?,4,5\nq,NA,null\nq,,b\n")
+    with pytest.raises(UserError, match=f"^{csv}, row 3, field 'chosen': empty$"):
         load_source(str(csv), kind="pairs")
+    rows, stats = load_source(str(csv), kind="pairs", skip_bad_rows=True)
+    assert rows[0] == ROW_A and rows[1]["chosen"] == [assistant("NA")]
+    assert stats.dropped == {"empty": 1}
     garbage = tmp_path / "broken.parquet"
     garbage.write_bytes(b"not parquet")
     with pytest.raises(UserError, match=f"^{garbage}: could not be loaded") as err:
