@@ -18,6 +18,7 @@ import yaml
 
 from .errors import ConfigError
 from .losses import VARIANTS
+from .sources import FORMATS as SOURCE_FORMATS
 
 
 def opt(default: Any = None, help: str = "", *, required: bool = False, choices: tuple | None = None,
@@ -59,7 +60,22 @@ class StageConfig:
 
 
 @dataclass
-class TrainingFields(StageConfig):
+class DataFields(StageConfig):
+    """How --data is read (sources.py): local files or a hub dataset, in any supported format."""
+
+    split: str = opt("train", "Split of a hub dataset (e.g. train_prefs for UltraFeedback).")
+    subset: Optional[str] = opt(None, "Subset (configuration) of a hub dataset.")
+    data_format: str = opt("auto", "Row format; auto detects it.", choices=("auto", *SOURCE_FORMATS))
+    prompt_key: Optional[str] = opt(None, "Column holding the prompt (default: prompt).")
+    chosen_key: Optional[str] = opt(None, "Column holding the chosen response (default: chosen).")
+    rejected_key: Optional[str] = opt(None, "Column holding the rejected response (default: rejected).")
+    messages_key: Optional[str] = opt(None, "Column holding a conversation (default: messages).")
+    skip_bad_rows: bool = opt(False, "Skip malformed rows (counted per reason in the manifest) instead of stopping.")
+    chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
+
+
+@dataclass
+class TrainingFields(DataFields):
     epochs: int = opt(1, "Passes over the data.", positive=True)
     max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides epochs).", positive=True)
     batch_size: int = opt(16, "Sequences (or pairs) per optimizer step.", positive=True)
@@ -114,7 +130,7 @@ class SftConfig(TrainingFields):
 
 
 @dataclass
-class MakePrefsConfig(StageConfig):
+class MakePrefsConfig(DataFields):
     model: Optional[str] = opt(None, "Model to sample from.", required=True)
     data: Optional[str] = opt(None, "Prompts (JSONL with 'prompt').", required=True)
     scorer: str = opt("toy", "Scorer of responses: 'toy' (the embedded task's gold reward).", choices=("toy",))
@@ -150,7 +166,7 @@ class TeacherFields(StageConfig):
 
 
 @dataclass
-class PrecomputeConfig(TeacherFields):
+class PrecomputeConfig(TeacherFields, DataFields):
     dpo: Optional[str] = opt(None, "DPO model directory.", required=True)
     rev: Optional[str] = opt(None, "Reverse-DPO model directory.", required=True)
     ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).")
@@ -185,7 +201,7 @@ class DistillConfig(TrainingFields):
 
 
 @dataclass
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(DataFields):
     ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.", required=True)
     ref_name: str = opt("reference", "Name of the reference model in the report.")
     models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).", factory=dict, flag="model")
@@ -200,6 +216,8 @@ class EvaluateConfig(StageConfig):
     top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True)
     max_new_tokens: int = opt(48, "Longest response in tokens.", positive=True)
     batch_size: int = opt(128, "Prompts per generation batch.", positive=True)
+    max_length: int = opt(512, "Maximum tokens of a held-out pair (prompt + response).", positive=True)
+    max_prompt_length: int = opt(384, "Maximum prompt tokens of a held-out pair or prompt.", positive=True)
 
 
 def _base_type(tp: Any) -> Any:

@@ -13,7 +13,8 @@ from .training import progress
 
 @dataclass
 class Sample:
-    prompt: str
+    prompt: object  # the prompt as the data gave it (a message list)
+    prompt_ids: list[int]
     response_ids: list[int]
     text: str
     finished: bool  # ended with EOS before the length cap
@@ -31,13 +32,28 @@ class _MaskPaddedRows:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, batch_size: int = 64, seed: int = 0, desc: str = "sample") -> list[Sample]:
-    """Sample one response per prompt (pure sampling: no top-k, so KL estimates stay unbiased)."""
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] input ids and attention mask, padded on the left so every row ends where generation starts."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r):] = torch.tensor(r)
+        mask[b, length - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
+             desc: str = "sample") -> list[Sample]:
+    """Sample one response per prompt (pure sampling: no top-k, so KL estimates stay unbiased).
+
+    prompts are carried into the samples as given; prompt_ids are what the model sees.
+    """
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
     processors = LogitsProcessorList([_MaskPaddedRows(len(tokenizer))])
     gen = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[Sample] = []
@@ -45,12 +61,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     with progress(desc, len(prompts)) as advance:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            chunk_ids = prompt_ids[start : start + batch_size]
+            input_ids, attention_mask = left_pad(chunk_ids, tokenizer.pad_token_id, device)
             # One seed per batch, drawn from our generator: results do not depend on
             # what else touched the global RNG.
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             out = model.generate(
-                **enc,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 do_sample=True,
                 temperature=temperature,
                 top_p=top_p,
@@ -60,14 +78,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            new = out[:, enc.input_ids.shape[1] :].tolist()
-            for prompt, ids in zip(chunk, new):
+            new = out[:, input_ids.shape[1] :].tolist()
+            for prompt, p_ids, ids in zip(chunk, chunk_ids, new):
                 finished = tokenizer.eos_token_id in ids
                 ids = ids[: ids.index(tokenizer.eos_token_id) + 1] if finished else ids
                 text = tokenizer.decode(ids, skip_special_tokens=True)
-                samples.append(Sample(prompt, ids, text, finished))
+                samples.append(Sample(prompt, p_ids, ids, text, finished))
             advance(len(chunk))
-    tokenizer.padding_side = "right"
     return samples
 
 
@@ -78,7 +95,7 @@ def score_samples(model, tokenizer, samples: list[Sample], batch_size: int = 64,
     totals: list[float] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        examples = [Encoded(tokenizer(s.prompt).input_ids, s.response_ids) for s in chunk]
+        examples = [Encoded(s.prompt_ids, s.response_ids) for s in chunk]
         batch = collate(examples, tokenizer.pad_token_id).to(device)
         totals.extend(sequence_logps(model, batch, len(tokenizer), chunk_size).tolist())
     return totals

@@ -17,13 +17,13 @@ Row numbers in errors are the line number for .jsonl (what an editor shows) and 
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from .data import _read_jsonl
 from .errors import UserError, where
 
 FORMATS = ("standard", "conversational", "ultrafeedback", "implicit", "hh", "prompt", "messages", "sft")
@@ -57,6 +57,24 @@ class _RowError(Exception):
         super().__init__(problem)
         self.field, self.reason, self.problem = field, reason, problem
 
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where(path, lineno)}: not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where(path, lineno)}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where(path, lineno)}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
 
 def _kind_of(value) -> str:
     """JSON-style type names, since users think of their data as JSON."""
@@ -357,7 +375,7 @@ def _read_file(path: Path) -> _Table:
     if path.suffix.lower() == ".jsonl":
         # Read directly rather than via Arrow: Arrow would fill absent keys with null and
         # reject mixed-type columns before a row-level error could name the row and field.
-        rows = list(_read_jsonl(path))
+        rows = list(read_jsonl(path))
         columns = list(dict.fromkeys(key for _, row in rows for key in row))
         return _Table(str(path), columns, rows)
     builder = BUILDERS[path.suffix.lower()]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import fingerprint_data, fingerprint_model, fingerprint_tokenizer, finalize, input_record, prepare_output
+from ..artifacts import fingerprint_model, fingerprint_tokenizer, finalize, input_record, prepare_output
 from ..cache import TeacherCache
 from ..config import DistillConfig
-from ..data import PAIR_FIELDS, collate, encode, load_rows
+from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
 from ..errors import UserError
 from ..losses import fused_head_kl_loss, position_weights
 from ..modeling import load_student, load_tokenizer, output_head, pick_device, response_hidden, save_model, sequence_ids
@@ -25,9 +25,9 @@ from ..training import seed_everything, step_batches, total_steps, train
 def check_cache(cache: TeacherCache, config: DistillConfig, tokenizer) -> None:
     """Refuse a cache built for other data, another tokenizer or other lengths, naming the difference."""
     inputs = cache.manifest["inputs"]
-    if inputs["data"]["fingerprint"] != fingerprint_data(config.data):
-        raise UserError(f"teacher cache {cache.path} was computed on other data "
-                        f"({inputs['data']['path']}), not {config.data}")
+    if inputs["data"]["read_as"] != data_fingerprint(config):
+        raise UserError(f"teacher cache {cache.path} was computed on other data or data settings "
+                        f"({inputs['data']['path']}), not {config.data} as given")
     if inputs["tokenizer"]["fingerprint"] != fingerprint_tokenizer(tokenizer):
         raise UserError(f"teacher cache {cache.path} was computed with a different tokenizer than the student's ({config.student})")
     settings = cache.index["settings"]
@@ -74,8 +74,8 @@ def run(config: DistillConfig) -> Path:
     cache = TeacherCache(Path(config.cache))
     tokenizer = load_tokenizer(config.student)
     check_cache(cache, config, tokenizer)
-    rows = load_rows(config.data, PAIR_FIELDS)
-    examples = [encode(tokenizer, r["prompt"], r["chosen"], config.max_length, config.max_prompt_length) for r in rows]
+    rows, data_stats = load_data(config, "pairs")
+    examples, truncated = encode_rows(tokenizer, rows, "chosen", config, config.data)
     if len(examples) != cache.num_rows:
         raise UserError(f"teacher cache {cache.path} has {cache.num_rows} rows, data {config.data} has {len(examples)}")
     spec = cache_spec(cache, config)
@@ -90,6 +90,6 @@ def run(config: DistillConfig) -> Path:
     save_model(model, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),
               "cache": input_record("teacher-cache", config.cache, cache.index["settings_key"]),
-              "data": input_record("data", config.data, fingerprint_data(config.data))}
-    finalize(out, "distill", config, inputs, summary)
+              "data": data_input(config)}
+    finalize(out, "distill", config, inputs, {**summary, "truncated": truncated, "data": data_stats})
     return out

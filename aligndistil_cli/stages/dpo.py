@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import (fingerprint_data, fingerprint_model, fingerprint_tokenizer, finalize, input_record,
+from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, input_record,
                          prepare_output, sha256_json)
 from ..config import DpoConfig
-from ..data import PAIR_FIELDS, collate, encode_pairs, load_rows
+from ..data import collate, data_fingerprint, data_input, encode_pairs, load_data
 from ..losses import dpo_loss
 from ..modeling import load_student, load_tokenizer, pick_device, save_model, sequence_logps
 from ..training import progress, seed_everything, step_batches, total_steps, train
@@ -47,7 +47,7 @@ def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device) -
     """Load the reference log-probs for these pairs, computing and caching them once."""
     key = sha256_json({
         "version": REF_CACHE_VERSION, "model": fingerprint_model(config.model),
-        "tokenizer": fingerprint_tokenizer(tokenizer), "data": fingerprint_data(config.data),
+        "tokenizer": fingerprint_tokenizer(tokenizer), "data": data_fingerprint(config),
         "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
     })[:32]
     cache_dir = Path(config.ref_cache) if config.ref_cache else Path(config.out).resolve().parent / "ref-cache"
@@ -69,11 +69,11 @@ def run(config: DpoConfig) -> Path:
     stage = "train-reverse-dpo" if config.reverse else "train-dpo"
     seed_everything(config.seed)
     device = pick_device(config.device)
-    rows = load_rows(config.data, PAIR_FIELDS)
+    rows, data_stats = load_data(config, "pairs")
     tokenizer = load_tokenizer(config.model)
     model = load_student(config.model, device, config)
     vocab = len(tokenizer)
-    pairs = encode_pairs(tokenizer, rows, config.max_length, config.max_prompt_length)
+    pairs, truncated = encode_pairs(tokenizer, rows, config, config.data)
     out = prepare_output(Path(config.out))
     model.eval()
     ref, ref_path = cached_reference_logps(config, model, tokenizer, pairs, device)
@@ -99,7 +99,7 @@ def run(config: DpoConfig) -> Path:
     summary = train(model, steps, n_steps, loss_fn, config, out, stage)
     save_model(model, tokenizer, out)
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
-              "data": input_record("data", config.data, fingerprint_data(config.data)),
+              "data": data_input(config),
               "ref_logps": input_record("ref-logps", ref_path, ref_path.stem)}
-    finalize(out, stage, config, inputs, {**summary, "pairs": len(pairs)})
+    finalize(out, stage, config, inputs, {**summary, "pairs": len(pairs), "truncated": truncated, "data": data_stats})
     return out

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import atomic_write_json, fingerprint_data, fingerprint_model, finalize, input_record, prepare_output
+from ..artifacts import atomic_write_json, fingerprint_model, finalize, input_record, prepare_output
 from ..config import EvaluateConfig
-from ..data import PAIR_FIELDS, PROMPT_FIELDS, collate, encode_pairs, load_rows
+from ..data import collate, data_input, encode_pairs, load_data, prompt_ids, truncate
+from ..sources import flatten_plain
 from ..errors import UserError
 from ..modeling import load_model, load_tokenizer, pick_device, sequence_logps
 from ..report import kl_estimate, length_stats, mean_ci, results_table, win_rate, write_report
@@ -24,13 +25,12 @@ from ..sampling import generate, score_samples
 from ..stages.make_prefs import SCORERS
 from ..training import seed_everything
 
-# Held-out pairs are scored whole: these bounds only guard against runaway rows.
-PAIR_MAX_LENGTH, PAIR_MAX_PROMPT_LENGTH = 512, 384
-
 
 def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, ref_rewards=None) -> tuple[dict, list]:
     model = ref_model if path is None else load_model(path, device).eval()
-    samples = generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+    ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
+                    config.max_prompt_length)[0].prompt for p in prompts]
+    samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                        seed=config.seed, desc=f"evaluate {name}")
     rewards = [SCORERS[config.scorer](s.text) for s in samples]
@@ -42,7 +42,8 @@ def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, re
         "kl": kl_estimate(own, ref),
         "win_rate": win_rate(rewards, ref_rewards) if ref_rewards is not None else None,
         "length": length_stats([len(s.response_ids) for s in samples], config.max_new_tokens),
-        "examples": [{"prompt": s.prompt, "response": s.text, "reward": r} for s, r in zip(samples[:3], rewards[:3])],
+        "examples": [{"prompt": flatten_plain(s.prompt), "response": s.text, "reward": r}
+                     for s, r in zip(samples[:3], rewards[:3])],
     }
     return result, rewards
 
@@ -50,7 +51,7 @@ def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, re
 @torch.no_grad()
 def implicit_accuracy(config: EvaluateConfig, ref_model, tokenizer, device) -> dict:
     """Accuracy of beta*(log pi_dpo - log pi_ref) and beta*(log pi_dpo - log pi_rev) on held-out pairs."""
-    pairs = encode_pairs(tokenizer, load_rows(config.pairs, PAIR_FIELDS), PAIR_MAX_LENGTH, PAIR_MAX_PROMPT_LENGTH)
+    pairs, _ = encode_pairs(tokenizer, load_data(config, "pairs", config.pairs)[0], config, config.pairs)
     vocab = len(tokenizer)
 
     def logps(model) -> torch.Tensor:
@@ -97,7 +98,8 @@ def run(config: EvaluateConfig) -> Path:
         raise UserError("evaluate: --pairs needs --dpo (and optionally --rev) for implicit-reward accuracy")
     seed_everything(config.seed)
     device = pick_device(config.device)
-    prompts = [r["prompt"] for r in load_rows(config.prompts, PROMPT_FIELDS)][: config.num_prompts]
+    rows, data_stats = load_data(config, "prompts", config.prompts)
+    prompts = [r["prompt"] for r in rows][: config.num_prompts]
     tokenizer = load_tokenizer(config.ref)
     ref_model = load_model(config.ref, device).eval()
     out = prepare_output(Path(config.out))
@@ -116,7 +118,7 @@ def run(config: EvaluateConfig) -> Path:
     write_report(out, report)
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in config.models.items()}
     inputs["ref"] = input_record("model", config.ref, fingerprint_model(config.ref))
-    inputs["prompts"] = input_record("data", config.prompts, fingerprint_data(config.prompts))
+    inputs["prompts"] = data_input(config, config.prompts)
     metrics = {name: {"reward": res["reward"]["mean"], "kl": res["kl"]["mean"]} for name, res in models.items()}
     finalize(out, "evaluate", config, inputs, metrics)
     print_report(out)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import toy
-from ..artifacts import fingerprint_data, fingerprint_model, finalize, input_record, prepare_output
+from ..artifacts import fingerprint_model, finalize, input_record, prepare_output
 from ..config import MakePrefsConfig
-from ..data import PROMPT_FIELDS, load_rows
+from ..data import data_input, load_data, prompt_ids
 from ..modeling import load_model, load_tokenizer, pick_device
 from ..sampling import generate
 from ..toy import write_jsonl
@@ -30,15 +30,27 @@ def best_vs_worst(prompt: str, texts: list[str], scores: list[float]) -> dict | 
             "score_chosen": scores[hi], "score_rejected": scores[lo]}
 
 
+def as_row(pair: dict) -> dict:
+    """A pair in the simplest format that holds it: strings for a one-turn prompt, else messages."""
+    prompt = pair["prompt"]
+    if len(prompt) == 1 and prompt[0]["role"] == "user":
+        return {**pair, "prompt": prompt[0]["content"]}
+    return {**pair, "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+            "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
+
+
 def run(config: MakePrefsConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
-    prompts = [r["prompt"] for r in load_rows(config.data, PROMPT_FIELDS)][: config.max_prompts]
+    rows, data_stats = load_data(config, "prompts")
+    prompts = [r["prompt"] for r in rows][: config.max_prompts]
     tokenizer = load_tokenizer(config.model)
+    ids = [prompt_ids(tokenizer, p, config.chat_template) for p in prompts]
     model = load_model(config.model, device)
     out = prepare_output(Path(config.out))
     repeated = [p for p in prompts for _ in range(config.num_samples)]
-    samples = generate(model, tokenizer, repeated, max_new_tokens=config.max_new_tokens,
+    repeated_ids = [p for p in ids for _ in range(config.num_samples)]
+    samples = generate(model, tokenizer, repeated, repeated_ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                        seed=config.seed, desc="make-prefs")
     score = SCORERS[config.scorer]
@@ -51,13 +63,13 @@ def run(config: MakePrefsConfig) -> Path:
         if pair is None:
             skipped += 1
             continue
-        pairs.append(pair)
+        pairs.append(as_row(pair))
     write_jsonl(out / "pairs.jsonl", pairs)
     margins = [p["score_chosen"] - p["score_rejected"] for p in pairs]
     metrics = {"prompts": len(prompts), "pairs": len(pairs), "skipped_ties": skipped,
                "mean_margin": sum(margins) / max(1, len(margins)),
-               "mean_sample_score": sum(score(s.text) for s in samples) / len(samples)}
+               "mean_sample_score": sum(score(s.text) for s in samples) / len(samples), "data": data_stats}
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
-              "data": input_record("data", config.data, fingerprint_data(config.data))}
+              "data": data_input(config)}
     finalize(out, "make-prefs", config, inputs, metrics)
     return out

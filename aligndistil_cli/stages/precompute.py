@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..artifacts import (fingerprint_data, fingerprint_model, fingerprint_tokenizer, finalize, input_record,
+from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, input_record,
                          prepare_output, sha256_json)
 from ..cache import HEADS, STORE_DTYPES, plan_shards, shard_is_done, write_index, write_shard
 from ..config import PrecomputeConfig
-from ..data import PAIR_FIELDS, collate, encode, load_rows
+from ..data import collate, data_input, encode_rows, load_data
 from ..errors import UserError
 from ..modeling import bf16_enabled, load_model, load_tokenizer, output_head, pick_device, response_hidden
 from ..teacher import (LOGITS_MAX_BYTES_PER_TOKEN, TeacherSpec, bytes_per_position, check_head_reproduces,
@@ -80,17 +80,17 @@ def run(config: PrecomputeConfig) -> Path:
     tok_fp = check_same_tokenizers({f"{n} ({p})": tokenizers[n] for n, p in names.items()})
     tokenizer = tokenizers["dpo"]
     vocab = len(tokenizer)
-    rows = load_rows(config.data, PAIR_FIELDS)
-    examples = [encode(tokenizer, r["prompt"], r["chosen"], config.max_length, config.max_prompt_length) for r in rows]
+    rows, data_stats = load_data(config, "pairs")
+    examples, truncated = encode_rows(tokenizer, rows, "chosen", config, config.data)
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
     models = {name: load_model(path, device, dtype, config.attn_implementation).eval() for name, path in names.items()}
     hidden_size = output_head(models["dpo"])[0].shape[1]
     fmt = choose_format(config, vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}
-    inputs["data"] = input_record("data", config.data, fingerprint_data(config.data))
+    inputs["data"] = data_input(config)
     inputs["tokenizer"] = {"kind": "tokenizer", "fingerprint": tok_fp}
     settings = {**dataclasses.asdict(spec), **{k: getattr(config, k) for k in SHAPE_SETTINGS}, "format": fmt}
-    settings_key = sha256_json({"settings": settings, "inputs": {k: v["fingerprint"] for k, v in inputs.items()}})
+    settings_key = sha256_json({"settings": settings, "inputs": inputs})
 
     itemsize = STORE_DTYPES[config.dtype].itemsize
     per_position = bytes_per_position(fmt, vocab, hidden_size, len(models), itemsize, config.top_k)
@@ -129,6 +129,7 @@ def run(config: PrecomputeConfig) -> Path:
                       "rows": len(examples), "positions": positions, "bytes_per_position": per_position,
                       "settings": settings, "settings_key": settings_key, "shards": shards})
     metrics = {"format": fmt, "rows": len(examples), "positions": positions, "shards": len(plans),
-               "shards_reused": len(plans) - len(todo), "bytes_per_position": per_position}
+               "shards_reused": len(plans) - len(todo), "bytes_per_position": per_position, "truncated": truncated,
+               "data": data_stats}
     finalize(out, "precompute", config, inputs, metrics)
     return out

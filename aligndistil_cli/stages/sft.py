@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import fingerprint_data, fingerprint_model, finalize, input_record, prepare_output
+from ..artifacts import fingerprint_model, finalize, input_record, prepare_output
 from ..config import SftConfig
-from ..data import SFT_FIELDS, collate, encode, load_rows
+from ..data import collate, data_input, encode_rows, load_data
 from ..modeling import load_student, load_tokenizer, pick_device, save_model, sequence_logps
 from ..training import seed_everything, step_batches, total_steps, train
 
@@ -14,11 +14,11 @@ from ..training import seed_everything, step_batches, total_steps, train
 def run(config: SftConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
-    rows = load_rows(config.data, SFT_FIELDS)
+    rows, data_stats = load_data(config, "sft")
     tokenizer = load_tokenizer(config.model)
     model = load_student(config.model, device, config)
     vocab = len(tokenizer)
-    examples = [encode(tokenizer, r["prompt"], r["response"], config.max_length, config.max_prompt_length) for r in rows]
+    examples, truncated = encode_rows(tokenizer, rows, "response", config, config.data)
     out = prepare_output(Path(config.out))
 
     def loss_fn(chunk):
@@ -34,6 +34,6 @@ def run(config: SftConfig) -> Path:
     summary = train(model, steps, n_steps, loss_fn, config, out, "sft")
     save_model(model, tokenizer, out)
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
-              "data": input_record("data", config.data, fingerprint_data(config.data))}
-    finalize(out, "sft", config, inputs, {**summary, "examples": len(examples)})
+              "data": data_input(config)}
+    finalize(out, "sft", config, inputs, {**summary, "examples": len(examples), "truncated": truncated, "data": data_stats})
     return out
