@@ -180,15 +180,28 @@ def fingerprint_model(path: Path) -> str:
     return fingerprint_files(files, path)
 
 
-def fingerprint_tokenizer(tokenizer) -> str:
-    """Fingerprint of what a tokenizer does: vocabulary, special tokens, template."""
-    spec = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "backend": json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else None,
+def tokenizer_parts(tokenizer) -> dict[str, str]:
+    """Fingerprints of each part of a tokenizer, so a mismatch can be named."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    model = backend.get("model", {}) if isinstance(backend, dict) else {}
+    return {
+        "vocabulary": sha256_json(sorted(tokenizer.get_vocab().items())),
+        "merges": sha256_json(model.get("merges")),
+        "special tokens": sha256_json({k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}),
+        "chat template": sha256_json(getattr(tokenizer, "chat_template", None)),
+        "normalisation": sha256_json({k: backend.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor",
+                                                                   "decoder")} if backend else None),
     }
-    return sha256_json(spec)
+
+
+def fingerprint_tokenizer(tokenizer) -> str:
+    """Fingerprint of what a tokenizer does: vocabulary, merges, special tokens, template."""
+    return sha256_json(tokenizer_parts(tokenizer))
+
+
+def tokenizer_difference(a: dict[str, str], b: dict[str, str]) -> str:
+    """'vocabulary, chat template': the parts in which two tokenizer_parts() differ."""
+    return ", ".join(k for k in a if a.get(k) != b.get(k)) or "nothing"
 
 
 def fingerprint_data(path: Path) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import fingerprint_model, fingerprint_tokenizer, finalize, input_record, prepare_output
+from ..artifacts import finalize, fingerprint_model, input_record, prepare_output, tokenizer_difference, tokenizer_parts
 from ..cache import TeacherCache
 from ..config import DistillConfig
 from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
@@ -28,8 +28,10 @@ def check_cache(cache: TeacherCache, config: DistillConfig, tokenizer) -> None:
     if inputs["data"]["read_as"] != data_fingerprint(config):
         raise UserError(f"teacher cache {cache.path} was computed on other data or data settings "
                         f"({inputs['data']['path']}), not {config.data} as given")
-    if inputs["tokenizer"]["fingerprint"] != fingerprint_tokenizer(tokenizer):
-        raise UserError(f"teacher cache {cache.path} was computed with a different tokenizer than the student's ({config.student})")
+    mine = tokenizer_parts(tokenizer)
+    if inputs["tokenizer"]["parts"] != mine:
+        raise UserError(f"teacher cache {cache.path} was computed with a tokenizer that differs from the student's "
+                        f"({config.student}) in: {tokenizer_difference(inputs['tokenizer']['parts'], mine)}")
     settings = cache.index["settings"]
     for key in ("max_length", "max_prompt_length"):
         if settings[key] != getattr(config, key):

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, input_record,
-                         prepare_output, sha256_json)
+from ..artifacts import (finalize, fingerprint_model, fingerprint_tokenizer, input_record, prepare_output, sha256_json,
+                         tokenizer_difference, tokenizer_parts)
 from ..cache import HEADS, STORE_DTYPES, plan_shards, shard_is_done, write_index, write_shard
 from ..config import PrecomputeConfig
 from ..data import collate, data_input, encode_rows, load_data
@@ -28,14 +28,15 @@ SHAPE_SETTINGS = ("format", "top_k", "dtype", "max_length", "max_prompt_length")
 POSITION_CHUNK = 1024
 
 
-def check_same_tokenizers(named: dict[str, object]) -> str:
-    """All models must share one tokenizer; return its fingerprint or name the odd one out."""
-    prints = {name: fingerprint_tokenizer(tok) for name, tok in named.items()}
-    first_name, first = next(iter(prints.items()))
-    for name, fp in prints.items():
-        if fp != first:
-            raise UserError(f"tokenizer of {name} differs from that of {first_name}; all models must share one tokenizer")
-    return first
+def check_same_tokenizers(named: dict[str, object]) -> dict:
+    """All models must share one tokenizer; return its record or name the odd one out and how it differs."""
+    parts = {name: tokenizer_parts(tok) for name, tok in named.items()}
+    first_name, first = next(iter(parts.items()))
+    for name, p in parts.items():
+        if p != first:
+            raise UserError(f"tokenizer of {name} differs from that of {first_name} in: "
+                            f"{tokenizer_difference(first, p)}; all models must share one tokenizer")
+    return {"kind": "tokenizer", "fingerprint": fingerprint_tokenizer(next(iter(named.values()))), "parts": first}
 
 
 def teacher_spec(config) -> TeacherSpec:
@@ -77,7 +78,7 @@ def run(config: PrecomputeConfig) -> Path:
     paths = {"dpo": config.dpo, "rev": config.rev, "ref": config.ref}
     names = {name: paths[name] for name in spec.models}
     tokenizers = {name: load_tokenizer(path) for name, path in names.items()}
-    tok_fp = check_same_tokenizers({f"{n} ({p})": tokenizers[n] for n, p in names.items()})
+    tok_record = check_same_tokenizers({f"{n} ({p})": tokenizers[n] for n, p in names.items()})
     tokenizer = tokenizers["dpo"]
     vocab = len(tokenizer)
     rows, data_stats = load_data(config, "pairs")
@@ -88,7 +89,7 @@ def run(config: PrecomputeConfig) -> Path:
     fmt = choose_format(config, vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}
     inputs["data"] = data_input(config)
-    inputs["tokenizer"] = {"kind": "tokenizer", "fingerprint": tok_fp}
+    inputs["tokenizer"] = tok_record
     settings = {**dataclasses.asdict(spec), **{k: getattr(config, k) for k in SHAPE_SETTINGS}, "format": fmt}
     settings_key = sha256_json({"settings": settings, "inputs": inputs})
 
