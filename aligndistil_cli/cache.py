@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .artifacts import atomic_write_json, read_manifest
+from .artifacts import atomic_write_json, read_manifest, sha256_file
 from .errors import UserError
 from .teacher import FORMATS, TeacherSpec
 
@@ -114,6 +114,11 @@ class TeacherCache:
     def _open(self, shard: dict):
         name = shard["file"]
         if name not in self._handles:
+            # A shard is hashed once, when first opened, so a flipped byte is never read as data.
+            expected = self.manifest["outputs"].get(name, {}).get("sha256")
+            if expected != sha256_file(self.path / name):
+                raise UserError(f"teacher cache shard {self.path / name} is corrupted (sha256 differs from the "
+                                "manifest); rerun precompute, which recomputes only the broken shards")
             try:
                 handle = safe_open(str(self.path / name), framework="pt")
                 self._offsets[name] = handle.get_tensor("row_offsets")

@@ -158,3 +158,44 @@ def test_report_names_every_model(runs):
     assert 0.0 <= report["implicit_accuracy"]["dpo"] <= 1.0
     md = (runs / "eval" / "report.md").read_text()
     assert "| dpo |" in md and "![" in md
+
+
+def test_corrupted_shard_is_named_and_never_read(runs, tmp_path):
+    broken = tmp_path / "teacher"
+    shutil.copytree(runs / "teacher", broken)
+    shard = sorted(broken.glob("shard-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    cache = TeacherCache(broken)
+    first = cache.shards[1]["row_start"]
+    with pytest.raises(UserError, match=f"{shard.name} is corrupted"):
+        cache.fetch([first])
+
+
+def test_truncated_shard_is_refused_up_front(runs, tmp_path):
+    broken = tmp_path / "teacher"
+    shutil.copytree(runs / "teacher", broken)
+    shard = sorted(broken.glob("shard-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match=shard.name):
+        TeacherCache(broken)
+
+
+def test_cache_from_another_dpo_model_is_stale(runs, tmp_path):
+    """A cache records its models' fingerprints; a retrained DPO model makes the pipeline recompute it."""
+    from aligndistil_cli.artifacts import stale_inputs
+
+    manifest = read_manifest(runs / "teacher")
+    assert stale_inputs(manifest) == []
+    dpo_copy = tmp_path / "dpo"
+    shutil.copytree(runs / "dpo", dpo_copy)
+    weights = load_file(dpo_copy / "model.safetensors")
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1.0
+    from safetensors.torch import save_file
+
+    (dpo_copy / "manifest.json").unlink()
+    save_file(weights, str(dpo_copy / "model.safetensors"))
+    manifest["inputs"]["dpo"]["path"] = str(dpo_copy)
+    assert stale_inputs(manifest) == ["dpo"]
