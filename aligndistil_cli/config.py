@@ -133,7 +133,8 @@ class SftConfig(TrainingFields):
 class MakePrefsConfig(DataFields):
     model: Optional[str] = opt(None, "Model to sample from.", required=True)
     data: Optional[str] = opt(None, "Prompts (JSONL with 'prompt').", required=True)
-    scorer: str = opt("toy", "Scorer of responses: 'toy' (the embedded task's gold reward).", choices=("toy",))
+    reward_model: Optional[str] = opt(None, "Score responses with this AutoModelForSequenceClassification "
+                                      "(default: the embedded task's gold reward).")
     num_samples: int = opt(2, "Responses sampled per prompt; the best and worst form a pair.", positive=True)
     max_prompts: Optional[int] = opt(None, "Use only the first N prompts.", positive=True)
     temperature: float = opt(1.0, "Sampling temperature.", positive=True)
@@ -210,7 +211,8 @@ class EvaluateConfig(DataFields):
     dpo: Optional[str] = opt(None, "DPO model, for implicit-reward accuracy on --pairs.")
     rev: Optional[str] = opt(None, "Reverse-DPO model, for the contrastive reward's accuracy on --pairs.")
     beta: float = opt(0.1, "beta of the implicit rewards.", positive=True)
-    scorer: str = opt("toy", "Scorer of responses: 'toy' (the embedded task's gold reward).", choices=("toy",))
+    reward_model: Optional[str] = opt(None, "Score responses with this AutoModelForSequenceClassification "
+                                      "(default: the embedded task's gold reward).")
     num_prompts: int = opt(600, "Held-out prompts to sample (first N).", positive=True)
     temperature: float = opt(1.0, "Sampling temperature.", positive=True)
     top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True)

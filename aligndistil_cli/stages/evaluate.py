@@ -22,18 +22,18 @@ from ..errors import UserError
 from ..modeling import load_model, load_tokenizer, pick_device, sequence_logps
 from ..report import kl_estimate, length_stats, mean_ci, results_table, win_rate, write_report
 from ..sampling import generate, score_samples
-from ..stages.make_prefs import SCORERS
+from ..scoring import make_scorer
 from ..training import seed_everything
 
 
-def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, ref_rewards=None) -> tuple[dict, list]:
+def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards=None):
     model = ref_model if path is None else load_model(path, device).eval()
     ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
                     config.max_prompt_length)[0].prompt for p in prompts]
     samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                        seed=config.seed, desc=f"evaluate {name}")
-    rewards = [SCORERS[config.scorer](s.text) for s in samples]
+    rewards = scorer.score(samples)
     own = score_samples(model, tokenizer, samples, config.batch_size)
     ref = own if model is ref_model else score_samples(ref_model, tokenizer, samples, config.batch_size)
     result = {
@@ -103,13 +103,14 @@ def run(config: EvaluateConfig) -> Path:
     tokenizer = load_tokenizer(config.ref)
     ref_model = load_model(config.ref, device).eval()
     out = prepare_output(Path(config.out))
-    ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, config, device)
+    scorer = make_scorer(config, device)
+    ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, config, device, scorer)
     models = {config.ref_name: ref_result}
     for name, path in config.models.items():
-        models[name], _ = evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, ref_rewards)
+        models[name], _ = evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards)
     training = {name: str(Path(path) / "metrics.jsonl") for name, path in config.models.items()
                 if (Path(path) / "metrics.jsonl").is_file()}
-    report = {"task": "embedded toy review task (gold reward = sentiment, see aligndistil_cli/toy.py)",
+    report = {"task": f"held-out prompts from {config.prompts}, scored by the {scorer.name}",
               "num_prompts": len(prompts), "max_new_tokens": config.max_new_tokens, "reference": config.ref_name,
               "models": models, "training": training,
               "implicit_accuracy": implicit_accuracy(config, ref_model, tokenizer, device) if config.pairs else None}

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import toy
 from ..artifacts import fingerprint_model, finalize, input_record, prepare_output
 from ..config import MakePrefsConfig
 from ..data import data_input, load_data, prompt_ids
 from ..modeling import load_model, load_tokenizer, pick_device
 from ..sampling import generate
+from ..scoring import make_scorer
 from ..toy import write_jsonl
 from ..training import seed_everything
-
-SCORERS = {"toy": toy.gold_reward}
 
 
 def best_vs_worst(prompt: str, texts: list[str], scores: list[float]) -> dict | None:
@@ -53,13 +51,14 @@ def run(config: MakePrefsConfig) -> Path:
     samples = generate(model, tokenizer, repeated, repeated_ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                        seed=config.seed, desc="make-prefs")
-    score = SCORERS[config.scorer]
+    scorer = make_scorer(config, device)
+    scores = scorer.score(samples)
     pairs, skipped = [], 0
     k = config.num_samples
     for i, prompt in enumerate(prompts):
         # An empty response (EOS first) cannot be a training target.
-        texts = [s.text for s in samples[i * k : (i + 1) * k] if s.text.strip()]
-        pair = best_vs_worst(prompt, texts, [score(t) for t in texts]) if len(texts) >= 2 else None
+        group = [(s.text, sc) for s, sc in zip(samples[i * k : (i + 1) * k], scores[i * k : (i + 1) * k]) if s.text.strip()]
+        pair = best_vs_worst(prompt, [t for t, _ in group], [sc for _, sc in group]) if len(group) >= 2 else None
         if pair is None:
             skipped += 1
             continue
@@ -68,7 +67,7 @@ def run(config: MakePrefsConfig) -> Path:
     margins = [p["score_chosen"] - p["score_rejected"] for p in pairs]
     metrics = {"prompts": len(prompts), "pairs": len(pairs), "skipped_ties": skipped,
                "mean_margin": sum(margins) / max(1, len(margins)),
-               "mean_sample_score": sum(score(s.text) for s in samples) / len(samples), "data": data_stats}
+               "mean_sample_score": sum(scores) / len(scores), "scorer": scorer.name, "data": data_stats}
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
               "data": data_input(config)}
     finalize(out, "make-prefs", config, inputs, metrics)
