@@ -60,7 +60,15 @@ class StageConfig:
 
 
 @dataclass
-class DataFields(StageConfig):
+class ModelFields(StageConfig):
+    """How models are loaded from a directory or the hub."""
+
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the models.")
+    trust_remote_code: bool = opt(False, "Allow model code from the model's repository to run (off: never).")
+
+
+@dataclass
+class DataFields(ModelFields):
     """How --data is read (sources.py): local files or a hub dataset, in any supported format."""
 
     split: str = opt("train", "Split of a hub dataset (e.g. train_prefs for UltraFeedback).")
@@ -220,6 +228,15 @@ class EvaluateConfig(DataFields):
     batch_size: int = opt(128, "Prompts per generation batch.", positive=True)
     max_length: int = opt(512, "Maximum tokens of a held-out pair (prompt + response).", positive=True)
     max_prompt_length: int = opt(384, "Maximum prompt tokens of a held-out pair or prompt.", positive=True)
+    export: Optional[str] = opt(None, "Also write each model's answers to --export-questions in this benchmark's "
+                                "own format: alpaca-eval, mt-bench or arena-hard.",
+                                choices=("alpaca-eval", "mt-bench", "arena-hard"))
+    export_questions: Optional[str] = opt(None, "The benchmark's question file (AlpacaEval eval set, MT-Bench or "
+                                          "arena-hard question.jsonl).")
+
+    def validate(self) -> None:
+        if self.export and not self.export_questions:
+            raise ConfigError("config field 'export_questions' is required by --export")
 
 
 def _base_type(tp: Any) -> Any:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .artifacts import atomic_write_bytes
 from .errors import UserError, where

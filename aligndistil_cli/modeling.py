@@ -38,12 +38,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(path: str | Path):
+def hub_options(config) -> dict:
+    """revision / trust_remote_code of a ModelFields config, for from_pretrained."""
+    return {"revision": getattr(config, "revision", None),
+            "trust_remote_code": bool(getattr(config, "trust_remote_code", False))}
+
+
+def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
@@ -64,13 +70,16 @@ def autocast(precision: str, device: torch.device):
 
 
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
-               attn_implementation: str | None = None, gradient_checkpointing: bool = False):
+               attn_implementation: str | None = None, gradient_checkpointing: bool = False,
+               revision: str | None = None, trust_remote_code: bool = False):
+    """A causal LM from a local directory or, when no such directory exists, a hub id."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    if not Path(path).exists():
-        raise UserError(f"model {path} does not exist")
+    if not Path(path).exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
+        raise UserError(f"model {path} does not exist (neither a directory nor a hub id)")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    kwargs.update(revision=revision, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
@@ -87,7 +96,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torc
 def load_student(path: str | Path, device: torch.device, cfg):
     """A model to train, with cfg's (TrainingFields) attention kernel and checkpointing; fp32 master weights."""
     return load_model(path, device, attn_implementation=cfg.attn_implementation,
-                      gradient_checkpointing=cfg.gradient_checkpointing)
+                      gradient_checkpointing=cfg.gradient_checkpointing, **hub_options(cfg))
 
 
 def save_model(model, tokenizer, out: Path) -> None:

@@ -17,7 +17,7 @@ from ..config import DistillConfig
 from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
 from ..errors import UserError
 from ..losses import fused_head_kl_loss, position_weights
-from ..modeling import load_student, load_tokenizer, output_head, pick_device, response_hidden, save_model, sequence_ids
+from ..modeling import hub_options, load_student, load_tokenizer, output_head, pick_device, response_hidden, save_model, sequence_ids
 from ..teacher import TeacherSpec, logq_fn, realpha
 from ..training import seed_everything, step_batches, total_steps, train
 
@@ -74,7 +74,7 @@ def run(config: DistillConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
     cache = TeacherCache(Path(config.cache))
-    tokenizer = load_tokenizer(config.student)
+    tokenizer = load_tokenizer(config.student, **hub_options(config))
     check_cache(cache, config, tokenizer)
     rows, data_stats = load_data(config, "pairs")
     examples, truncated = encode_rows(tokenizer, rows, "chosen", config, config.data)

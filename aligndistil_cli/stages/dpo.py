@@ -18,7 +18,7 @@ from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, inp
 from ..config import DpoConfig
 from ..data import collate, data_fingerprint, data_input, encode_pairs, load_data
 from ..losses import dpo_loss
-from ..modeling import load_student, load_tokenizer, pick_device, save_model, sequence_logps
+from ..modeling import hub_options, load_student, load_tokenizer, pick_device, save_model, sequence_logps
 from ..training import progress, seed_everything, step_batches, total_steps, train
 
 REF_CACHE_VERSION = 1
@@ -70,7 +70,7 @@ def run(config: DpoConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "pairs")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, **hub_options(config))
     model = load_student(config.model, device, config)
     vocab = len(tokenizer)
     pairs, truncated = encode_pairs(tokenizer, rows, config, config.data)

@@ -19,21 +19,28 @@ from ..config import EvaluateConfig
 from ..data import collate, data_input, encode_pairs, load_data, prompt_ids, truncate
 from ..sources import flatten_plain
 from ..errors import UserError
-from ..modeling import load_model, load_tokenizer, pick_device, sequence_logps
+from ..modeling import hub_options, load_model, load_tokenizer, pick_device, sequence_logps
 from ..report import kl_estimate, length_stats, mean_ci, results_table, win_rate, write_report
 from ..sampling import generate, score_samples
+from ..export import export, make_generate_fn, read_questions
 from ..scoring import make_scorer
 from ..training import seed_everything
 
 
 def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards=None):
-    model = ref_model if path is None else load_model(path, device).eval()
+    model = ref_model if path is None else load_model(path, device, **hub_options(config)).eval()
     ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
                     config.max_prompt_length)[0].prompt for p in prompts]
     samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                        seed=config.seed, desc=f"evaluate {name}")
     rewards = scorer.score(samples)
+    if config.export:
+        generate_fn = make_generate_fn(model, tokenizer, chat_template=config.chat_template,
+                                       max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                       top_p=config.top_p, batch_size=config.batch_size, seed=config.seed)
+        export(config.export, read_questions(config.export, Path(config.export_questions)), name, generate_fn,
+               Path(config.out) / "exports")
     own = score_samples(model, tokenizer, samples, config.batch_size)
     ref = own if model is ref_model else score_samples(ref_model, tokenizer, samples, config.batch_size)
     result = {
@@ -63,11 +70,11 @@ def implicit_accuracy(config: EvaluateConfig, ref_model, tokenizer, device) -> d
             out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1).cpu())
         return torch.cat(out)
 
-    dpo = logps(load_model(config.dpo, device).eval())
+    dpo = logps(load_model(config.dpo, device, **hub_options(config)).eval())
     ref = logps(ref_model)
     result = {"num_pairs": len(pairs), "dpo": ((dpo - ref)[:, 0] > (dpo - ref)[:, 1]).float().mean().item()}
     if config.rev:
-        rev = logps(load_model(config.rev, device).eval())
+        rev = logps(load_model(config.rev, device, **hub_options(config)).eval())
         result["contrastive"] = ((dpo - rev)[:, 0] > (dpo - rev)[:, 1]).float().mean().item()
     return result
 
@@ -100,8 +107,8 @@ def run(config: EvaluateConfig) -> Path:
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "prompts", config.prompts)
     prompts = [r["prompt"] for r in rows][: config.num_prompts]
-    tokenizer = load_tokenizer(config.ref)
-    ref_model = load_model(config.ref, device).eval()
+    tokenizer = load_tokenizer(config.ref, **hub_options(config))
+    ref_model = load_model(config.ref, device, **hub_options(config)).eval()
     out = prepare_output(Path(config.out))
     scorer = make_scorer(config, device)
     ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, config, device, scorer)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..artifacts import fingerprint_model, finalize, input_record, prepare_output
 from ..config import MakePrefsConfig
 from ..data import data_input, load_data, prompt_ids
-from ..modeling import load_model, load_tokenizer, pick_device
+from ..modeling import hub_options, load_model, load_tokenizer, pick_device
 from ..sampling import generate
 from ..scoring import make_scorer
 from ..toy import write_jsonl
@@ -42,9 +42,9 @@ def run(config: MakePrefsConfig) -> Path:
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "prompts")
     prompts = [r["prompt"] for r in rows][: config.max_prompts]
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, **hub_options(config))
     ids = [prompt_ids(tokenizer, p, config.chat_template) for p in prompts]
-    model = load_model(config.model, device)
+    model = load_model(config.model, device, **hub_options(config))
     out = prepare_output(Path(config.out))
     repeated = [p for p in prompts for _ in range(config.num_samples)]
     repeated_ids = [p for p in ids for _ in range(config.num_samples)]

@@ -19,7 +19,7 @@ from ..cache import HEADS, STORE_DTYPES, plan_shards, shard_is_done, write_index
 from ..config import PrecomputeConfig
 from ..data import collate, data_input, encode_rows, load_data
 from ..errors import UserError
-from ..modeling import bf16_enabled, load_model, load_tokenizer, output_head, pick_device, response_hidden
+from ..modeling import bf16_enabled, hub_options, load_model, load_tokenizer, output_head, pick_device, response_hidden
 from ..teacher import (LOGITS_MAX_BYTES_PER_TOKEN, TeacherSpec, bytes_per_position, check_head_reproduces,
                        encode_chunk)
 from ..training import progress, seed_everything
@@ -77,14 +77,14 @@ def run(config: PrecomputeConfig) -> Path:
     spec = teacher_spec(config)
     paths = {"dpo": config.dpo, "rev": config.rev, "ref": config.ref}
     names = {name: paths[name] for name in spec.models}
-    tokenizers = {name: load_tokenizer(path) for name, path in names.items()}
+    tokenizers = {name: load_tokenizer(path, **hub_options(config)) for name, path in names.items()}
     tok_record = check_same_tokenizers({f"{n} ({p})": tokenizers[n] for n, p in names.items()})
     tokenizer = tokenizers["dpo"]
     vocab = len(tokenizer)
     rows, data_stats = load_data(config, "pairs")
     examples, truncated = encode_rows(tokenizer, rows, "chosen", config, config.data)
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
-    models = {name: load_model(path, device, dtype, config.attn_implementation).eval() for name, path in names.items()}
+    models = {name: load_model(path, device, dtype, config.attn_implementation, **hub_options(config)).eval() for name, path in names.items()}
     hidden_size = output_head(models["dpo"])[0].shape[1]
     fmt = choose_format(config, vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..artifacts import fingerprint_model, finalize, input_record, prepare_output
 from ..config import SftConfig
 from ..data import collate, data_input, encode_rows, load_data
-from ..modeling import load_student, load_tokenizer, pick_device, save_model, sequence_logps
+from ..modeling import hub_options, load_student, load_tokenizer, pick_device, save_model, sequence_logps
 from ..training import seed_everything, step_batches, total_steps, train
 
 
@@ -15,7 +15,7 @@ def run(config: SftConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "sft")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, **hub_options(config))
     model = load_student(config.model, device, config)
     vocab = len(tokenizer)
     examples, truncated = encode_rows(tokenizer, rows, "response", config, config.data)

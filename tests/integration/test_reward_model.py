@@ -64,3 +64,18 @@ def test_a_causal_lm_is_not_a_reward_model(runs, tmp_path):
 
     with pytest.raises(UserError, match="outputs; a reward model has 1"):
         RewardModelScorer(runs / "sft", torch.device("cpu"))
+
+
+def test_evaluate_exports_alpaca_eval_answers(runs, tmp_path):
+    questions = tmp_path / "alpaca_eval.json"
+    questions.write_text(json.dumps([{"instruction": "write a review about the pizza and the staff .", "dataset": "toy"},
+                                     {"instruction": "write a review about the soup and the view .", "dataset": "toy"}]))
+    out = evaluate.run(EvaluateConfig(out=str(tmp_path / "e"), ref=str(runs / "sft"), ref_name="sft",
+                                      models={"dpo": str(runs / "dpo")}, prompts=str(runs / "toy" / "heldout_prompts.jsonl"),
+                                      num_prompts=4, max_new_tokens=8, export="alpaca-eval",
+                                      export_questions=str(questions)))
+    for name in ("sft", "dpo"):
+        answers = json.loads((out / "exports" / "alpaca_eval" / f"{name}.json").read_text())
+        assert [a["instruction"] for a in answers] == [q["instruction"] for q in json.loads(questions.read_text())]
+        assert all(a["generator"] == name and isinstance(a["output"], str) for a in answers)
+    assert "exports/alpaca_eval/dpo.json" in json.loads((out / "manifest.json").read_text())["outputs"]
