@@ -199,3 +199,9 @@ def test_cache_from_another_dpo_model_is_stale(runs, tmp_path):
     save_file(weights, str(dpo_copy / "model.safetensors"))
     manifest["inputs"]["dpo"]["path"] = str(dpo_copy)
     assert stale_inputs(manifest) == ["dpo"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_pipeline_file_resolves(path):
+    stages = load_pipeline(path)
+    assert stages and len({name for name, _, _ in stages}) == len(stages)
