@@ -203,10 +203,41 @@ class PrecomputeConfig(TeacherFields, DataFields):
 @dataclass
 class DistillConfig(TrainingFields):
     student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).", required=True)
-    cache: Optional[str] = opt(None, "Teacher cache directory written by precompute.", required=True)
-    data: Optional[str] = opt(None, "The data the cache was computed on (checked against its fingerprint).", required=True)
-    alpha_scale: Optional[float] = opt(None, "Override r of the cache's teacher (needs a --format hidden cache).", nonneg=True)
-    alpha_eps: Optional[float] = opt(None, "Override eps of the cache's teacher (needs a --format hidden cache).", positive=True)
+    data: Optional[str] = opt(None, "Off-policy: the data the cache was computed on (checked against its fingerprint). "
+                              "On-policy: prompts (a prompt-only or a preference set).", required=True)
+    mode: str = opt("off-policy", "off-policy (train on the cached teacher over the data's chosen responses) or "
+                    "on-policy (sample from the student, teach with live teachers).", choices=("off-policy", "on-policy"))
+    cache: Optional[str] = opt(None, "Off-policy: the teacher cache directory written by precompute.")
+    alpha_scale: Optional[float] = opt(None, "r of alpha_t = r TVD_t + eps. Off-policy: overrides the cache's (needs a "
+                                       "--format hidden cache). On-policy: default 20.", nonneg=True)
+    alpha_eps: Optional[float] = opt(None, "eps of alpha_t. Off-policy: overrides the cache's (hidden cache). "
+                                     "On-policy: default 1e-3.", positive=True)
+    dpo: Optional[str] = opt(None, "On-policy: the DPO model (run live).")
+    rev: Optional[str] = opt(None, "On-policy: the reverse-DPO model (run live).")
+    ref: Optional[str] = opt(None, "On-policy: the reference model (theorem1 and adaptive only).")
+    variant: str = opt("aligndistil", "On-policy: teacher variant.", choices=VARIANTS)
+    beta: float = opt(0.1, "On-policy: the DPO beta of the teachers.", positive=True)
+    kl_coef: float = opt(0.1, "On-policy: beta_kl of contrastive/theorem1.", positive=True)
+    teacher_temperature: float = opt(1.0, "On-policy: tau, the teacher is softmax(z*/tau).", positive=True)
+    temperature: float = opt(1.0, "On-policy: sampling temperature.", positive=True)
+    top_p: float = opt(1.0, "On-policy: nucleus sampling mass.", positive=True)
+    max_new_tokens: int = opt(64, "On-policy: longest sampled response.", positive=True)
+    samples_per_prompt: int = opt(1, "On-policy: responses sampled per prompt.", positive=True)
+    updates_per_rollout: int = opt(1, "On-policy: optimizer steps on each rollout batch before sampling again.",
+                                   positive=True)
+    mix_off_policy: float = opt(0.0, "On-policy: fraction of each batch taken from the data's chosen responses "
+                                "(needs preference data).", nonneg=True)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mode == "off-policy" and not self.cache:
+            raise ConfigError("config field 'cache' is required in off-policy mode (flag --cache; or use --mode on-policy)")
+        if self.mode == "on-policy":
+            for name in ("dpo", "rev") + (("ref",) if self.variant in ("theorem1", "adaptive") else ()):
+                if not getattr(self, name):
+                    raise ConfigError(f"config field {name!r} is required by on-policy distillation")
+        if self.mix_off_policy >= 1:
+            raise ConfigError(f"config field 'mix_off_policy' must be < 1; got {self.mix_off_policy}")
 
 
 @dataclass

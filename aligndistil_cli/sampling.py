@@ -32,6 +32,15 @@ class _MaskPaddedRows:
 
 
 @torch.no_grad()
+def split_generation(row: list[int], prompt_width: int, eos_id: int) -> tuple[list[int], bool]:
+    """The response of one generated row: the tokens after the (left-padded) prompt, up to and including
+    the first EOS. Everything after that EOS is padding and never trained on. Returns (ids, finished)."""
+    new = row[prompt_width:]
+    if eos_id in new:
+        return new[: new.index(eos_id) + 1], True
+    return new, False
+
+
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T] input ids and attention mask, padded on the left so every row ends where generation starts."""
     length = max(len(r) for r in rows)
@@ -78,10 +87,8 @@ def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, ma
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            new = out[:, input_ids.shape[1] :].tolist()
-            for prompt, p_ids, ids in zip(chunk, chunk_ids, new):
-                finished = tokenizer.eos_token_id in ids
-                ids = ids[: ids.index(tokenizer.eos_token_id) + 1] if finished else ids
+            for prompt, p_ids, row in zip(chunk, chunk_ids, out.tolist()):
+                ids, finished = split_generation(row, input_ids.shape[1], tokenizer.eos_token_id)
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 samples.append(Sample(prompt, p_ids, ids, text, finished))
             advance(len(chunk))

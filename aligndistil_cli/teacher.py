@@ -75,18 +75,22 @@ def bytes_per_position(fmt: str, vocab: int, hidden: int, n_models: int, itemsiz
 
 
 def encode_chunk(fmt: str, hidden: dict[str, torch.Tensor], heads: dict, spec: TeacherSpec, vocab: int,
-                 store_dtype: torch.dtype, top_k: int) -> dict[str, torch.Tensor]:
-    """What one chunk of positions stores, for format fmt. hidden: name -> [n, H]."""
+                 store_dtype: torch.dtype, top_k: int, host: bool = True) -> dict[str, torch.Tensor]:
+    """What one chunk of positions stores, for format fmt. hidden: name -> [n, H].
+
+    host=False keeps the result on the device (the live teacher of on-policy distillation).
+    """
+    move = (lambda t: t.cpu()) if host else (lambda t: t)
     teacher = compose({name: head_logits_real(h, heads[name], vocab) for name, h in hidden.items()}, spec, vocab)
-    out = {key: getattr(teacher, key).cpu() for key in SCALARS}
+    out = {key: move(getattr(teacher, key)) for key in SCALARS}
     if fmt == "hidden":
-        out.update({f"hidden_{name}": h.cpu() for name, h in hidden.items()})
+        out.update({f"hidden_{name}": move(h.to(store_dtype)) for name, h in hidden.items()})
         return out
     logprobs = torch.log_softmax(teacher.logits, dim=-1)
     if fmt == "logits":
-        out["teacher_logprobs"] = logprobs.to(store_dtype).cpu()
+        out["teacher_logprobs"] = move(logprobs.to(store_dtype))
         return out
-    out.update({k: v.cpu() for k, v in topk_fields(logprobs, top_k, store_dtype).items()})
+    out.update({k: move(v) for k, v in topk_fields(logprobs, top_k, store_dtype).items()})
     return out
 
 

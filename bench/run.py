@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from aligndistil_cli.cache import STORE_DTYPES
-from aligndistil_cli.config import PrecomputeConfig
 from aligndistil_cli.data import Encoded, collate
 from aligndistil_cli.losses import aligndistil_loss, compose_teacher, fused_head_kl_loss, position_weights, reverse_kl
 from aligndistil_cli.modeling import (final_hidden, output_head, quiet_transformers, response_hidden, sequence_ids,
@@ -211,8 +210,7 @@ def cache_bytes() -> dict:
 
 def precompute_batch(teachers, batch, vocab: int, store_name: str, fmt: str) -> dict[str, torch.Tensor]:
     """The precompute stage's own per-batch work (to the host, as it writes shards)."""
-    config = PrecomputeConfig(out="-", dpo="-", rev="-", data="-", format=fmt, dtype=store_name)
-    return teacher_for_batch(dict(zip(("dpo", "rev"), teachers)), batch, SPEC, fmt, vocab, config)
+    return teacher_for_batch(dict(zip(("dpo", "rev"), teachers)), batch, SPEC, fmt, vocab, STORE_DTYPES[store_name])
 
 
 def bench_precompute(p, teachers, batch, store, device) -> tuple[dict, dict]:

@@ -50,7 +50,6 @@ def cache_spec(cache: TeacherCache, config: DistillConfig) -> TeacherSpec:
 def cached_teacher_loss(model, cache: TeacherCache, spec: TeacherSpec, pad_id: int, vocab: int, device,
                         chunk_size: int):
     """loss_fn([(row id, Encoded), ...]) -> (AlignDistil loss, metrics) against the cached teacher."""
-    weight, bias = output_head(model)
     heads = cache.heads(device)
 
     def loss_fn(chunk):
@@ -61,13 +60,25 @@ def cached_teacher_loss(model, cache: TeacherCache, spec: TeacherSpec, pad_id: i
             fields = realpha(fields, spec)
         if fields["coef"].shape[0] != int(batch.loss_mask.sum()):
             raise UserError(f"teacher cache {cache.path} does not match the tokenised data at rows {row_ids[:4]}...")
-        weights = position_weights(fields["coef"].to(device), sequence_ids(batch), len(chunk))
-        loss, kl = fused_head_kl_loss(response_hidden(model, batch), weight, bias, weights,
-                                      logq_fn(cache.format, fields, heads, spec, vocab, device), vocab, chunk_size)
-        return loss, {"kl_teacher": kl.mean().item(), "alpha_mean": fields["alpha"].mean().item(),
-                      "coef_mean": fields["coef"].mean().item(), "tvd_mean": fields["tvd"].mean().item()}
+        return teacher_loss(model, batch, fields, heads, cache.format, spec, vocab, chunk_size)
 
     return loss_fn
+
+
+def teacher_loss(model, batch, fields: dict, heads: dict, fmt: str, spec: TeacherSpec, vocab: int,
+                 chunk_size: int) -> tuple[torch.Tensor, dict]:
+    """The AlignDistil loss of a batch against a teacher given as per-position fields.
+
+    The one loss path of both modes: off-policy reads the fields from the
+    cache, on-policy computes them live (precompute.teacher_for_batch).
+    """
+    device = batch.input_ids.device
+    weight, bias = output_head(model)
+    weights = position_weights(fields["coef"].to(device), sequence_ids(batch), batch.input_ids.shape[0])
+    loss, kl = fused_head_kl_loss(response_hidden(model, batch), weight, bias, weights,
+                                  logq_fn(fmt, fields, heads, spec, vocab, device), vocab, chunk_size)
+    return loss, {"kl_teacher": kl.mean().item(), "alpha_mean": fields["alpha"].mean().item(),
+                  "coef_mean": fields["coef"].mean().item(), "tvd_mean": fields["tvd"].mean().item()}
 
 
 def run(config: DistillConfig) -> Path:

@@ -59,14 +59,17 @@ def choose_format(config: PrecomputeConfig, vocab: int, hidden: int, n_models: i
 
 
 @torch.no_grad()
-def teacher_for_batch(models: dict, batch, spec: TeacherSpec, fmt: str, vocab: int, config) -> dict[str, torch.Tensor]:
-    """The stored tensors for the batch's response positions, chunk by chunk of positions."""
+def teacher_for_batch(models: dict, batch, spec: TeacherSpec, fmt: str, vocab: int, store: torch.dtype,
+                      top_k: int = 64, host: bool = True) -> dict[str, torch.Tensor]:
+    """The teacher's per-position tensors for the batch's response positions, chunk by chunk.
+
+    precompute writes them to shards; on-policy distillation (host=False) uses them at once.
+    """
     hidden = {name: response_hidden(m, batch) for name, m in models.items()}
     heads = {name: output_head(m) for name, m in models.items()}
     n = next(iter(hidden.values())).shape[0]
-    store = STORE_DTYPES[config.dtype]
-    parts = [encode_chunk(fmt, {k: h[s : s + POSITION_CHUNK].to(store) if fmt == "hidden" else h[s : s + POSITION_CHUNK]
-                                for k, h in hidden.items()}, heads, spec, vocab, store, config.top_k)
+    parts = [encode_chunk(fmt, {k: h[s : s + POSITION_CHUNK] for k, h in hidden.items()}, heads, spec, vocab, store,
+                          top_k, host)
              for s in range(0, n, POSITION_CHUNK)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -117,7 +120,7 @@ def run(config: PrecomputeConfig) -> Path:
                     for name, m in models.items():
                         check_head_reproduces(m, f"{name} model {names[name]}", batch, response_hidden(m, batch), vocab)
                     checked = True
-                parts.append(teacher_for_batch(models, batch, spec, fmt, vocab, config))
+                parts.append(teacher_for_batch(models, batch, spec, fmt, vocab, STORE_DTYPES[config.dtype], config.top_k))
                 advance(len(chunk))
             tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             lengths = torch.tensor([len(e.response) for e in examples[plan.row_start : plan.row_end]])
