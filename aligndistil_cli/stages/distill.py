@@ -82,6 +82,10 @@ def teacher_loss(model, batch, fields: dict, heads: dict, fmt: str, spec: Teache
 
 
 def run(config: DistillConfig) -> Path:
+    if config.mode == "on-policy":
+        from .on_policy import run as run_on_policy
+
+        return run_on_policy(config)
     seed_everything(config.seed)
     device = pick_device(config.device)
     cache = TeacherCache(Path(config.cache))
