@@ -32,6 +32,7 @@ EXPECTED = {
     "dpo": MODEL_FILES | {"metrics.jsonl"},
     "rev": MODEL_FILES | {"metrics.jsonl"},
     "student": MODEL_FILES | {"metrics.jsonl"},
+    "student-on-policy": MODEL_FILES | {"metrics.jsonl"},
     "eval": {"manifest.json", "stage_config.json", "report.json", "report.md", "reward_vs_kl.png", "lengths.png",
              "training_curves.png"},
 }

@@ -1,0 +1,259 @@
+"""train-dpo step vs TRL DPOTrainer step, side by side in one process (target: ratio <= 0.8).
+
+Both sides train their own copy of one random-init LlamaForCausalLM (same seed, same weights) on the same
+synthetic preference pairs, tokenised by one word-level tokenizer (the token ids are checked equal), with
+batch 8 pairs, max_length 256, AdamW at the same lr/betas/weight decay and gradient clipping at 1.0.
+Neither side runs the reference model during steps: TRL gets precompute_ref_log_probs=True, ours uses
+reference log-probs computed up front (stages.dpo.reference_logps), as train-dpo does from its cache.
+
+- aligndistil: the body of training.train's step around dpo.run's loss_fn (pair_logps + dpo_loss, collate
+  included), batches from training.step_batches grouped by length as dpo.run does.
+- TRL: DPOTrainer.train(); a TrainerCallback stamps on_step_begin/on_step_end. Our step runs inside TRL's
+  on_step_end, so the two alternate step by step and drift hits both alike.
+Timed: by default the whole second epoch on each side (every pair once), after a first epoch of warm-up.
+Usage: python -m bench.trl_dpo [--pairs 200] [--warmup N] [--steps N] [--trl-group-by-length] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from aligndistil_cli.data import collate, encode
+from aligndistil_cli.losses import dpo_loss
+from aligndistil_cli.modeling import quiet_transformers
+from aligndistil_cli.stages.dpo import pair_logps, reference_logps
+from aligndistil_cli.training import accumulate, lr_lambda, step_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = dict(hidden_size=320, num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=5,
+             intermediate_size=864, vocab_size=3260)
+HP = dict(batch=8, max_length=256, max_prompt_length=64, lr=1e-4, beta=0.1, betas=(0.9, 0.95), weight_decay=0.0,
+          grad_clip=1.0, warmup_ratio=0.1, min_lr_ratio=0.1, chunk_size=128, seed=0)
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def build_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    table = {t: i for i, t in enumerate(SPECIALS + [f"w{i}" for i in range(vocab - len(SPECIALS))])}
+    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def synthetic_pairs(n: int, vocab: int, seed: int) -> list[dict]:
+    """Prompts of 40-63 words (+ BOS = up to 64 tokens), responses of 31-191 words (+ EOS = 32-192 tokens)."""
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"w{rng.randrange(vocab - len(SPECIALS))}" for _ in range(k))  # noqa: E731
+    return [{"prompt": words(rng.randint(40, 63)), "chosen": " " + words(rng.randint(31, 191)),
+             "rejected": " " + words(rng.randint(31, 191))} for _ in range(n)]
+
+
+def build_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(HP["seed"])
+    cfg = LlamaConfig(**SHAPE, max_position_embeddings=512, tie_word_embeddings=False, attn_implementation="sdpa",
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
+def ours(model, tokenizer, rows, n_steps, device):
+    """(one_step(), batch stats, reference log-probs): the train-dpo step, batches in step_batches order."""
+    pad, vocab = tokenizer.pad_token_id, len(tokenizer)
+    pairs = [(encode(tokenizer, r["prompt"], r["chosen"], HP["max_length"], HP["max_prompt_length"]),
+              encode(tokenizer, r["prompt"], r["rejected"], HP["max_length"], HP["max_prompt_length"])) for r in rows]
+    model.eval()
+    ref = reference_logps(model, pairs, pad, vocab, HP["chunk_size"], HP["batch"], device)
+    items = [((c, r), i) for i, (c, r) in enumerate(pairs)]
+    stats: list[tuple[int, int, int]] = []  # (padded tokens, real tokens, positions through the head)
+
+    def loss_fn(chunk):  # dpo.run's loss_fn
+        idx = torch.tensor([i for _, i in chunk])
+        pc, pr = pair_logps(model, [p for p, _ in chunk], pad, vocab, HP["chunk_size"], device)
+        rc, rr = ref["chosen"][idx].to(device), ref["rejected"][idx].to(device)
+        loss = dpo_loss(pc, pr, rc, rr, beta=HP["beta"])
+        with torch.no_grad():
+            reward_c, reward_r = HP["beta"] * (pc - rc), HP["beta"] * (pr - rr)
+        return loss, {"reward_chosen": reward_c.mean().item(), "reward_rejected": reward_r.mean().item(),
+                      "reward_accuracy": (reward_c > reward_r).float().mean().item(),
+                      "margin": (reward_c - reward_r).mean().item()}
+
+    lengths = [max(len(c.prompt) + len(c.response), len(r.prompt) + len(r.response)) for c, r in pairs]
+    batches = step_batches(items, HP["batch"], 10**6, HP["seed"], n_steps, lengths)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=HP["lr"], betas=HP["betas"], weight_decay=HP["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(n_steps, HP["warmup_ratio"], HP["min_lr_ratio"]))
+    model.train()
+
+    def one_step():  # training.train's step body (minus the metrics.jsonl line and the progress bar)
+        batch = next(batches)
+        b = collate([p for (p, _), _ in batch] + [q for (_, q), _ in batch], pad)  # for the stats only, untimed
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss, _extra = accumulate(loss_fn, batch, 1, "auto", device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, HP["grad_clip"])
+        assert torch.isfinite(loss) and torch.isfinite(grad_norm)
+        opt.step()
+        sched.step()
+        loss.item()
+        dt = time.perf_counter() - t0
+        stats.append((b.input_ids.numel(), int(b.attention_mask.sum()), int(b.loss_mask.sum())))
+        return dt
+
+    return one_step, stats, ref, pairs
+
+
+def run(args) -> dict:
+    import transformers
+    import trl
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    from transformers import TrainerCallback
+
+    quiet_transformers()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    device = torch.device("cpu")
+    tokenizer = build_tokenizer(SHAPE["vocab_size"])
+    rows = synthetic_pairs(args.pairs, SHAPE["vocab_size"], HP["seed"])
+    per_epoch = -(-args.pairs // HP["batch"])
+    warmup = per_epoch if args.warmup is None else args.warmup
+    timed = per_epoch if args.steps is None else args.steps
+    n_steps = warmup + timed
+
+    policy_ours, policy_trl = build_model(), build_model()
+    policy_trl.load_state_dict(policy_ours.state_dict())
+    n_params = sum(p.numel() for p in policy_ours.parameters())
+    our_step, our_stats, our_ref, pairs = ours(policy_ours, tokenizer, rows, n_steps, device)
+
+    trl_stats: list[tuple[int, int, int]] = []
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.step_s, self.wall_s, self.ours_s, self.t_begin, self.t_after = [], [], [], 0.0, None
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.t_begin = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            now = time.perf_counter()
+            if state.global_step > warmup:
+                self.step_s.append(now - self.t_begin)
+                self.wall_s.append(now - self.t_after)  # previous step end -> this one: collate + log included
+            dt = our_step()  # interleave: one train-dpo step right after each TRL step
+            if state.global_step > warmup:
+                self.ours_s.append(dt)
+            self.t_after = time.perf_counter()
+
+    out_dir = tempfile.mkdtemp(prefix="trl-dpo-bench-")
+    cfg = DPOConfig(output_dir=out_dir, precompute_ref_log_probs=True, per_device_train_batch_size=HP["batch"],
+                    gradient_accumulation_steps=1, max_length=HP["max_length"], beta=HP["beta"],
+                    learning_rate=HP["lr"], adam_beta1=HP["betas"][0], adam_beta2=HP["betas"][1],
+                    weight_decay=HP["weight_decay"], max_grad_norm=HP["grad_clip"], optim="adamw_torch",
+                    lr_scheduler_type="cosine", warmup_steps=HP["warmup_ratio"], max_steps=n_steps,
+                    gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to=[],
+                    logging_steps=10**6, save_strategy="no", dataloader_num_workers=0, seed=HP["seed"],
+                    disable_tqdm=True,
+                    train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random")
+    dataset = Dataset.from_list(rows)
+    if args.trl_group_by_length:
+        dataset = dataset.add_column("length", [max(len(c.prompt) + len(c.response), len(r.prompt) + len(r.response))
+                                                for c, r in pairs])
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(model=policy_trl, args=cfg, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[clock := Clock()])
+    precompute_s = time.perf_counter() - t0
+    # Same tokens on both sides, and the same reference log-probs from the same initial weights.
+    td = trainer.train_dataset
+    for i in (0, len(pairs) // 2, len(pairs) - 1):
+        c, r = pairs[i]
+        assert td[i]["prompt_ids"] == c.prompt and td[i]["chosen_ids"] == c.response, f"tokens differ at pair {i}"
+        assert td[i]["rejected_ids"] == r.response, f"tokens differ at pair {i}"
+    ref_diff = max((torch.tensor(td["ref_chosen_logps"]) - our_ref["chosen"]).abs().max().item(),
+                   (torch.tensor(td["ref_rejected_logps"]) - our_ref["rejected"]).abs().max().item())
+
+    collator = trainer.data_collator
+
+    def counting_collator(examples):
+        batch = collator(examples)
+        trl_stats.append((batch["input_ids"].numel(), int(batch["attention_mask"].sum()),
+                          batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)))  # CPU: every position
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    mean_stats = lambda s: dict(zip(("padded_tokens", "real_tokens", "head_positions"),  # noqa: E731
+                                    (statistics.mean(x[k] for x in s) for k in range(3))))
+    res = {
+        "device": f"cpu ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}",
+        "versions": {"torch": torch.__version__, "trl": trl.__version__, "transformers": transformers.__version__},
+        "model": {"class": "LlamaForCausalLM", **SHAPE, "parameters": n_params},
+        "hyper": {**HP, "pairs": args.pairs, "warmup_steps": warmup, "timed_steps": timed,
+                  "trl_train_sampling_strategy": cfg.train_sampling_strategy},
+        "check": {"same_token_ids": True, "max_abs_ref_logp_diff": ref_diff},
+        "trl_precompute_s": precompute_s,
+        "times_s": {"aligndistil": clock.ours_s, "trl_step": clock.step_s, "trl_wall": clock.wall_s[1:]},
+        "median_s": {"aligndistil": med(clock.ours_s), "trl_step": med(clock.step_s),
+                     "trl_wall": med(clock.wall_s[1:])},
+        "mean_s": {"aligndistil": statistics.mean(clock.ours_s), "trl_step": statistics.mean(clock.step_s)},
+        "per_batch": {"aligndistil": mean_stats(our_stats), "trl": mean_stats(trl_stats)},
+    }
+    res["ratio"] = res["median_s"]["aligndistil"] / res["median_s"]["trl_step"]
+    res["ratio_mean"] = res["mean_s"]["aligndistil"] / res["mean_s"]["trl_step"]
+    res["met"] = res["ratio"] <= 0.8
+    return res
+
+
+def print_table(res: dict) -> None:
+    m, pb = res["median_s"], res["per_batch"]
+    print(f"model: LlamaForCausalLM {res['model']['parameters'] / 1e6:.2f}M params, vocab {SHAPE['vocab_size']}; "
+          f"batch {HP['batch']} pairs, max_length {HP['max_length']}; {res['device']}")
+    print(f"versions: {res['versions']}; timed steps {res['hyper']['timed_steps']} after "
+          f"{res['hyper']['warmup_steps']} warm-up; TRL sampler: {res['hyper']['trl_train_sampling_strategy']}")
+    print("| side | median step s | mean step s | padded tok/batch | real tok/batch | head positions/batch |")
+    print("|---|---|---|---|---|---|")
+    for name, key, st in (("aligndistil train-dpo", "aligndistil", "aligndistil"), ("TRL DPOTrainer", "trl_step", "trl")):
+        print(f"| {name} | {m[key]:.3f} | {res['mean_s'][key]:.3f} | {pb[st]['padded_tokens']:.0f} | "
+              f"{pb[st]['real_tokens']:.0f} | {pb[st]['head_positions']:.0f} |")
+    print(f"TRL step_end->step_end (adds collate + logging): median {m['trl_wall']:.3f} s")
+    print(f"ratio train-dpo / TRL (median): {res['ratio']:.3f}  target <= 0.8  met: {res['met']}  "
+          f"(ratio of means {res['ratio_mean']:.3f})")
+    print(f"checks: same token ids; max |ref logp ours - TRL| = {res['check']['max_abs_ref_logp_diff']:.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: one epoch)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: one epoch)")
+    parser.add_argument("--trl-group-by-length", action="store_true",
+                        help="TRL with train_sampling_strategy=group_by_length (not its default)")
+    parser.add_argument("--quick", action="store_true", help="3 warm-up + 5 timed steps: a smoke test")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "trl_dpo.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.warmup, args.steps = 3, 5
+    res = run(args)
+    print_table(res)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
