@@ -105,6 +105,11 @@ class TrainingFields(DataFields):
                          "losses are always combined in float32.", choices=("auto", "bf16", "fp32"))
     attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
     gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass to save memory.")
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning). Needs the optional peft extra: pip install 'aligndistil[lora]'.",
+                      nonneg=True)
+    lora_alpha: float = opt(16.0, "LoRA alpha (the adapter is scaled by alpha / r).", positive=True)
+    lora_target: str = opt("all-linear", "Modules that get adapters: all-linear, or comma-separated names "
+                           "(e.g. q_proj,v_proj).")
     save_every: int = opt(100, "Write a resumable checkpoint every N steps (0: never).", nonneg=True)
     keep_checkpoints: int = opt(2, "Keep at most this many checkpoints.", positive=True)
     resume: bool = opt(False, "Continue from the latest complete checkpoint in OUT/checkpoints.")

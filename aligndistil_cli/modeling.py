@@ -94,12 +94,40 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torc
 
 
 def load_student(path: str | Path, device: torch.device, cfg):
-    """A model to train, with cfg's (TrainingFields) attention kernel and checkpointing; fp32 master weights."""
-    return load_model(path, device, attn_implementation=cfg.attn_implementation,
-                      gradient_checkpointing=cfg.gradient_checkpointing, **hub_options(cfg))
+    """A model to train, with cfg's (TrainingFields) attention kernel, checkpointing and LoRA; fp32 master weights."""
+    model = load_model(path, device, attn_implementation=cfg.attn_implementation,
+                       gradient_checkpointing=cfg.gradient_checkpointing, **hub_options(cfg))
+    return add_lora(model, cfg) if cfg.lora_r else model
+
+
+def add_lora(model, cfg):
+    """Wrap model with LoRA adapters (peft); only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("--lora-r needs peft: pip install 'aligndistil[lora]'") from None
+    target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=target, lora_dropout=0.0,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def unwrap(model):
+    """The transformers model under a peft wrapper (adapters stay injected in its layers)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def reference_mode(model):
+    """A context in which model is the reference: a LoRA model with its adapter disabled, else itself."""
+    from contextlib import nullcontext
+
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
 def save_model(model, tokenizer, out: Path) -> None:
+    """save_pretrained in safetensors; LoRA adapters are merged into the base weights first."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
 
@@ -110,12 +138,13 @@ def vocab_size(tokenizer) -> int:
 
 
 def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T, H] inputs to the output head (the base model's last hidden state)."""
+    model = unwrap(model)
     base = getattr(model, model.base_model_prefix)
     return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 

@@ -18,7 +18,7 @@ from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, inp
 from ..config import DpoConfig
 from ..data import collate, data_fingerprint, data_input, encode_pairs, load_data
 from ..losses import dpo_loss
-from ..modeling import hub_options, load_student, load_tokenizer, pick_device, save_model, sequence_logps
+from ..modeling import hub_options, load_student, reference_mode, load_tokenizer, pick_device, save_model, sequence_logps
 from ..training import progress, seed_everything, step_batches, total_steps, train
 
 REF_CACHE_VERSION = 1
@@ -76,7 +76,8 @@ def run(config: DpoConfig) -> Path:
     pairs, truncated = encode_pairs(tokenizer, rows, config, config.data)
     out = prepare_output(Path(config.out))
     model.eval()
-    ref, ref_path = cached_reference_logps(config, model, tokenizer, pairs, device)
+    with reference_mode(model):
+        ref, ref_path = cached_reference_logps(config, model, tokenizer, pairs, device)
     # Reverse DPO is DPO on swapped pairs with the same reference: swap the data, not the loop.
     ref_chosen, ref_rejected = (ref["rejected"], ref["chosen"]) if config.reverse else (ref["chosen"], ref["rejected"])
     items = [((r, c) if config.reverse else (c, r), i) for i, (c, r) in enumerate(pairs)]
