@@ -105,6 +105,12 @@ class TrainingFields(DataFields):
                          "losses are always combined in float32.", choices=("auto", "bf16", "fp32"))
     attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
     gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass to save memory.")
+    eval_every: int = opt(0, "Every N steps, sample --eval-prompts and log eval_reward and eval_kl (0: never).",
+                          nonneg=True)
+    eval_prompts: Optional[str] = opt(None, "Prompts for --eval-every (a held-out prompt set).")
+    eval_num_prompts: int = opt(64, "How many of --eval-prompts to sample.", positive=True)
+    eval_max_new_tokens: int = opt(48, "Longest response sampled by --eval-every.", positive=True)
+    reward_model: Optional[str] = opt(None, "Reward model for --eval-every (default: the embedded task's gold reward).")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning). Needs the optional peft extra: pip install 'aligndistil[lora]'.",
                       nonneg=True)
     lora_alpha: float = opt(16.0, "LoRA alpha (the adapter is scaled by alpha / r).", positive=True)

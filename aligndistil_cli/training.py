@@ -182,12 +182,14 @@ def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, 
     return step
 
 
-def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path, desc: str) -> dict:
+def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path, desc: str,
+          monitor: Callable | None = None) -> dict:
     """Optimise model over `steps` (one batch per optimizer step); return summary metrics.
 
     cfg is a TrainingFields config. Writes out/metrics.jsonl and, every
     cfg.save_every steps, a checkpoint that `--resume` continues from: the
-    batches before it are skipped, not recomputed.
+    batches before it are skipped, not recomputed. monitor(model) -> metrics
+    runs every cfg.eval_every steps and at the end (monitor.py).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
@@ -227,7 +229,9 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                 recent = (recent + [loss.item()])[-20:]
                 last = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
                         "grad_norm": grad_norm.item(), "elapsed_s": round(time.perf_counter() - start, 3), **extra}
-                if step % cfg.log_every == 0 or step == n_steps:
+                if monitor is not None and (step % cfg.eval_every == 0 or step == n_steps):
+                    last.update(monitor(model))
+                if step % cfg.log_every == 0 or step == n_steps or "eval_reward" in last:
                     writer.write(last)
                 if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
                     checkpoint.save(out, step, model, optimizer, schedule, config_hash, cfg.keep_checkpoints)

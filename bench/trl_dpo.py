@@ -71,13 +71,14 @@ def build_model():
     return LlamaForCausalLM(cfg)
 
 
-def ours(model, tokenizer, rows, n_steps, device):
-    """(one_step(), batch stats, reference log-probs): the train-dpo step, batches in step_batches order."""
+def encode_all(tokenizer, rows):
+    return [(encode(tokenizer, r["prompt"], r["chosen"], HP["max_length"], HP["max_prompt_length"]),
+             encode(tokenizer, r["prompt"], r["rejected"], HP["max_length"], HP["max_prompt_length"])) for r in rows]
+
+
+def ours(model, tokenizer, pairs, ref, n_steps, device):
+    """(one_step(), per-step batch stats): the train-dpo step, batches in step_batches order."""
     pad, vocab = tokenizer.pad_token_id, len(tokenizer)
-    pairs = [(encode(tokenizer, r["prompt"], r["chosen"], HP["max_length"], HP["max_prompt_length"]),
-              encode(tokenizer, r["prompt"], r["rejected"], HP["max_length"], HP["max_prompt_length"])) for r in rows]
-    model.eval()
-    ref = reference_logps(model, pairs, pad, vocab, HP["chunk_size"], HP["batch"], device)
     items = [((c, r), i) for i, (c, r) in enumerate(pairs)]
     stats: list[tuple[int, int, int]] = []  # (padded tokens, real tokens, positions through the head)
 
@@ -114,7 +115,7 @@ def ours(model, tokenizer, rows, n_steps, device):
         stats.append((b.input_ids.numel(), int(b.attention_mask.sum()), int(b.loss_mask.sum())))
         return dt
 
-    return one_step, stats, ref, pairs
+    return one_step, stats
 
 
 def run(args) -> dict:
@@ -137,13 +138,13 @@ def run(args) -> dict:
     policy_ours, policy_trl = build_model(), build_model()
     policy_trl.load_state_dict(policy_ours.state_dict())
     n_params = sum(p.numel() for p in policy_ours.parameters())
-    our_step, our_stats, our_ref, pairs = ours(policy_ours, tokenizer, rows, n_steps, device)
-
+    pairs = encode_all(tokenizer, rows)
     trl_stats: list[tuple[int, int, int]] = []
+    our_step = None  # set once TRL's reference log-probs exist
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.step_s, self.wall_s, self.ours_s, self.t_begin, self.t_after = [], [], [], 0.0, None
+            self.step_s, self.wall_s, self.ours_s, self.t_begin, self.t_after = [], [], [], 0.0, 0.0
 
         def on_step_begin(self, a, state, control, **kw):
             self.t_begin = time.perf_counter()
@@ -176,14 +177,20 @@ def run(args) -> dict:
     trainer = DPOTrainer(model=policy_trl, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[clock := Clock()])
     precompute_s = time.perf_counter() - t0
-    # Same tokens on both sides, and the same reference log-probs from the same initial weights.
+    # Same tokens on both sides; TRL's reference log-probs (same initial weights) feed our side too, after a check
+    # against stages.dpo.reference_logps on the first two batches.
     td = trainer.train_dataset
     for i in (0, len(pairs) // 2, len(pairs) - 1):
         c, r = pairs[i]
         assert td[i]["prompt_ids"] == c.prompt and td[i]["chosen_ids"] == c.response, f"tokens differ at pair {i}"
         assert td[i]["rejected_ids"] == r.response, f"tokens differ at pair {i}"
-    ref_diff = max((torch.tensor(td["ref_chosen_logps"]) - our_ref["chosen"]).abs().max().item(),
-                   (torch.tensor(td["ref_rejected_logps"]) - our_ref["rejected"]).abs().max().item())
+    ref = {"chosen": torch.tensor(td["ref_chosen_logps"]), "rejected": torch.tensor(td["ref_rejected_logps"])}
+    n_check = 2 * HP["batch"]
+    policy_ours.eval()
+    check = reference_logps(policy_ours, pairs[:n_check], tokenizer.pad_token_id, len(tokenizer), HP["chunk_size"],
+                            HP["batch"], device)
+    ref_diff = max((check[k] - ref[k][:n_check]).abs().max().item() for k in ("chosen", "rejected"))
+    our_step, our_stats = ours(policy_ours, tokenizer, pairs, ref, n_steps, device)
 
     collator = trainer.data_collator
 
@@ -196,22 +203,27 @@ def run(args) -> dict:
     trainer.data_collator = counting_collator
     trainer.train()
 
-    med = lambda xs: statistics.median(xs)  # noqa: E731
-    mean_stats = lambda s: dict(zip(("padded_tokens", "real_tokens", "head_positions"),  # noqa: E731
-                                    (statistics.mean(x[k] for x in s) for k in range(3))))
+    trl_stats = trl_stats[warmup:n_steps]  # the i-th collated batch is step i+1's (prefetch only shifts timing)
+    our_stats = our_stats[warmup:]
+    sums = lambda st: [sum(x[k] for x in st) for k in range(3)]  # noqa: E731
+    per_batch = {k: dict(zip(("padded_tokens", "real_tokens", "head_positions"), (v / len(st) for v in sums(st))))
+                 for k, st in (("aligndistil", our_stats), ("trl", trl_stats))}
+    times = {"aligndistil": clock.ours_s, "trl_step": clock.step_s, "trl_wall": clock.wall_s}
     res = {
-        "device": f"cpu ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}",
+        "device": f"cpu ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}, "
+                  f"load average at the end {os.getloadavg()[0]:.2f}",
         "versions": {"torch": torch.__version__, "trl": trl.__version__, "transformers": transformers.__version__},
         "model": {"class": "LlamaForCausalLM", **SHAPE, "parameters": n_params},
         "hyper": {**HP, "pairs": args.pairs, "warmup_steps": warmup, "timed_steps": timed,
                   "trl_train_sampling_strategy": cfg.train_sampling_strategy},
-        "check": {"same_token_ids": True, "max_abs_ref_logp_diff": ref_diff},
+        "check": {"same_token_ids": True, "max_abs_ref_logp_diff_first_16_pairs": ref_diff},
         "trl_precompute_s": precompute_s,
-        "times_s": {"aligndistil": clock.ours_s, "trl_step": clock.step_s, "trl_wall": clock.wall_s[1:]},
-        "median_s": {"aligndistil": med(clock.ours_s), "trl_step": med(clock.step_s),
-                     "trl_wall": med(clock.wall_s[1:])},
-        "mean_s": {"aligndistil": statistics.mean(clock.ours_s), "trl_step": statistics.mean(clock.step_s)},
-        "per_batch": {"aligndistil": mean_stats(our_stats), "trl": mean_stats(trl_stats)},
+        "times_s": times,
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "mean_s": {k: statistics.mean(v) for k, v in times.items()},
+        "per_batch": per_batch,
+        "real_tokens_per_s": {"aligndistil": sums(our_stats)[1] / sum(clock.ours_s),
+                              "trl": sums(trl_stats)[1] / sum(clock.step_s)},
     }
     res["ratio"] = res["median_s"]["aligndistil"] / res["median_s"]["trl_step"]
     res["ratio_mean"] = res["mean_s"]["aligndistil"] / res["mean_s"]["trl_step"]
@@ -233,7 +245,11 @@ def print_table(res: dict) -> None:
     print(f"TRL step_end->step_end (adds collate + logging): median {m['trl_wall']:.3f} s")
     print(f"ratio train-dpo / TRL (median): {res['ratio']:.3f}  target <= 0.8  met: {res['met']}  "
           f"(ratio of means {res['ratio_mean']:.3f})")
-    print(f"checks: same token ids; max |ref logp ours - TRL| = {res['check']['max_abs_ref_logp_diff']:.2e}")
+    tps = res["real_tokens_per_s"]
+    print(f"real tokens/s over the timed steps: train-dpo {tps['aligndistil']:.0f}, TRL {tps['trl']:.0f} "
+          f"(TRL / train-dpo time per real token: {tps['aligndistil'] / tps['trl']:.3f})")
+    print(f"checks: same token ids; max |ref logp ours - TRL| (16 pairs) = "
+          f"{res['check']['max_abs_ref_logp_diff_first_16_pairs']:.2e}")
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ from ..config import DistillConfig
 from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
 from ..errors import UserError
 from ..losses import fused_head_kl_loss, position_weights
-from ..modeling import hub_options, load_student, load_tokenizer, output_head, pick_device, response_hidden, save_model, sequence_ids
+from ..modeling import (hub_options, load_student, load_tokenizer, output_head, pick_device, response_hidden,
+                        save_model, sequence_ids)
+from ..monitor import make_monitor
 from ..teacher import TeacherSpec, logq_fn, realpha
 from ..training import seed_everything, step_batches, total_steps, train
 
@@ -103,7 +105,8 @@ def run(config: DistillConfig) -> Path:
     n_steps = total_steps(len(items), config.batch_size, config.epochs, config.max_steps)
     lengths = [len(e.prompt) + len(e.response) for e in examples] if config.group_by_length else None
     steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps, lengths)
-    summary = train(model, steps, n_steps, loss_fn, config, out, "distill")
+    monitor = make_monitor(config, tokenizer, config.student, device)
+    summary = train(model, steps, n_steps, loss_fn, config, out, "distill", monitor)
     save_model(model, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),
               "cache": input_record("teacher-cache", config.cache, cache.index["settings_key"]),

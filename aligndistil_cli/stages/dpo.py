@@ -18,7 +18,9 @@ from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, inp
 from ..config import DpoConfig
 from ..data import collate, data_fingerprint, data_input, encode_pairs, load_data
 from ..losses import dpo_loss
-from ..modeling import hub_options, load_student, reference_mode, load_tokenizer, pick_device, save_model, sequence_logps
+from ..modeling import (hub_options, load_student, load_tokenizer, pick_device, reference_mode, save_model,
+                        sequence_logps)
+from ..monitor import make_monitor
 from ..training import progress, seed_everything, step_batches, total_steps, train
 
 REF_CACHE_VERSION = 1
@@ -97,7 +99,8 @@ def run(config: DpoConfig) -> Path:
     lengths = [max(len(c.prompt) + len(c.response), len(r.prompt) + len(r.response)) for c, r in pairs]
     steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps,
                          lengths if config.group_by_length else None)
-    summary = train(model, steps, n_steps, loss_fn, config, out, stage)
+    monitor = make_monitor(config, tokenizer, config.model, device)
+    summary = train(model, steps, n_steps, loss_fn, config, out, stage, monitor)
     save_model(model, tokenizer, out)
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
               "data": data_input(config),

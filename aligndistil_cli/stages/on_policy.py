@@ -20,6 +20,7 @@ from ..config import DistillConfig
 from ..data import Encoded, collate, data_input, encode_rows, load_data, prompt_ids, truncate
 from ..modeling import (bf16_enabled, hub_options, load_model, load_student, load_tokenizer, output_head, pick_device,
                         save_model)
+from ..monitor import make_monitor
 from ..sampling import generate
 from ..teacher import TeacherSpec
 from ..training import seed_everything, step_batches, train
@@ -126,7 +127,9 @@ def run(config: DistillConfig) -> Path:
 
     per_epoch = -(-len(rows) // max(1, config.batch_size // config.samples_per_prompt))
     n_steps = min(per_epoch * config.epochs * config.updates_per_rollout, config.max_steps or 10**12)
-    summary = train(student, rollout_steps(len(rows), config), n_steps, loss_fn, config, out, "distill (on-policy)")
+    monitor = make_monitor(config, tokenizer, config.student, device)
+    summary = train(student, rollout_steps(len(rows), config), n_steps, loss_fn, config, out, "distill (on-policy)",
+                    monitor)
     save_model(student, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),
               **{name: input_record("model", getattr(config, name), fingerprint_model(getattr(config, name)))

@@ -8,6 +8,7 @@ from ..artifacts import fingerprint_model, finalize, input_record, prepare_outpu
 from ..config import SftConfig
 from ..data import collate, data_input, encode_rows, load_data
 from ..modeling import hub_options, load_student, load_tokenizer, pick_device, save_model, sequence_logps
+from ..monitor import make_monitor
 from ..training import seed_everything, step_batches, total_steps, train
 
 
@@ -31,7 +32,8 @@ def run(config: SftConfig) -> Path:
     n_steps = total_steps(len(examples), config.batch_size, config.epochs, config.max_steps)
     lengths = [len(e.prompt) + len(e.response) for e in examples] if config.group_by_length else None
     steps = step_batches(examples, config.batch_size, config.epochs, config.seed, config.max_steps, lengths)
-    summary = train(model, steps, n_steps, loss_fn, config, out, "sft")
+    monitor = make_monitor(config, tokenizer, config.model, device)
+    summary = train(model, steps, n_steps, loss_fn, config, out, "sft", monitor)
     save_model(model, tokenizer, out)
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
               "data": data_input(config)}

@@ -109,3 +109,13 @@ def test_same_seed_same_metrics(runs, tmp_path):
     a = run_in_process("train-dpo", values)
     b = run_in_process("train-dpo", values | {"out": str(tmp_path / "b")})
     assert metrics(a) == metrics(b)
+
+
+def test_eval_every_logs_reward_and_kl_curves(runs, tmp_path):
+    values = stage_values(runs, "dpo", tmp_path / "e", max_steps=4, batch_size=4, eval_every=2,
+                          eval_prompts=str(runs / "toy" / "heldout_prompts.jsonl"), eval_num_prompts=8,
+                          eval_max_new_tokens=8)
+    out = run_in_process("train-dpo", values)
+    evals = [m for m in metrics(out) if "eval_reward" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert all(-2.0 <= m["eval_reward"] <= 2.0 and m["eval_length"] > 0 for m in evals)
