@@ -354,8 +354,8 @@ class _FusedHeadKL(torch.autograd.Function):
             del p
             if grad_h is not None:
                 grad_h[s:e] = grad_z @ w_real.float()
-            if grad_w is not None:
-                grad_w[:vocab] += grad_z.T @ h.float()
+            if grad_w is not None:  # addmm_ accumulates in place: no [V, H] temporary
+                grad_w[:vocab].addmm_(grad_z.T, h.float())
             if grad_b is not None:
                 grad_b[:vocab] += grad_z.sum(0)
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
