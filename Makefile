@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup full-pipeline test bench lint clean
+.PHONY: setup full-pipeline test bench experiments lint clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# Not part of `make test`: seeds x methods x knobs on the embedded task (see docs/RESULTS.md).
+experiments: setup
+	$(BIN)/aligndistil sweep pipelines/experiments.yaml
 
 lint: setup
 	$(BIN)/python -m pip install -q ruff

@@ -107,6 +107,18 @@ def run_pipeline(
     run_file(pipeline, force=force, root=root)
 
 
+@app.command("sweep", help="Run a sweep (seeds x methods x knob values), reusing finished runs; "
+                           "writes ROOT/summary.md.\n\n\b\nExample:\n  aligndistil sweep pipelines/experiments.yaml")
+def sweep_command(
+    spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. pipelines/experiments.yaml.")],
+    force: Annotated[bool, typer.Option("--force", help="Rerun every stage even when complete.")] = False,
+    root: Annotated[Optional[Path], typer.Option("--root", help="Write under this directory instead of the spec's root.")] = None,
+) -> None:
+    from .sweep import run_sweep
+
+    emit(str(run_sweep(spec, root=root, force=force)))
+
+
 @app.command("verify", help="Check every file of an output directory against its manifest's sha256.\n\n"
                             "Example:\n\n    aligndistil verify runs/tiny/teacher")
 def verify(directory: Annotated[Path, typer.Argument(help="A stage's output directory.")]) -> None:

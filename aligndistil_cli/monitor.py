@@ -29,8 +29,10 @@ def make_monitor(config, tokenizer, reference: str, device: torch.device) -> Cal
 
     def monitor(model) -> dict:
         model.eval()
-        samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.eval_max_new_tokens,
-                           seed=config.seed, desc="eval")
+        # generate() reseeds the global generator; fork it so training runs the same with or without checks.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.eval_max_new_tokens,
+                               seed=config.seed, desc="eval")
         own = score_samples(model, tokenizer, samples)
         ref = score_samples(ref_model, tokenizer, samples)
         model.train()

@@ -1,17 +1,14 @@
 """train-dpo step vs TRL DPOTrainer step, side by side in one process (target: ratio <= 0.8).
 
-Both sides train their own copy of one random-init LlamaForCausalLM (same seed, same weights) on the same
-synthetic preference pairs, tokenised by one word-level tokenizer (the token ids are checked equal), with
-batch 8 pairs, max_length 256, AdamW at the same lr/betas/weight decay and gradient clipping at 1.0.
-Neither side runs the reference model during steps: TRL gets precompute_ref_log_probs=True, ours uses
-reference log-probs computed up front (stages.dpo.reference_logps), as train-dpo does from its cache.
-
-- aligndistil: the body of training.train's step around dpo.run's loss_fn (pair_logps + dpo_loss, collate
-  included), batches from training.step_batches grouped by length as dpo.run does.
-- TRL: DPOTrainer.train(); a TrainerCallback stamps on_step_begin/on_step_end. Our step runs inside TRL's
-  on_step_end, so the two alternate step by step and drift hits both alike.
-Timed: --steps steps per side after --warmup (default 3 + 22: the rest of the first epoch; each side draws its
-own batch order). Medians as asked, plus means and time per real token: length-grouped step times spread widely.
+Each side trains its own copy of one random-init LlamaForCausalLM (same weights) on the same synthetic pairs
+(token ids checked equal), batch 8 pairs, max_length 256, same AdamW and clipping. Neither runs the reference
+during steps: TRL has precompute_ref_log_probs=True; ours reads reference log-probs computed up front.
+- aligndistil: training.train's step body around dpo.run's loss_fn (pair_logps + dpo_loss, collate included),
+  batches from training.step_batches grouped by length, as dpo.run does.
+- TRL: DPOTrainer.train(), timed on_step_begin -> on_step_end by a TrainerCallback; our step runs inside its
+  on_step_end, so the two alternate step by step and load drift hits both.
+Timed: --steps per side after --warmup (default 3 + 22, the rest of epoch 1; each side has its own batch order).
+Medians as asked, plus means and time per real token (length-grouped step times spread widely).
 Usage: python -m bench.trl_dpo [--pairs 200] [--warmup 3] [--steps 22] [--trl-group-by-length] [--quick]
 """
 
@@ -68,9 +65,8 @@ def build_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(HP["seed"])
-    cfg = LlamaConfig(**SHAPE, max_position_embeddings=512, tie_word_embeddings=False, attn_implementation="sdpa",
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(LlamaConfig(**SHAPE, max_position_embeddings=512, tie_word_embeddings=False,
+                                        attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2))
 
 
 def ours(model, tokenizer, pairs, ref, n_steps, device):
@@ -130,7 +126,7 @@ def run(args, out_dir: str) -> dict:
     device = torch.device("cpu")
     tokenizer = build_tokenizer(SHAPE["vocab_size"])
     rows = synthetic_pairs(args.pairs, SHAPE["vocab_size"], HP["seed"])
-    warmup, timed = args.warmup, args.steps
+    warmup, timed, load_start = args.warmup, args.steps, os.getloadavg()[0]
     assert warmup >= 1 and timed >= 1
     n_steps = warmup + timed
 
@@ -150,11 +146,10 @@ def run(args, out_dir: str) -> dict:
 
         def on_step_end(self, a, state, control, **kw):
             now = time.perf_counter()
-            if state.global_step > warmup:
-                self.step_s.append(now - self.t_begin)
-                self.wall_s.append(now - self.t_after)  # previous step end -> this one: collate + log included
             dt = our_step()  # interleave: one train-dpo step right after each TRL step
-            if state.global_step > warmup:
+            if state.global_step > warmup:  # wall: previous step end -> this one, collate + logging included
+                self.step_s.append(now - self.t_begin)
+                self.wall_s.append(now - self.t_after)
                 self.ours_s.append(dt)
             self.t_after = time.perf_counter()
 
@@ -165,7 +160,8 @@ def run(args, out_dir: str) -> dict:
                     lr_scheduler_type="cosine", warmup_steps=HP["warmup_ratio"], max_steps=n_steps,
                     gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to=[],
                     logging_steps=10**6, save_strategy="no", dataloader_num_workers=0, seed=HP["seed"],
-                    disable_tqdm=True, train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random")
+                    disable_tqdm=True, remove_unused_columns=not args.trl_group_by_length,  # keeps "length"
+                    train_sampling_strategy="group_by_length" if args.trl_group_by_length else "random")
     dataset = Dataset.from_list(rows)
     if args.trl_group_by_length:
         dataset = dataset.add_column("length", [max(len(c.prompt + c.response), len(r.prompt + r.response))
@@ -177,10 +173,8 @@ def run(args, out_dir: str) -> dict:
     # Same tokens on both sides; TRL's reference log-probs (same initial weights) feed our side too, after a check
     # against stages.dpo.reference_logps on the first two batches.
     td = trainer.train_dataset
-    for i in (0, len(pairs) // 2, len(pairs) - 1):
-        c, r = pairs[i]
-        assert td[i]["prompt_ids"] == c.prompt and td[i]["chosen_ids"] == c.response, f"tokens differ at pair {i}"
-        assert td[i]["rejected_ids"] == r.response, f"tokens differ at pair {i}"
+    assert [(c.prompt, c.response, r.prompt, r.response) for c, r in pairs] == \
+        list(zip(td["prompt_ids"], td["chosen_ids"], td["prompt_ids"], td["rejected_ids"])), "token ids differ"
     ref = {"chosen": torch.tensor(td["ref_chosen_logps"]), "rejected": torch.tensor(td["ref_rejected_logps"])}
     n_check = 2 * HP["batch"]
     check = reference_logps(policy_ours.eval(), pairs[:n_check], tokenizer.pad_token_id, len(tokenizer),
@@ -204,37 +198,37 @@ def run(args, out_dir: str) -> dict:
                  for k, st in (("aligndistil", our_stats), ("trl", trl_stats))}
     times = {"aligndistil": clock.ours_s, "trl_step": clock.step_s, "trl_wall": clock.wall_s}
     res = {
-        "device": f"cpu ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}, "
-                  f"load average at the end {os.getloadavg()[0]:.2f}",
+        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores), torch threads {torch.get_num_threads()}, "
+                  f"1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end",
         "versions": {"torch": torch.__version__, "trl": trl.__version__, "transformers": transformers.__version__},
         "model": {"class": "LlamaForCausalLM", **SHAPE, "parameters": n_params},
         "hyper": {**HP, "pairs": args.pairs, "warmup_steps": warmup, "timed_steps": timed,
                   "trl_train_sampling_strategy": cfg.train_sampling_strategy},
-        "check": {"same_token_ids": True, "trl_grad_checkpointing": trainer.model.is_gradient_checkpointing, "max_abs_ref_logp_diff": ref_diff, "pairs_checked": n_check},
-        "trl_precompute_s": precompute_s,
-        "times_s": times,
+        "check": {"same_token_ids": True, "max_abs_ref_logp_diff": ref_diff, "pairs_checked": n_check,
+                  "trl_gradient_checkpointing": trainer.model.is_gradient_checkpointing},
+        "trl_precompute_s": precompute_s, "times_s": times,
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "mean_s": {k: statistics.mean(v) for k, v in times.items()},
         "per_batch": per_batch,
         "real_tokens_per_s": {"aligndistil": sums(our_stats)[1] / sum(clock.ours_s),
                               "trl": sums(trl_stats)[1] / sum(clock.step_s)},
     }
-    res["ratio"] = res["median_s"]["aligndistil"] / res["median_s"]["trl_step"]
-    res["ratio_mean"] = res["mean_s"]["aligndistil"] / res["mean_s"]["trl_step"]
-    res["ratio_per_real_token"] = res["real_tokens_per_s"]["trl"] / res["real_tokens_per_s"]["aligndistil"]
-    res["met"] = res["ratio"] <= 0.8
-    return res
+    res.update(ratio=res["median_s"]["aligndistil"] / res["median_s"]["trl_step"],
+               ratio_mean=res["mean_s"]["aligndistil"] / res["mean_s"]["trl_step"],
+               ratio_per_real_token=res["real_tokens_per_s"]["trl"] / res["real_tokens_per_s"]["aligndistil"])
+    return {**res, "met": res["ratio"] <= 0.8}
 
 
 def print_table(res: dict) -> None:
-    m, pb = res["median_s"], res["per_batch"]
-    h = res["hyper"]
+    m, pb, h = res["median_s"], res["per_batch"], res["hyper"]
     print(f"LlamaForCausalLM {res['model']['parameters'] / 1e6:.2f}M params, vocab {SHAPE['vocab_size']}; batch "
-          f"{HP['batch']} pairs, max_length {HP['max_length']}; {res['device']}; {res['versions']}; {h['timed_steps']} "
-          f"timed after {h['warmup_steps']} warm-up; TRL sampler {h['trl_train_sampling_strategy']}")
-    print("| side | median step s | mean step s | padded tok/batch | real tok/batch | head positions/batch |")
-    print("|---|---|---|---|---|---|")
-    for name, key, st in (("aligndistil train-dpo", "aligndistil", "aligndistil"), ("TRL DPOTrainer", "trl_step", "trl")):
+          f"{HP['batch']} pairs, max_length {HP['max_length']}; {res['device']}\n{res['versions']}; "
+          f"{h['timed_steps']} timed steps after {h['warmup_steps']} warm-up; "
+          f"TRL sampler {h['trl_train_sampling_strategy']}")
+    print("| side | median step s | mean step s | padded tok/batch | real tok/batch | head positions/batch |\n"
+          "|---|---|---|---|---|---|")
+    for name, key, st in (("aligndistil train-dpo", "aligndistil", "aligndistil"),
+                          ("TRL DPOTrainer", "trl_step", "trl")):
         print(f"| {name} | {m[key]:.3f} | {res['mean_s'][key]:.3f} | {pb[st]['padded_tokens']:.0f} | "
               f"{pb[st]['real_tokens']:.0f} | {pb[st]['head_positions']:.0f} |")
     print(f"TRL step_end->step_end (adds collate + logging): median {m['trl_wall']:.3f} s")
@@ -253,11 +247,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=22, help="timed steps per side")
     parser.add_argument("--trl-group-by-length", action="store_true",
                         help="TRL with train_sampling_strategy=group_by_length (not its default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="2 warm-up + 3 timed steps: a smoke test")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "trl_dpo.json"))
     args = parser.parse_args()
-    if args.quick:
-        args.warmup, args.steps = 2, 3
+    args.warmup, args.steps = (2, 3) if args.quick else (args.warmup, args.steps)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory(prefix="trl-dpo-bench-") as out_dir:
         res = run(args, out_dir)
     print_table(res)
