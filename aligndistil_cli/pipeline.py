@@ -34,7 +34,7 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 FIXED = {"train-reverse-dpo": {"reverse": True}}
 
 
-def _substitute(value, outs: dict[str, str], where: str):
+def substitute(value, outs: dict[str, str], where: str):
     if isinstance(value, str):
         def repl(m):
             if m.group(1) not in outs:
@@ -42,7 +42,7 @@ def _substitute(value, outs: dict[str, str], where: str):
             return outs[m.group(1)]
         return _PLACEHOLDER.sub(repl, value)
     if isinstance(value, dict):
-        return {k: _substitute(v, outs, where) for k, v in value.items()}
+        return {k: substitute(v, outs, where) for k, v in value.items()}
     return value
 
 
@@ -67,7 +67,7 @@ def load_pipeline(path: Path, root: Path | None = None) -> list[tuple[str, str, 
         name = str(entry.get("name", stage))
         if name in outs:
             raise ConfigError(f"{where}: duplicate stage name {name!r}")
-        values = _substitute(dict(entry.get("with") or {}), outs, f"{where} ({name})")
+        values = substitute(dict(entry.get("with") or {}), outs, f"{where} ({name})")
         values.setdefault("seed", spec.get("seed", 0))
         values["out"] = str(root / name)
         values.update(FIXED.get(stage, {}))

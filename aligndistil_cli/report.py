@@ -95,7 +95,7 @@ def _cell(text) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return lines
@@ -145,7 +145,7 @@ def _plot_lengths(plt, report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
@@ -179,7 +179,7 @@ def _plot_training(plt, training: dict, out_dir: Path, path: Path) -> bool:
             p = out_dir / p
         if not p.is_file():
             continue
-        records = _read_metrics(p)
+        records = read_metrics(p)
         keys = [k for k in _TRAINING_KEYS if _series(records, k)[0]]
         if keys:
             runs.append((name, records, keys))
@@ -209,7 +209,7 @@ def _markdown(report: dict, plots: list[str]) -> str:
              f"(at most {report['max_new_tokens']} new tokens); rewards are from the gold reward model, "
              f"KL and win rate are against the reference model `{report['reference']}`, and intervals are 95% "
              "normal-approximation confidence intervals.", "", "## Results", ""]
-    lines += _md_table(list(COLUMNS), [_row(n, r) for n, r in report["models"].items()])
+    lines += md_table(list(COLUMNS), [_row(n, r) for n, r in report["models"].items()])
     acc = report.get("implicit_accuracy")
     if acc:
         lines += ["", "## Implicit-reward accuracy", "",
@@ -225,7 +225,7 @@ def _markdown(report: dict, plots: list[str]) -> str:
         if not examples:
             lines.append("(no examples)")
             continue
-        lines += _md_table(["prompt", "response", "reward"],
+        lines += md_table(["prompt", "response", "reward"],
                            [[e["prompt"], e["response"], f"{e['reward']:.3f}"] for e in examples])
     return "\n".join(lines) + "\n"
 

@@ -32,8 +32,8 @@ from . import checkpoint
 from .artifacts import atomic_write_json, config_dict
 from .config import build_config, read_yaml
 from .errors import ConfigError, UserError
-from .pipeline import FIXED, _substitute, is_up_to_date
-from .report import _md_table, _read_metrics, format_ci, mean_ci
+from .pipeline import FIXED, substitute, is_up_to_date
+from .report import md_table, read_metrics, format_ci, mean_ci
 from .stages import STAGES
 
 console = Console(stderr=True)
@@ -97,7 +97,7 @@ class _Planner:
         if not isinstance(entry, dict) or set(entry) - {"name", "stage", "with"} or entry.get("stage") not in STAGES:
             raise ConfigError(f"{where}: expected name, stage (one of {', '.join(STAGES)}) and with")
         stage = entry["stage"]
-        values = _substitute({**(self.defaults.get(stage) or {}), **(entry.get("with") or {})}, outs, where)
+        values = substitute({**(self.defaults.get(stage) or {}), **(entry.get("with") or {})}, outs, where)
         values.setdefault("seed", self.seed)
         values.update(out=str(out), **FIXED.get(stage, {}))
         config = build_config(STAGES[stage].config, values, where)
@@ -284,7 +284,7 @@ def steps_to_match(curve: list[tuple], target_reward: float, max_kl: float) -> i
 
 def read_curve(metrics: Path) -> list[tuple[int, float, float]]:
     """(step, eval_reward, eval_kl) from a training run's metrics.jsonl; [] without --eval-every."""
-    rows = _read_metrics(Path(metrics)) if Path(metrics).is_file() else []
+    rows = read_metrics(Path(metrics)) if Path(metrics).is_file() else []
     return [(r["step"], r["eval_reward"], r["eval_kl"]) for r in rows
             if all(isinstance(r.get(k), (int, float)) for k in ("step", "eval_reward", "eval_kl"))]
 
@@ -295,7 +295,7 @@ def _curve(record: dict) -> tuple[list[tuple], str]:
     if curve:
         return curve, "eval curve"
     path = Path(record["metrics"])
-    last = max((r["step"] for r in _read_metrics(path) if isinstance(r.get("step"), int)), default=None) \
+    last = max((r["step"] for r in read_metrics(path) if isinstance(r.get("step"), int)), default=None) \
         if path.is_file() else None
     return ([] if last is None else [(last, record["reward"], record["kl"])]), "final evaluation"
 
@@ -369,7 +369,7 @@ def _budget_table(agg: list[dict], budgets: tuple) -> list[str]:
                                        f"{format_ci(by_key[(method, per[b][1])]['reward'])} ({label(per[b][1])})"
                                        for b in budgets]
             for method, per in best_within_budget(agg, budgets).items()]
-    return _md_table(["method", "knob"] + [f"KL ≤ {label(b)}" for b in budgets], rows)
+    return md_table(["method", "knob"] + [f"KL ≤ {label(b)}" for b in budgets], rows)
 
 
 def _steps_table(records: list[dict], baseline: tuple) -> list[str]:
@@ -391,14 +391,14 @@ def _steps_table(records: list[dict], baseline: tuple) -> list[str]:
         rows.append([method, label(value), format_ci(mean_ci(reached), 1) if reached else "not reached",
                      f"{len(reached)}/{len(hits)}", "—" if trained is None else label(trained),
                      ", ".join(sorted({source for _, _, source in runs}))])
-    return _md_table(["method", "knob value", "steps (mean ± 95% CI over seeds that reached it)", "seeds reached",
+    return md_table(["method", "knob value", "steps (mean ± 95% CI over seeds that reached it)", "seeds reached",
                       "steps trained", "measured on"], rows)
 
 
 def _runs_table(agg: list[dict]) -> list[str]:
     rows = [[a["method"], f"{a['knob']} = {label(a['value'])}", str(a["n"]), format_ci(a["reward"]),
              format_ci(a["kl"]), format_ci(a["length"], 1), f"{100 * a['cap_rate']['mean']:.1f}%"] for a in agg]
-    return _md_table(["method", "knob", "seeds", "gold reward", "KL to SFT", "mean length", "cap rate"], rows)
+    return md_table(["method", "knob", "seeds", "gold reward", "KL to SFT", "mean length", "cap rate"], rows)
 
 
 def write_summary(root: Path, out_md: Path, budgets: tuple = (2, 5, 10), baseline: tuple | None = None,
