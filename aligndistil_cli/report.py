@@ -17,7 +17,8 @@ from rich.table import Table
 _Z95 = 1.96
 # Rewards are floats from the same scorer; differences this small are ties, not wins.
 _TIE_EPS = 1e-9
-_TRAINING_KEYS = ("loss", "alpha_mean", "coef_mean", "kl_teacher")
+# eval_reward / eval_kl appear when the stage ran with --eval-every (monitor.py).
+_TRAINING_KEYS = ("loss", "alpha_mean", "coef_mean", "kl_teacher", "eval_reward", "eval_kl")
 COLUMNS = ("model", "gold reward", "KL to ref", "win rate vs ref", "mean length", "cap rate")
 
 
