@@ -74,6 +74,21 @@ def teacher_for_batch(models: dict, batch, spec: TeacherSpec, fmt: str, vocab: i
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def save_heads(path: Path, models: dict, dtype: torch.dtype) -> None:
+    """Each teacher's output head, once per cache (format "hidden")."""
+    heads = {f"{name}.{part}": t.detach().to(dtype).cpu().contiguous()
+             for name, m in models.items() for part, t in zip(("weight", "bias"), output_head(m)) if t is not None}
+    save_file(heads, str(path))
+
+
+def shard_tensors(parts: list[dict], examples: list) -> dict[str, torch.Tensor]:
+    """One shard's tensors: the batches' fields concatenated, plus row_offsets into them."""
+    tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    lengths = torch.tensor([len(e.response) for e in examples])
+    tensors["row_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return tensors
+
+
 def run(config: PrecomputeConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
@@ -87,7 +102,8 @@ def run(config: PrecomputeConfig) -> Path:
     rows, data_stats = load_data(config, "pairs")
     examples, truncated = encode_rows(tokenizer, rows, "chosen", config, config.data)
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
-    models = {name: load_model(path, device, dtype, config.attn_implementation, **hub_options(config)).eval() for name, path in names.items()}
+    models = {name: load_model(path, device, dtype, config.attn_implementation, **hub_options(config)).eval()
+              for name, path in names.items()}
     hidden_size = output_head(models["dpo"])[0].shape[1]
     fmt = choose_format(config, vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}
@@ -105,27 +121,22 @@ def run(config: PrecomputeConfig) -> Path:
         if stale.name not in planned:
             stale.unlink()
     if fmt == "hidden":
-        heads = {f"{name}.{part}": t.detach().to(STORE_DTYPES[config.dtype]).cpu().contiguous()
-                 for name, m in models.items() for part, t in zip(("weight", "bias"), output_head(m)) if t is not None}
-        save_file(heads, str(out / HEADS))
+        save_heads(out / HEADS, models, STORE_DTYPES[config.dtype])
     todo = [p for p in plans if not shard_is_done(out / p.name, p, settings_key)]
-    checked = fmt != "hidden"
+    # The hidden format is only exact if head(h) is the model's logits: check once, on real data.
+    unchecked = {f"{name} model {names[name]}": m for name, m in models.items()} if fmt == "hidden" else {}
     with progress("precompute", sum(p.row_end - p.row_start for p in todo)) as advance:
         for plan in todo:
             parts = []
             for s in range(plan.row_start, plan.row_end, config.batch_size):
                 chunk = examples[s : min(s + config.batch_size, plan.row_end)]
                 batch = collate(chunk, tokenizer.pad_token_id).to(device)
-                if not checked:
-                    for name, m in models.items():
-                        check_head_reproduces(m, f"{name} model {names[name]}", batch, response_hidden(m, batch), vocab)
-                    checked = True
+                for label, m in unchecked.items():
+                    check_head_reproduces(m, label, batch, response_hidden(m, batch), vocab)
+                unchecked = {}
                 parts.append(teacher_for_batch(models, batch, spec, fmt, vocab, STORE_DTYPES[config.dtype], config.top_k))
                 advance(len(chunk))
-            tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            lengths = torch.tensor([len(e.response) for e in examples[plan.row_start : plan.row_end]])
-            tensors["row_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-            write_shard(out / plan.name, plan, settings_key, tensors)
+            write_shard(out / plan.name, plan, settings_key, shard_tensors(parts, examples[plan.row_start : plan.row_end]))
 
     shards = [{"file": p.name, "row_start": p.row_start, "row_end": p.row_end, "positions": p.positions} for p in plans]
     positions = sum(p.positions for p in plans)
