@@ -223,9 +223,12 @@ class DistillConfig(TrainingFields):
                                        "--format hidden cache). On-policy: default 20.", nonneg=True)
     alpha_eps: Optional[float] = opt(None, "eps of alpha_t. Off-policy: overrides the cache's (hidden cache). "
                                      "On-policy: default 1e-3.", positive=True)
-    dpo: Optional[str] = opt(None, "On-policy: the DPO model (run live).")
-    rev: Optional[str] = opt(None, "On-policy: the reverse-DPO model (run live).")
-    ref: Optional[str] = opt(None, "On-policy: the reference model (theorem1 and adaptive only).")
+    dpo: Optional[str] = opt(None, "On-policy: the DPO model (run live). Off-policy, optional: the cache must "
+                             "have been built from this model.")
+    rev: Optional[str] = opt(None, "On-policy: the reverse-DPO model (run live). Off-policy, optional: checked "
+                             "against the cache like --dpo.")
+    ref: Optional[str] = opt(None, "On-policy: the reference model (theorem1 and adaptive only). Off-policy, "
+                             "optional: checked against the cache like --dpo.")
     variant: str = opt("aligndistil", "On-policy: teacher variant.", choices=VARIANTS)
     beta: float = opt(0.1, "On-policy: the DPO beta of the teachers.", positive=True)
     kl_coef: float = opt(0.1, "On-policy: beta_kl of contrastive/theorem1.", positive=True)

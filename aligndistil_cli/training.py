@@ -235,7 +235,10 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                     writer.write(last)
                 if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
                     checkpoint.save(out, step, model, optimizer, schedule, config_hash, cfg.keep_checkpoints)
-                advance(info=f"loss {sum(recent) / len(recent):.4f}")
+                # Throughputs a stage reports (on-policy: rollout and training tokens/s) show beside the loss.
+                rates = "".join(f"  {k.removesuffix('_tokens_per_s')} {v:,.0f} tok/s"
+                                for k, v in extra.items() if k.endswith("_tokens_per_s"))
+                advance(info=f"loss {sum(recent) / len(recent):.4f}{rates}")
     finally:
         writer.close()
     model.eval()

@@ -25,8 +25,14 @@ from ..training import seed_everything, step_batches, total_steps, train
 
 
 def check_cache(cache: TeacherCache, config: DistillConfig, tokenizer) -> None:
-    """Refuse a cache built for other data, another tokenizer or other lengths, naming the difference."""
+    """Refuse a cache built for other data, another tokenizer, other lengths or (when --dpo/--rev/--ref are
+    given) other teacher models, naming the difference."""
     inputs = cache.manifest["inputs"]
+    for name in ("dpo", "rev", "ref"):
+        given = getattr(config, name)
+        if given and name in inputs and fingerprint_model(given) != inputs[name]["fingerprint"]:
+            raise UserError(f"teacher cache {cache.path} was built from another {name} model "
+                            f"({inputs[name]['path']}), not {given}")
     if inputs["data"]["read_as"] != data_fingerprint(config):
         raise UserError(f"teacher cache {cache.path} was computed on other data or data settings "
                         f"({inputs['data']['path']}), not {config.data} as given")

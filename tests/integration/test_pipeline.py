@@ -217,3 +217,15 @@ def test_the_experiments_sweep_spec_resolves(tmp_path):
 
     bases, runs = plan(load_spec(REPO / "pipelines" / "experiments.yaml"), tmp_path)
     assert len(bases) == 3 and len(runs) >= 3 * 20
+
+
+def test_distill_refuses_a_cache_built_from_another_dpo_model(runs, tmp_path):
+    values = json.loads((runs / "student" / "stage_config.json").read_text())
+    from aligndistil_cli.stages import distill
+
+    with pytest.raises(UserError, match="built from another dpo model"):
+        distill.run(load_config(DistillConfig, None, values | {"dpo": str(runs / "rev"), "out": str(tmp_path / "s")}))
+    teacher = json.loads((runs / "teacher" / "stage_config.json").read_text())
+    out = distill.run(load_config(DistillConfig, None, values | {"dpo": teacher["dpo"], "rev": teacher["rev"],
+                                                                 "max_steps": 1, "out": str(tmp_path / "ok")}))
+    assert (out / "manifest.json").is_file()
