@@ -95,12 +95,17 @@ for _name in STAGES:
     stage_command(_name, {"reverse": True} if _name == "train-reverse-dpo" else None)
 
 
+# Shared by `run` and `sweep`, so the two commands word these flags identically.
+ForceOption = Annotated[bool, typer.Option("--force", help="Rerun stages even when their output is complete.")]
+RootOption = Annotated[Optional[Path], typer.Option("--root", help="Write under this directory instead of the file's root.")]
+
+
 @app.command("run", help="Run a pipeline file's stages in order, skipping complete ones.\n\n"
-                         "Example:\n\n    aligndistil run pipelines/tiny.yaml")
+                         "\b\nExample:\n  aligndistil run pipelines/tiny.yaml")
 def run_pipeline(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/tiny.yaml.")],
-    force: Annotated[bool, typer.Option("--force", help="Rerun stages even when their output is complete.")] = False,
-    root: Annotated[Optional[Path], typer.Option("--root", help="Write under this directory instead of the file's root.")] = None,
+    force: ForceOption = False,
+    root: RootOption = None,
 ) -> None:
     from .pipeline import run_file
 
@@ -111,8 +116,8 @@ def run_pipeline(
                            "writes ROOT/summary.md.\n\n\b\nExample:\n  aligndistil sweep pipelines/experiments.yaml")
 def sweep_command(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. pipelines/experiments.yaml.")],
-    force: Annotated[bool, typer.Option("--force", help="Rerun every stage even when complete.")] = False,
-    root: Annotated[Optional[Path], typer.Option("--root", help="Write under this directory instead of the spec's root.")] = None,
+    force: ForceOption = False,
+    root: RootOption = None,
 ) -> None:
     from .sweep import run_sweep
 
@@ -120,7 +125,7 @@ def sweep_command(
 
 
 @app.command("verify", help="Check every file of an output directory against its manifest's sha256.\n\n"
-                            "Example:\n\n    aligndistil verify runs/tiny/teacher")
+                            "\b\nExample:\n  aligndistil verify runs/tiny/teacher")
 def verify(directory: Annotated[Path, typer.Argument(help="A stage's output directory.")]) -> None:
     from .artifacts import verify_full
 
