@@ -185,10 +185,19 @@ class TeacherFields(StageConfig):
     temperature: float = opt(1.0, "tau: the teacher is softmax(z* / tau).", positive=True)
 
 
+def require_teacher_models(config, variant: str, context: str = "") -> None:
+    """Refuse a config that lacks one of the models (dpo, rev, ref) the teacher variant is built from."""
+    from .losses import teacher_models
+
+    for name in teacher_models(variant):
+        if not getattr(config, name):
+            raise ConfigError(f"config field {name!r} is required by {context}teacher variant {variant!r}")
+
+
 @dataclass
 class PrecomputeConfig(TeacherFields, DataFields):
     dpo: Optional[str] = opt(None, "DPO model directory.", required=True)
-    rev: Optional[str] = opt(None, "Reverse-DPO model directory.", required=True)
+    rev: Optional[str] = opt(None, "Reverse-DPO model directory (needed by aligndistil and contrastive).")
     ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).")
     data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).", required=True)
     format: str = opt("auto", "Cache format: logits (full vocabulary), hidden (exact, compact), topk (truncated); "
@@ -205,10 +214,7 @@ class PrecomputeConfig(TeacherFields, DataFields):
     max_prompt_length: int = opt(96, "Maximum prompt tokens (must match distill).", positive=True)
 
     def validate(self) -> None:
-        from .losses import NEEDS_REFERENCE
-
-        if self.variant in NEEDS_REFERENCE and not self.ref:
-            raise ConfigError(f"config field 'ref' is required by teacher variant {self.variant!r}")
+        require_teacher_models(self, self.variant)
 
 
 @dataclass
@@ -247,9 +253,7 @@ class DistillConfig(TrainingFields):
         if self.mode == "off-policy" and not self.cache:
             raise ConfigError("config field 'cache' is required in off-policy mode (flag --cache; or use --mode on-policy)")
         if self.mode == "on-policy":
-            for name in ("dpo", "rev") + (("ref",) if self.variant in ("theorem1", "adaptive") else ()):
-                if not getattr(self, name):
-                    raise ConfigError(f"config field {name!r} is required by on-policy distillation")
+            require_teacher_models(self, self.variant, "on-policy distillation with ")
         if self.mix_off_policy >= 1:
             raise ConfigError(f"config field 'mix_off_policy' must be < 1; got {self.mix_off_policy}")
 

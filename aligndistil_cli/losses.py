@@ -77,9 +77,19 @@ class VariantSpec(NamedTuple):
 VARIANT_SPECS = {
     "aligndistil": VariantSpec("rev", adaptive_alpha=True, extrapolate=True),
     "contrastive": VariantSpec("rev", adaptive_alpha=False, extrapolate=True),
-    "theorem1": VariantSpec("rev", adaptive_alpha=False, extrapolate=False),
+    # theorem1's weight is fixed, so its TVD is only a diagnostic: measuring it against the
+    # reference it already needs spares loading a reverse model it does not use.
+    "theorem1": VariantSpec("ref", adaptive_alpha=False, extrapolate=False),
     "adaptive": VariantSpec("ref", adaptive_alpha=True, extrapolate=False),
 }
+
+
+def teacher_models(variant: str) -> tuple[str, ...]:
+    """The models a variant's teacher is built from, among "dpo", "rev" and "ref"."""
+    spec = VARIANT_SPECS[variant]
+    needs_rev = spec.extrapolate or spec.tvd_against == "rev"
+    needs_ref = not spec.extrapolate or spec.tvd_against == "ref"
+    return ("dpo",) + (("rev",) if needs_rev else ()) + (("ref",) if needs_ref else ())
 
 
 def teacher_alpha(variant: str, tvd: torch.Tensor, *, beta: float, kl_coef: float, alpha_scale: float,
@@ -108,7 +118,7 @@ def combine_logits(variant: str, z_dpo: torch.Tensor, z_rev: torch.Tensor | None
 
 def compose_teacher_full(
     dpo_logits: torch.Tensor,
-    rev_logits: torch.Tensor,
+    rev_logits: torch.Tensor | None,
     *,
     variant: str = "aligndistil",
     beta: float = 0.1,
@@ -129,11 +139,13 @@ def compose_teacher_full(
         raise ValueError(f"unknown teacher variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if variant in NEEDS_REFERENCE and ref_logits is None:
         raise ValueError(f"teacher variant {variant!r} needs ref_logits")
+    if "rev" in teacher_models(variant) and rev_logits is None:
+        raise ValueError(f"teacher variant {variant!r} needs rev_logits")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     width = vocab_size or dpo_logits.shape[-1]
     z_dpo = dpo_logits[..., :width].float()
-    z_rev = rev_logits[..., :width].float()
+    z_rev = rev_logits[..., :width].float() if rev_logits is not None else None
     z_ref = ref_logits[..., :width].float() if ref_logits is not None else None
     tvd = total_variation(z_dpo, z_ref if VARIANT_SPECS[variant].tvd_against == "ref" else z_rev)
     alpha, coef = teacher_alpha(variant, tvd, beta=beta, kl_coef=kl_coef, alpha_scale=alpha_scale, alpha_eps=alpha_eps)
@@ -142,7 +154,7 @@ def compose_teacher_full(
 
 def compose_teacher(
     dpo_logits: torch.Tensor,
-    rev_logits: torch.Tensor,
+    rev_logits: torch.Tensor | None,
     *,
     variant: str = "aligndistil",
     beta: float = 0.1,
@@ -194,17 +206,25 @@ def mask_padded_vocab_width(logprobs: torch.Tensor, width: int) -> torch.Tensor:
 def reverse_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(softmax(student) || teacher) per position: [N, V], [N, V] -> [N] float32.
 
-    Entries where the student has zero probability (padded rows, both -inf)
-    contribute exactly 0 and no NaN gradient.
+    Vocabulary rows where the teacher is -inf at every position are padded rows
+    (DESIGN.md section 1): the student is masked there itself, so raw model
+    logits give the right loss. A student that puts mass where the teacher has
+    none on any other row has an infinite KL: that raises ValueError instead of
+    returning a number.
     """
-    log_p = torch.log_softmax(student_logits.float(), dim=-1)
     log_q = teacher_logprobs.float()
-    p = log_p.exp()
-    # Clamping -inf to the most negative finite float keeps 0 * (-inf - -inf)
-    # out of both the value and the gradient for padded rows.
-    floor = torch.finfo(torch.float32).min
-    diff = log_p.clamp(min=floor) - log_q.clamp(min=floor)
-    return (p * diff).sum(dim=-1)
+    no_mass = torch.isneginf(log_q)
+    padded = no_mass.reshape(-1, no_mass.shape[-1]).all(dim=0)
+    student = student_logits.float().masked_fill(padded, float("-inf"))
+    conflict = no_mass & ~torch.isneginf(student)
+    if conflict.any():
+        pos, row = (int(i) for i in conflict.nonzero()[0])
+        raise ValueError(f"the student gives probability to vocabulary row {row} at position {pos}, where the teacher "
+                         f"has none ({int(conflict.sum())} such entries): the KL is infinite")
+    log_p = torch.log_softmax(student, dim=-1)
+    # where(), not the product alone: 0 * (-inf - -inf) would put NaN in the value and the gradient.
+    diff = torch.where(no_mass, torch.zeros_like(log_p), log_p - log_q)
+    return (log_p.exp() * diff).sum(dim=-1)
 
 
 def position_weights(coef: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
@@ -228,9 +248,10 @@ def aligndistil_loss(
 ) -> torch.Tensor:
     """AlignDistil loss: mean_b (1/n_b) sum_t c_t KL(pi_theta(.|x, y<t) || pi*_t).
 
-    student_logits [B, T, V] (padded rows already -inf), teacher_logprobs
-    [B, T, V], coef [B, T], mask [B, T] marking positions whose logits predict
-    a response token (already shifted; the first response token and the EOS
+    student_logits [B, T, V] (raw model logits: rows where the teacher is -inf
+    at every selected position are padded rows and are masked here),
+    teacher_logprobs [B, T, V], coef [B, T], mask [B, T] marking positions whose
+    logits predict a response token (already shifted; the first response token and the EOS
     are in, prompt, padding and post-EOS positions are out). Returns a scalar.
     """
     sel = mask.bool()
@@ -337,13 +358,18 @@ class _FusedHeadKL(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
         kl_all = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        # One flag for the whole pass rather than a host sync per chunk.
+        no_mass = torch.zeros((), dtype=torch.bool, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             e = min(s + chunk_size, hidden.shape[0])
             h = hidden[s:e]
             # In place where possible: at most about three [chunk, vocab] float32 blocks are alive.
             log_p = torch.log_softmax(F.linear(h, w_real, b_real).float(), dim=-1)
+            log_q = teacher_fn(s, e)[:, :vocab].to(device=h.device, dtype=torch.float32)
+            no_mass |= torch.isneginf(log_q).any()
             # A new tensor, never in place: teacher_fn may return a view of the cache.
-            diff = log_p - teacher_fn(s, e)[:, :vocab].to(device=h.device, dtype=torch.float32)
+            diff = log_p - log_q
+            del log_q
             p = log_p.exp_()
             kl = torch.linalg.vecdot(p, diff)
             kl_all[s:e] = kl
@@ -358,6 +384,9 @@ class _FusedHeadKL(torch.autograd.Function):
                 grad_w[:vocab].addmm_(grad_z.T, h.float())
             if grad_b is not None:
                 grad_b[:vocab] += grad_z.sum(0)
+        if no_mass:
+            raise ValueError("the teacher gives zero probability (log-prob -inf) to a real vocabulary row, where the "
+                             "student's softmax has mass: the KL is infinite")
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(kl_all)

@@ -16,6 +16,7 @@ applied at distill time); `logits` and `topk` bake alpha into the distribution.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .losses import VARIANT_SPECS, combine_logits, compose_teacher_full, teacher_alpha
+from .losses import combine_logits, compose_teacher_full, teacher_alpha, teacher_models
 
 FORMATS = ("logits", "hidden", "topk")
 SCALARS = ("coef", "alpha", "tvd")
@@ -45,25 +46,45 @@ class TeacherSpec:
 
     @property
     def models(self) -> tuple[str, ...]:
-        spec = VARIANT_SPECS[self.variant]
-        needs_rev = spec.extrapolate or spec.tvd_against == "rev"
-        needs_ref = not spec.extrapolate or spec.tvd_against == "ref"
-        return ("dpo",) + (("rev",) if needs_rev else ()) + (("ref",) if needs_ref else ())
+        return teacher_models(self.variant)
 
 
 def head_logits_real(hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None], vocab: int) -> torch.Tensor:
-    """[n, vocab] float32 logits over real tokens only: padded rows never enter a softmax."""
+    """[n, vocab] float32 logits over real tokens only: padded rows never enter a softmax.
+
+    The matmul itself runs in float32 with autocast off, whatever the dtype of
+    the hidden states and the head (see exact_float32).
+    """
     weight, bias = head
-    return F.linear(hidden, weight[:vocab], bias[:vocab] if bias is not None else None).float()
+    with exact_float32(hidden.device):
+        return F.linear(hidden.float(), weight[:vocab].float(), bias[:vocab].float() if bias is not None else None)
+
+
+@contextmanager
+def exact_float32(device: torch.device):
+    """Autocast off: the teacher's heads, TVD, alpha_t and z* must not be rounded to bf16.
+
+    training.train opens a bf16 autocast around every loss on CUDA, and the
+    teachers may run in bf16; logits rounded to bf16 and then multiplied by
+    alpha_t (often 2 to 6, up to 20) would move the teacher by a visible TVD.
+    """
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+def float32_heads(heads: dict) -> dict:
+    """Each teacher head (weight, bias) as float32, converted once instead of once per chunk."""
+    return {name: tuple(t.float() if t is not None else None for t in head) for name, head in heads.items()}
 
 
 def compose(logits: dict[str, torch.Tensor], spec: TeacherSpec, vocab: int):
-    """The composed teacher (losses.compose_teacher_full) from per-model logits."""
-    return compose_teacher_full(
-        logits["dpo"], logits.get("rev", logits["dpo"]), ref_logits=logits.get("ref"), variant=spec.variant,
-        beta=spec.beta, kl_coef=spec.kl_coef, alpha_scale=spec.alpha_scale, alpha_eps=spec.alpha_eps,
-        temperature=spec.temperature, vocab_size=vocab,
-    )
+    """The composed teacher (losses.compose_teacher_full) from per-model logits, in float32."""
+    with exact_float32(logits["dpo"].device):
+        return compose_teacher_full(
+            logits["dpo"], logits.get("rev"), ref_logits=logits.get("ref"), variant=spec.variant,
+            beta=spec.beta, kl_coef=spec.kl_coef, alpha_scale=spec.alpha_scale, alpha_eps=spec.alpha_eps,
+            temperature=spec.temperature, vocab_size=vocab,
+        )
 
 
 def bytes_per_position(fmt: str, vocab: int, hidden: int, n_models: int, itemsize: int, top_k: int) -> int:
@@ -86,7 +107,8 @@ def encode_chunk(fmt: str, hidden: dict[str, torch.Tensor], heads: dict, spec: T
     if fmt == "hidden":
         out.update({f"hidden_{name}": move(h.to(store_dtype)) for name, h in hidden.items()})
         return out
-    logprobs = torch.log_softmax(teacher.logits, dim=-1)
+    with exact_float32(teacher.logits.device):
+        logprobs = torch.log_softmax(teacher.logits, dim=-1)
     if fmt == "logits":
         out["teacher_logprobs"] = move(logprobs.to(store_dtype))
         return out
@@ -124,8 +146,9 @@ def logq_fn(fmt: str, fields: dict[str, torch.Tensor], heads: dict, spec: Teache
     def hidden_logq(s: int, e: int) -> torch.Tensor:
         z = {name: head_logits_real(fields[f"hidden_{name}"][s:e].to(device), heads[name], vocab)
              for name in spec.models}
-        combined = combine_logits(spec.variant, z["dpo"], z.get("rev"), z.get("ref"), alpha[s:e].to(device))
-        return torch.log_softmax(combined / spec.temperature, dim=-1)
+        with exact_float32(device):
+            combined = combine_logits(spec.variant, z["dpo"], z.get("rev"), z.get("ref"), alpha[s:e].to(device))
+            return torch.log_softmax(combined / spec.temperature, dim=-1)
 
     return hidden_logq
 
@@ -146,6 +169,7 @@ def check_head_reproduces(model, name: str, batch, hidden: torch.Tensor, vocab: 
     rebuilt = head_logits_real(hidden, output_head(model), vocab)
     err = (full[:, :vocab].float() - rebuilt).abs().max().item()
     scale = max(1.0, full[:, :vocab].float().abs().max().item())
-    if err > tol * scale:
+    # The model's own logits may be rounded to its dtype (bf16 on CUDA); the float32 rebuild is not.
+    if err > max(tol, 2 * torch.finfo(full.dtype).eps) * scale:
         raise UserError(f"{name}: the output head applied to the final hidden states does not reproduce the "
                         f"model's logits (max abs error {err:.3g}); use --format logits or topk for this model")

@@ -20,7 +20,7 @@ from ..losses import fused_head_kl_loss, position_weights
 from ..modeling import (hub_options, load_student, load_tokenizer, output_head, pick_device, response_hidden,
                         save_model, sequence_ids)
 from ..monitor import make_monitor
-from ..teacher import TeacherSpec, logq_fn, realpha
+from ..teacher import TeacherSpec, float32_heads, logq_fn, realpha
 from ..training import seed_everything, step_batches, total_steps, train
 
 
@@ -58,7 +58,7 @@ def cache_spec(cache: TeacherCache, config: DistillConfig) -> TeacherSpec:
 def cached_teacher_loss(model, cache: TeacherCache, spec: TeacherSpec, pad_id: int, vocab: int, device,
                         chunk_size: int):
     """loss_fn([(row id, Encoded), ...]) -> (AlignDistil loss, metrics) against the cached teacher."""
-    heads = cache.heads(device)
+    heads = float32_heads(cache.heads(device))
 
     def loss_fn(chunk):
         row_ids = [i for i, _ in chunk]

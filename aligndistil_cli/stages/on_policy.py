@@ -22,7 +22,7 @@ from ..modeling import (bf16_enabled, hub_options, load_model, load_student, loa
                         save_model)
 from ..monitor import make_monitor
 from ..sampling import generate
-from ..teacher import TeacherSpec
+from ..teacher import TeacherSpec, float32_heads
 from ..training import seed_everything, step_batches, train
 from .distill import teacher_loss
 from .precompute import check_same_tokenizers, teacher_for_batch
@@ -112,7 +112,7 @@ def run(config: DistillConfig) -> Path:
     student = load_student(config.student, device, config)
     out = prepare_output(Path(config.out))
     rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], config, off_policy)
-    heads = {name: output_head(m) for name, m in teachers.items()}
+    heads = float32_heads({name: output_head(m) for name, m in teachers.items()})
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
     vocab = len(tokenizer)
 

@@ -21,7 +21,7 @@ from ..data import collate, data_input, encode_rows, load_data
 from ..errors import UserError
 from ..modeling import bf16_enabled, hub_options, load_model, load_tokenizer, output_head, pick_device, response_hidden
 from ..teacher import (LOGITS_MAX_BYTES_PER_TOKEN, TeacherSpec, bytes_per_position, check_head_reproduces,
-                       encode_chunk)
+                       encode_chunk, float32_heads)
 from ..training import progress, seed_everything
 
 SHAPE_SETTINGS = ("format", "top_k", "dtype", "max_length", "max_prompt_length")
@@ -66,7 +66,7 @@ def teacher_for_batch(models: dict, batch, spec: TeacherSpec, fmt: str, vocab: i
     precompute writes them to shards; on-policy distillation (host=False) uses them at once.
     """
     hidden = {name: response_hidden(m, batch) for name, m in models.items()}
-    heads = {name: output_head(m) for name, m in models.items()}
+    heads = float32_heads({name: output_head(m) for name, m in models.items()})
     n = next(iter(hidden.values())).shape[0]
     parts = [encode_chunk(fmt, {k: h[s : s + POSITION_CHUNK] for k, h in hidden.items()}, heads, spec, vocab, store,
                           top_k, host)

@@ -139,3 +139,27 @@ def test_post_head_transform_is_refused_by_name(runs, tmp_path):
     (model_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="final_logit_softcapping"):
         load_model(model_dir, CPU)
+
+
+def test_theorem1_cache_needs_no_reverse_model(runs, tmp_path):
+    """theorem1 (z* = w z_dpo + (1 - w) z_ref) is built from DPO and the reference only: precompute
+    runs without --rev, loads no reverse model and records none."""
+    out = precompute_as(runs, tmp_path / "t1", variant="theorem1", rev=None, ref=str(runs / "sft"), format="logits",
+                        kl_coef=0.05)
+    cache = TeacherCache(out)
+    assert cache.index["models"] == ["dpo", "ref"]
+    assert "rev" not in read_manifest(out)["inputs"]
+    config = load_config(PrecomputeConfig, None, json.loads((runs / "teacher" / "stage_config.json").read_text()))
+    tok = load_tokenizer(config.dpo)
+    row = load_rows(config.data, PAIR_FIELDS)[0]
+    batch = collate([encode(tok, row["prompt"], row["chosen"], config.max_length, config.max_prompt_length)],
+                    tok.pad_token_id)
+    dpo, ref = (load_model(p, CPU).eval() for p in (config.dpo, runs / "sft"))
+    with torch.no_grad():
+        z_dpo, z_ref = (m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.loss_mask]
+                        for m in (dpo, ref))
+    w = config.beta / 0.05
+    assert w != 1.0, "w = 1 would not exercise the reference"
+    expected = torch.log_softmax((w * z_dpo + (1 - w) * z_ref)[:, : len(tok)].double(), -1)
+    got = cache.fetch([0])["teacher_logprobs"]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)

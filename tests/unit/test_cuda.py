@@ -23,6 +23,25 @@ def test_bf16_teacher_is_combined_in_float32_on_cuda():
 
 
 @cuda
+@pytest.mark.parametrize("fmt", ["logits", "hidden"])
+def test_teacher_heads_under_cuda_autocast_equal_float32(fmt):
+    """Issue 10 on the GPU: precompute's and distill's teacher from bf16 hidden states, inside
+    the bf16 autocast of training, against the same hidden states composed in float32 on the CPU."""
+    from test_teacher_precision import teacher_inputs, teacher_probs
+
+    from aligndistil_cli.teacher import TeacherSpec
+
+    hidden, heads = teacher_inputs()
+    hidden = {name: h.bfloat16().float() for name, h in hidden.items()}  # what a bf16 body hands over
+    spec = TeacherSpec("aligndistil", 0.1, 0.1, 20.0, 1e-3, 1.0)
+    exact, _ = teacher_probs(fmt, spec, hidden, heads, autocast=False)
+    on_gpu, _ = teacher_probs(fmt, spec, hidden, heads, autocast=True, device="cuda")
+    tvd = 0.5 * (exact - on_gpu).abs().sum(-1)
+    print(f"teacher TVD, CUDA bf16 autocast vs float32 ({fmt}): mean {tvd.mean():.2e}, max {tvd.max():.2e}")
+    assert tvd.max() < 1e-3
+
+
+@cuda
 def test_fused_loss_under_bf16_autocast_matches_float32():
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(300, 64, generator=gen).cuda().requires_grad_()

@@ -78,7 +78,7 @@ def py_teacher(variant, z_dpo, z_rev, z_ref, *, beta, kl_coef, alpha_scale, alph
         z = [d + w * (d - r) for d, r in zip(z_dpo, z_rev)]
         coef = kl_coef
     elif variant == "theorem1":
-        tvd = py_tvd(z_dpo, z_rev)
+        tvd = py_tvd(z_dpo, z_ref)  # a diagnostic only: w is fixed, and theorem1 needs no reverse model
         w = beta / kl_coef
         z = [w * d + (1.0 - w) * f for d, f in zip(z_dpo, z_ref)]
         coef = kl_coef
