@@ -10,8 +10,14 @@ The prompt is the conversation up to the final assistant turn (earlier turns of 
 multi-turn conversation stay in it) and always ends with a user turn; responses are
 assistant messages. Messages keep only role and content.
 
-Row numbers in errors are the line number for .jsonl (what an editor shows) and the
-1-based record index for .json, .parquet, .csv (header not counted) and hub data.
+Row numbers in errors are the line number for .jsonl (what an editor shows, blank lines
+counted) and the 1-based record index for a .json array, .parquet, .csv (header not
+counted) and hub data. Each normalised row is a Row that remembers its file and row
+number, so that later failures (tokenisation, chat template) name them too.
+
+JSON files are read here, line by line, rather than through `datasets`: a line that is
+not valid UTF-8 or not valid JSON is then one bad row (skippable with skip_bad_rows),
+and a byte-order mark at the start of a file (Windows exports) is accepted.
 """
 
 from __future__ import annotations
@@ -51,30 +57,89 @@ class LoadStats:
 
 
 class _RowError(Exception):
-    """A problem with one row: `field` is the column name as it appears in the data."""
+    """A problem with one row: `field` is the column name as it appears in the data (None: the whole line)."""
 
-    def __init__(self, field: str, reason: str, problem: str):
+    def __init__(self, field: str | None, reason: str, problem: str):
         super().__init__(problem)
         self.field, self.reason, self.problem = field, reason, problem
 
 
+class Row(dict):
+    """A normalised row plus `origin`, the (file label, row number) errors name. Equal to the plain dict."""
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    __slots__ = ("origin",)
+
+    def __init__(self, values: dict, origin: tuple[str, int]):
+        super().__init__(values)
+        self.origin = origin
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _parse_line(raw: bytes) -> dict | _RowError | None:
+    """One JSONL line as an object, a _RowError saying why it is not one, or None when it is blank."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _RowError(None, "invalid_utf8", f"not valid UTF-8 (byte {e.start + 1} of the line)")
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except RecursionError:
+        return _RowError(None, "invalid_json", "invalid JSON (nested too deeply)")
+    # JSONDecodeError, and ValueError for integers longer than Python's digit limit.
+    except ValueError as e:
+        return _RowError(None, "invalid_json", f"invalid JSON ({getattr(e, 'msg', None) or str(e).splitlines()[0]})")
+    if not isinstance(row, dict):
+        return _RowError(None, "not_an_object", f"expected a JSON object, got {_kind_of(row)}")
+    return row
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict | _RowError]]:
+    """(line number, object or the _RowError of an unreadable line) for every non-blank line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{where(path, lineno)}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where(path, lineno)}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where(path, lineno)}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+            record = _parse_line(raw[len(BOM):] if lineno == 1 and raw.startswith(BOM) else raw)
+            if record is not None:
+                yield lineno, record
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; the first unreadable line is a UserError."""
+    for lineno, record in jsonl_records(path):
+        if isinstance(record, _RowError):
+            raise UserError(f"{where(path, lineno)}: {record.problem}")
+        yield lineno, record
+
+
+def _json_records(path: Path) -> list[tuple[int, dict | _RowError]]:
+    """A .json file: an array of records (numbered from 1), one object, or JSON Lines under a .json name."""
+    raw = path.read_bytes()
+    raw = raw[len(BOM):] if raw.startswith(BOM) else raw
+    if not raw.lstrip().startswith(b"["):
+        try:
+            whole = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # not one document: JSON Lines
+            return list(jsonl_records(path))
+        return [(1, whole if isinstance(whole, dict) else
+                 _RowError(None, "not_an_object", f"expected a JSON object, got {_kind_of(whole)}"))]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}, line {line}: not valid UTF-8") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise UserError(f"{path}: invalid JSON ({str(e).splitlines()[0]})") from None
+    return [(i, r if isinstance(r, dict) else _RowError(None, "not_an_object", f"expected a JSON object, got {_kind_of(r)}"))
+            for i, r in enumerate(records, start=1)]
 
 def _kind_of(value) -> str:
     """JSON-style type names, since users think of their data as JSON."""
@@ -108,12 +173,25 @@ class _Fields:
 # --------------------------------------------------------------------------- messages
 
 
+# JSON's \\uXXXX escapes can spell half of a surrogate pair: Python's json accepts it, but it is not a
+# character, and tokenizers refuse it (TypeError) long after loading.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: str, name: str, what: str = "") -> str:
+    found = _SURROGATE.search(value)
+    if found:
+        raise _RowError(name, "invalid_unicode", f"{what}contains the lone surrogate \\u{ord(found.group()):04x} "
+                        "(half of a UTF-16 pair), which is not a character")
+    return value
+
+
 def _text(value, name: str) -> str:
     if not isinstance(value, str):
         raise _RowError(name, "wrong_type", f"expected a string, got {_kind_of(value)}")
     if not value.strip():
         raise _RowError(name, "empty", "empty")
-    return value
+    return _check_text(value, name)
 
 
 def _messages(value, name: str) -> list[dict]:
@@ -134,6 +212,7 @@ def _messages(value, name: str) -> list[dict]:
         # An empty system prompt is common in exported chats and harmless.
         if role != "system" and not content.strip():
             raise _RowError(name, "empty", f"message {i}: empty content")
+        _check_text(content, name, f"message {i}: ")
         out.append({"role": role, "content": content})
     return out
 
@@ -336,7 +415,12 @@ def flatten_plain(messages: list[dict]) -> str:
 class _Table:
     label: str  # names the file (or hub split) in errors
     columns: list[str]
-    rows: list[tuple[int, dict]]  # (row number shown to the user, row)
+    rows: list[tuple[int, dict | _RowError]]  # (row number shown to the user, row or why it is unreadable)
+
+    @classmethod
+    def of(cls, label: str, rows: list[tuple[int, dict | _RowError]]) -> "_Table":
+        columns = dict.fromkeys(key for _, row in rows if isinstance(row, dict) for key in row)
+        return cls(label, list(columns), rows)
 
 
 def _first_lines(error: BaseException) -> str:
@@ -356,6 +440,8 @@ def _call_datasets(what: str, load: Callable):
     import datasets
 
     datasets.disable_progress_bars()
+    # datasets also logs the failure it raises: the error below is the one line the user sees.
+    datasets.logging.set_verbosity_error()
     try:
         return load(datasets)
     # datasets/pyarrow raise many exception types for bad input; all become one line.
@@ -365,19 +451,23 @@ def _call_datasets(what: str, load: Callable):
 
 def _csv_options(datasets, path: Path) -> dict:
     """Every column as text: pandas would read a column of "4"s as numbers and "NA" as null."""
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except UnicodeDecodeError:
+        raise UserError(f"{path}, line 1: not valid UTF-8") from None
     features = datasets.Features({name: datasets.Value("string") for name in header})
-    return {"features": features, "keep_default_na": False}
+    return {"features": features, "keep_default_na": False, "encoding": "utf-8-sig"}
 
 
 def _read_file(path: Path) -> _Table:
+    # JSON is read directly rather than via Arrow: Arrow would fill absent keys with null, reject
+    # mixed-type columns and stop at the first undecodable line, before a row-level error could
+    # name the row and field or skip_bad_rows could drop it.
     if path.suffix.lower() == ".jsonl":
-        # Read directly rather than via Arrow: Arrow would fill absent keys with null and
-        # reject mixed-type columns before a row-level error could name the row and field.
-        rows = list(read_jsonl(path))
-        columns = list(dict.fromkeys(key for _, row in rows for key in row))
-        return _Table(str(path), columns, rows)
+        return _Table.of(str(path), list(jsonl_records(path)))
+    if path.suffix.lower() == ".json":
+        return _Table.of(str(path), _json_records(path))
     builder = BUILDERS[path.suffix.lower()]
     ds = _call_datasets(str(path), lambda d: d.load_dataset(
         builder, data_files=str(path), split="train", **(_csv_options(d, path) if builder == "csv" else {})))
@@ -400,10 +490,7 @@ def _read(data: str, split: str, subset: str | None) -> list[_Table]:
     if not _looks_local(data, path):
         return [_read_hub(data, split, subset)]
     if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.is_file() and p.suffix.lower() in BUILDERS), key=lambda p: p.name)
-        if not files:
-            raise UserError(f"data directory {path} has no .jsonl, .json, .parquet or .csv files")
-        return [_read_file(p) for p in files]
+        return [_read_file(p) for p in data_files(path)]
     if not path.exists():
         raise UserError(f"data file {path} does not exist")
     if path.suffix.lower() not in BUILDERS:
@@ -411,14 +498,24 @@ def _read(data: str, split: str, subset: str | None) -> list[_Table]:
     return [_read_file(path)]
 
 
-def _choose_format(tables: list[_Table], keys: dict[str, str], kind: str, data_format: str, data: str) -> str:
+def data_files(directory: Path) -> list[Path]:
+    """The data files of a directory and its subdirectories, by relative path; hidden entries are skipped."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS
+                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    if not files:
+        raise UserError(f"data directory {directory} has no .jsonl, .json, .parquet or .csv files")
+    return files
+
+
+def _choose_format(tables: list[_Table], keys: dict[str, str], kind: str, data_format: str) -> str:
     if data_format == "auto":
-        first = next(t for t in tables if t.rows).rows[0][1]
+        # The first readable row decides; the error names it, since its columns are the ones shown.
+        table, number, first = next((t, n, r) for t in tables for n, r in t.rows if isinstance(r, dict))
         columns = [key for key, name in keys.items() if any(name in t.columns for t in tables)]
         try:
             data_format = detect_format(columns, {key: first.get(name) for key, name in keys.items()}, kind)
         except UserError as e:
-            raise UserError(f"{data}: {e}") from None
+            raise UserError(f"{where(table.label, number)}: {e}") from None
     if data_format not in ALLOWED_FORMATS[kind]:
         raise UserError(f"data format {data_format!r} does not hold {kind}; use one of {', '.join(ALLOWED_FORMATS[kind])}")
     return data_format
@@ -426,7 +523,7 @@ def _choose_format(tables: list[_Table], keys: dict[str, str], kind: str, data_f
 
 def load_source(data: str, *, kind: str, split: str = "train", subset: str | None = None, data_format: str = "auto",
                 prompt_key: str | None = None, chosen_key: str | None = None, rejected_key: str | None = None,
-                messages_key: str | None = None, skip_bad_rows: bool = False) -> tuple[list[dict], LoadStats]:
+                messages_key: str | None = None, skip_bad_rows: bool = False) -> tuple[list[Row], LoadStats]:
     """Rows of `data` (a local file or directory, or a hub dataset id) in the internal form.
 
     kind is "pairs", "prompts" or "sft". A bad row raises a one-line UserError naming
@@ -442,13 +539,16 @@ def load_source(data: str, *, kind: str, split: str = "train", subset: str | Non
     tables = _read(str(data), split, subset)
     if not any(t.rows for t in tables):
         raise UserError(f"data {data} has no rows")
-    data_format = _choose_format(tables, keys, kind, data_format, str(data))
+    if any(isinstance(row, dict) for t in tables for _, row in t.rows):
+        data_format = _choose_format(tables, keys, kind, data_format)
     rows, dropped, read = [], Counter(), 0
     for table in tables:
         for number, row in table.rows:
             read += 1
             try:
-                rows.append(_normalise(_Fields(row, keys), data_format, kind))
+                if isinstance(row, _RowError):
+                    raise row
+                rows.append(Row(_normalise(_Fields(row, keys), data_format, kind), (table.label, number)))
             except _RowError as e:
                 if not skip_bad_rows:
                     raise UserError(f"{where(table.label, number, e.field)}: {e.problem}") from None
