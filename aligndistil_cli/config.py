@@ -80,6 +80,8 @@ class DataFields(ModelFields):
     messages_key: Optional[str] = opt(None, "Column holding a conversation (default: messages).")
     skip_bad_rows: bool = opt(False, "Skip malformed rows (counted per reason in the manifest) instead of stopping.")
     chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
+    refuse_special_tokens: bool = opt(False, "Treat a row whose message text contains a special token (e.g. "
+                                      "<|im_end|>) as bad, instead of counting it and warning.")
 
 
 @dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,7 +21,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import UserError, where
-from .sources import flatten_plain, read_jsonl as _read_jsonl
+from .sources import Row, flatten_plain, read_jsonl as _read_jsonl
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SFT_FIELDS = ("prompt", "response")
@@ -90,6 +92,14 @@ def encode(tokenizer, prompt: str, response: str, max_length: int, max_prompt_le
     return truncate(tokenizer, prompt_ids, response_ids, max_length, max_prompt_length)[0]
 
 
+class EncodeError(UserError):
+    """A row the chat template or tokenizer cannot turn into ids; `reason` counts it under --skip-bad-rows."""
+
+    def __init__(self, reason: str, problem: str):
+        super().__init__(problem)
+        self.reason, self.problem = reason, problem
+
+
 def uses_template(tokenizer, chat_template: bool) -> bool:
     return chat_template and bool(getattr(tokenizer, "chat_template", None))
 
@@ -108,14 +118,31 @@ def prompt_ids(tokenizer, prompt: list[dict], chat_template: bool = True) -> lis
 
 
 def encode_messages(tokenizer, prompt: list[dict], response: list[dict], max_length: int, max_prompt_length: int,
-                    chat_template: bool = True, at: str = "") -> tuple[Encoded, bool]:
+                    chat_template: bool = True) -> tuple[Encoded, bool]:
     """Tokenise a (prompt, response) conversation; returns (example, truncated).
 
     With a chat template, prompt + response is rendered whole and the
     rendered prompt must be an exact prefix of it, as text and as token ids,
     so training sees exactly what generation will produce. The response ends
     at the tokenizer's EOS (text the template puts after it is dropped).
+    Raises EncodeError (without the row's location, which the caller knows).
     """
+    from jinja2 import TemplateError
+
+    try:
+        return _encode_messages(tokenizer, prompt, response, max_length, max_prompt_length, chat_template)
+    except TemplateError as e:  # a template's raise_exception, e.g. "roles must alternate user/assistant"
+        raise EncodeError("template_error", f"the chat template refused the conversation ({_one_line(e)})") from None
+    except (TypeError, ValueError) as e:  # what the tokenizer raises for input it cannot encode
+        raise EncodeError("tokenizer_error", f"the tokenizer cannot encode it ({_one_line(e)})") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _encode_messages(tokenizer, prompt: list[dict], response: list[dict], max_length: int, max_prompt_length: int,
+                     chat_template: bool) -> tuple[Encoded, bool]:
     if not uses_template(tokenizer, chat_template):
         text = flatten_plain(response)
         ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -123,13 +150,13 @@ def encode_messages(tokenizer, prompt: list[dict], response: list[dict], max_len
     p_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
     if not full_text.startswith(p_text):
-        raise UserError(f"{at}: the chat template does not render the prompt as a prefix of prompt + response; "
-                        "use --no-chat-template or a template that does")
+        raise EncodeError("template_not_prefix", "the chat template does not render the prompt as a prefix of "
+                          "prompt + response; use --no-chat-template or a template that does")
     p_ids = _no_double_bos(tokenizer, tokenizer(p_text, add_special_tokens=False).input_ids)
     full = _no_double_bos(tokenizer, tokenizer(full_text, add_special_tokens=False).input_ids)
     if full[: len(p_ids)] != p_ids:
-        raise UserError(f"{at}: the tokenised prompt is not a prefix of the tokenised prompt + response "
-                        "(the tokenizer merges across the boundary); use --no-chat-template")
+        raise EncodeError("tokens_not_prefix", "the tokenised prompt is not a prefix of the tokenised prompt + "
+                          "response (the tokenizer merges across the boundary); use --no-chat-template")
     r_ids = full[len(p_ids):]
     eos = tokenizer.eos_token_id
     r_ids = r_ids[: len(r_ids) - r_ids[::-1].index(eos)] if eos in r_ids else r_ids + [eos]
@@ -157,7 +184,8 @@ def data_fingerprint(config, data: str | None = None) -> str:
     from .artifacts import fingerprint_data, sha256_json
 
     settings = {k: getattr(config, k) for k in ("split", "subset", "data_format", "prompt_key", "chosen_key",
-                                                  "rejected_key", "messages_key", "skip_bad_rows", "chat_template")}
+                                                  "rejected_key", "messages_key", "skip_bad_rows", "chat_template",
+                                                  "refuse_special_tokens")}
     return sha256_json({"data": fingerprint_data(data or config.data), **settings})
 
 
@@ -169,15 +197,92 @@ def data_input(config, data: str | None = None) -> dict:
     return {**input_record("data", path, fingerprint_data(path)), "read_as": data_fingerprint(config, data)}
 
 
-def encode_rows(tokenizer, rows: list[dict], response_key: str, config, source: str) -> tuple[list[Encoded], int]:
-    """Encode (prompt, rows[response_key]) for every row; returns examples and the truncated count."""
-    examples, truncated = [], 0
+def special_token_texts(tokenizer) -> list[str]:
+    """The text of every special token, longest first: written inside a message, it becomes the control token."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+    return sorted({t for t in [*added, *tokenizer.all_special_tokens] if t}, key=len, reverse=True)
+
+
+def _special_token_in(row: dict, keys: tuple[str, ...], specials: re.Pattern | None) -> tuple[str, str] | None:
+    """(field, problem) for the first special-token text inside a message of the row, if any."""
+    for key in ("prompt", *keys) if specials else ():
+        for i, message in enumerate(row[key], start=1):
+            found = specials.search(message["content"])
+            if found:
+                return key, f"message {i} contains the special token {found.group()!r} as text"
+    return None
+
+
+def _encode_table(tokenizer, rows: list[dict], keys: tuple[str, ...], config, stats: dict) -> list[tuple[list[Encoded], bool]]:
+    """For each row that encodes: ([one example per response key], whether any was truncated).
+
+    A row that cannot be encoded (chat template, tokenizer, or special-token text under
+    --refuse-special-tokens) stops the run naming its file, row and field, or with
+    --skip-bad-rows is dropped. stats (load_data's summary, written to the manifest) gets
+    the drops, whether the chat template was used, and the rows with special-token text.
+    """
+    texts = special_token_texts(tokenizer)
+    specials = re.compile("|".join(map(re.escape, texts))) if texts else None
+    refuse = getattr(config, "refuse_special_tokens", False)
+    out, with_specials, dropped = [], [], Counter()
     for i, row in enumerate(rows, start=1):
-        example, cut = encode_messages(tokenizer, row["prompt"], row[response_key], config.max_length,
-                                       config.max_prompt_length, config.chat_template, where(source, i, response_key))
-        examples.append(example)
-        truncated += cut
-    return examples, truncated
+        label, number = row.origin if isinstance(row, Row) else (stats.get("source", "data"), i)
+        try:
+            found = _special_token_in(row, keys, specials)
+            if found:
+                with_specials.append(f"{where(label, number, found[0])}: {found[1]}")
+                if refuse:
+                    raise _FieldError(found[0], EncodeError("special_token", found[1] + " (--refuse-special-tokens)"))
+            examples, cut = [], False
+            for key in keys:
+                try:
+                    example, c = encode_messages(tokenizer, row["prompt"], row[key], config.max_length,
+                                                 config.max_prompt_length, config.chat_template)
+                except EncodeError as e:
+                    raise _FieldError(key, e) from None
+                examples.append(example)
+                cut = cut or c
+            out.append((examples, cut))
+        except _FieldError as f:
+            if not config.skip_bad_rows:
+                raise UserError(f"{where(label, number, f.field)}: {f.error.problem}") from None
+            dropped[f.error.reason] += 1
+    _record(stats, dropped, len(out), uses_template(tokenizer, config.chat_template), with_specials)
+    return out
+
+
+class _FieldError(Exception):
+    def __init__(self, field: str, error: EncodeError):
+        super().__init__(error.problem)
+        self.field, self.error = field, error
+
+
+def _record(stats: dict, dropped: Counter, kept: int, template: bool, with_specials: list[str]) -> None:
+    from .training import stderr
+
+    if dropped:
+        stats["dropped"] = dict(sorted((Counter(stats.get("dropped", {})) + dropped).items()))
+        stats["kept"] = kept
+        stderr.print(f"data {stats.get('source')}: dropped at tokenisation "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())), markup=False, highlight=False)
+    if not kept:
+        raise UserError(f"data {stats.get('source')}: every row was dropped "
+                        f"({', '.join(f'{k} {v}' for k, v in sorted(stats['dropped'].items()))})")
+    stats["chat_template_used"] = template
+    stats["special_token_rows"] = len(with_specials)
+    if with_specials:
+        stderr.print(f"warning: data {stats.get('source')}: {len(with_specials)} rows have special-token text inside "
+                     f"a message (first {with_specials[0]}); it becomes a control token such as a turn boundary. "
+                     "--refuse-special-tokens stops at such rows.", markup=False, highlight=False, soft_wrap=True)
+
+
+def encode_rows(tokenizer, rows: list[dict], response_key: str, config, stats: dict) -> tuple[list[Encoded], int]:
+    """Encode (prompt, rows[response_key]) for every row; returns examples and the number truncated.
+
+    stats is load_data's summary: rows dropped here (see _encode_table) are counted in it.
+    """
+    encoded = _encode_table(tokenizer, rows, (response_key,), config, stats)
+    return [examples[0] for examples, _ in encoded], sum(cut for _, cut in encoded)
 
 
 @dataclass
@@ -232,8 +337,10 @@ def batches(items: list, batch_size: int, order: Iterable[int]) -> Iterator[list
         yield [items[i] for i in order[start : start + batch_size]]
 
 
-def encode_pairs(tokenizer, rows: list[dict], config, source: str) -> tuple[list[tuple[Encoded, Encoded]], int]:
-    """(chosen, rejected) examples of normalised preference rows, and how many were truncated."""
-    chosen, cut_c = encode_rows(tokenizer, rows, "chosen", config, source)
-    rejected, cut_r = encode_rows(tokenizer, rows, "rejected", config, source)
-    return list(zip(chosen, rejected)), cut_c + cut_r
+def encode_pairs(tokenizer, rows: list[dict], config, stats: dict) -> tuple[list[tuple[Encoded, Encoded]], int]:
+    """(chosen, rejected) examples of normalised preference rows, and how many rows (pairs) had either cut.
+
+    A pair is kept or dropped whole (see _encode_table).
+    """
+    encoded = _encode_table(tokenizer, rows, ("chosen", "rejected"), config, stats)
+    return [(chosen, rejected) for (chosen, rejected), _ in encoded], sum(cut for _, cut in encoded)

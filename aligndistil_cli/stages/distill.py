@@ -100,7 +100,7 @@ def run(config: DistillConfig) -> Path:
     tokenizer = load_tokenizer(config.student, **hub_options(config))
     check_cache(cache, config, tokenizer)
     rows, data_stats = load_data(config, "pairs")
-    examples, truncated = encode_rows(tokenizer, rows, "chosen", config, config.data)
+    examples, truncated = encode_rows(tokenizer, rows, "chosen", config, data_stats)
     if len(examples) != cache.num_rows:
         raise UserError(f"teacher cache {cache.path} has {cache.num_rows} rows, data {config.data} has {len(examples)}")
     spec = cache_spec(cache, config)

@@ -75,7 +75,7 @@ def run(config: DpoConfig) -> Path:
     tokenizer = load_tokenizer(config.model, **hub_options(config))
     model = load_student(config.model, device, config)
     vocab = len(tokenizer)
-    pairs, truncated = encode_pairs(tokenizer, rows, config, config.data)
+    pairs, truncated = encode_pairs(tokenizer, rows, config, data_stats)
     out = prepare_output(Path(config.out))
     model.eval()
     with reference_mode(model):

@@ -58,7 +58,8 @@ def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, sc
 @torch.no_grad()
 def implicit_accuracy(config: EvaluateConfig, ref_model, tokenizer, device) -> dict:
     """Accuracy of beta*(log pi_dpo - log pi_ref) and beta*(log pi_dpo - log pi_rev) on held-out pairs."""
-    pairs, _ = encode_pairs(tokenizer, load_data(config, "pairs", config.pairs)[0], config, config.pairs)
+    rows, stats = load_data(config, "pairs", config.pairs)
+    pairs, _ = encode_pairs(tokenizer, rows, config, stats)
     vocab = len(tokenizer)
 
     def logps(model) -> torch.Tensor:

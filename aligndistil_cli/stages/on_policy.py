@@ -108,7 +108,8 @@ def run(config: DistillConfig) -> Path:
     rows, data_stats = load_data(config, "prompts")
     off_policy = []
     if config.mix_off_policy > 0:
-        off_policy, _ = encode_rows(tokenizer, load_data(config, "pairs")[0], "chosen", config, config.data)
+        pair_rows, pair_stats = load_data(config, "pairs")
+        off_policy, _ = encode_rows(tokenizer, pair_rows, "chosen", config, pair_stats)
     student = load_student(config.student, device, config)
     out = prepare_output(Path(config.out))
     rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], config, off_policy)

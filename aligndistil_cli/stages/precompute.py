@@ -100,7 +100,7 @@ def run(config: PrecomputeConfig) -> Path:
     tokenizer = tokenizers["dpo"]
     vocab = len(tokenizer)
     rows, data_stats = load_data(config, "pairs")
-    examples, truncated = encode_rows(tokenizer, rows, "chosen", config, config.data)
+    examples, truncated = encode_rows(tokenizer, rows, "chosen", config, data_stats)
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
     models = {name: load_model(path, device, dtype, config.attn_implementation, **hub_options(config)).eval()
               for name, path in names.items()}

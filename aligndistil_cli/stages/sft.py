@@ -19,7 +19,7 @@ def run(config: SftConfig) -> Path:
     tokenizer = load_tokenizer(config.model, **hub_options(config))
     model = load_student(config.model, device, config)
     vocab = len(tokenizer)
-    examples, truncated = encode_rows(tokenizer, rows, "response", config, config.data)
+    examples, truncated = encode_rows(tokenizer, rows, "response", config, data_stats)
     out = prepare_output(Path(config.out))
 
     def loss_fn(chunk):
