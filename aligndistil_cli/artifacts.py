@@ -62,6 +62,23 @@ def config_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+def check_output_dir(out: Path) -> Path:
+    """Create out/ (and its parents) and prove a file can be written there, so that a bad --out fails in
+    one line before a stage loads any data or model."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker else (e.strerror or type(e).__name__).lower()
+        raise UserError(f"cannot write to output directory {out}: {why}") from None
+    return out
+
+
 def prepare_output(out: Path) -> Path:
     """Create out/ and invalidate any previous manifest before writing anything."""
     out = Path(out)

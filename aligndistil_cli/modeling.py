@@ -7,6 +7,7 @@ gathered, and the head is applied in chunks (losses.py).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -44,12 +45,59 @@ def hub_options(config) -> dict:
             "trust_remote_code": bool(getattr(config, "trust_remote_code", False))}
 
 
+def looks_like_path(name: str) -> bool:
+    """True when `name` can only be meant as a local path: it starts with '.', '/' or '~', has more than
+    one '/' or a backslash, or its first component is an existing directory ("runs/dpoo" when runs/ exists).
+    A hub id is "name" or "owner/name"."""
+    first = name.replace("\\", "/").split("/")[0]
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+            or ("/" in name and Path(first).is_dir()))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    # The constant is read once at import; the variable may have been set since.
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """One quick request to the Hub's endpoint (any answer will do), instead of transformers' minute of retries."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception:  # noqa: BLE001 - whatever the transport raises, the Hub is not reachable
+        return False
+    return True
+
+
+def model_source(path: str | Path, revision: str | None = None) -> dict:
+    """Extra from_pretrained arguments for `path` (a directory or hub id), or a one-line UserError when it is
+    neither an existing directory nor a hub id that can be reached (online, or in the local cache)."""
+    name = str(path)
+    if Path(name).expanduser().exists():
+        return {}
+    missing = UserError(f"no such directory {name} (and not reachable as a Hub id)")
+    if looks_like_path(name):
+        raise missing
+    if not _offline() and hub_reachable():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return {"local_files_only": True}
+    raise missing
+
+
 def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     quiet_transformers()
+    source = model_source(path, revision)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code, **source)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
@@ -76,10 +124,8 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torc
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    if not Path(path).exists() and (str(path).startswith((".", "/", "~")) or str(path).count("/") != 1):
-        raise UserError(f"model {path} does not exist (neither a directory nor a hub id)")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    kwargs.update(revision=revision, trust_remote_code=trust_remote_code)
+    kwargs.update(revision=revision, trust_remote_code=trust_remote_code, **model_source(path, revision))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:

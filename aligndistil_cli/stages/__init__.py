@@ -21,9 +21,31 @@ class Stage:
 
     @property
     def run(self) -> Callable:
+        """The stage's run(config), after the checks that need nothing loaded (see preflight)."""
         import importlib
 
-        return importlib.import_module(f"{__name__}.{self.module}").run
+        run = importlib.import_module(f"{__name__}.{self.module}").run
+
+        def checked(config):
+            preflight(config)
+            return run(config)
+
+        return checked
+
+
+MODEL_FIELDS = ("model", "student", "dpo", "rev", "ref")
+
+
+def preflight(config) -> None:
+    """Fail in one line, before any data or model loads, on an output directory that cannot be written and on
+    a model that is neither a directory nor a reachable hub id (a mistyped path)."""
+    from ..artifacts import check_output_dir
+    from ..modeling import model_source
+
+    check_output_dir(config.out)
+    models = [getattr(config, name, None) for name in MODEL_FIELDS] + list((getattr(config, "models", None) or {}).values())
+    for path in filter(None, models):
+        model_source(path, getattr(config, "revision", None))
 
 
 STAGES: dict[str, Stage] = {
