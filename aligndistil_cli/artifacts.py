@@ -63,19 +63,23 @@ def config_dict(config: Any) -> dict:
 
 
 def check_output_dir(out: Path) -> Path:
-    """Create out/ (and its parents) and prove a file can be written there, so that a bad --out fails in
-    one line before a stage loads any data or model."""
+    """Fail in one line, before a stage loads any data or model, when out/ cannot be created or written.
+
+    Nothing is created: the nearest existing directory on the way (out itself, or the parent that
+    mkdir would start from) gets a temporary file that is removed at once.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot create output directory {out}: {existing} is a file")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is a file" if blocker else (e.strerror or type(e).__name__).lower()
-        raise UserError(f"cannot write to output directory {out}: {why}") from None
+        raise UserError(f"cannot write to output directory {out}: {existing} is not writable "
+                        f"({(e.strerror or type(e).__name__).lower()})") from None
     return out
 
 

@@ -365,20 +365,35 @@ def check_keys(cls: type, keys: typing.Iterable[str], source: str) -> None:
             raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
 
-def build_config(cls: type, values: dict, source: str = "config") -> Any:
-    """Instantiate a stage config from a dict, with key checks and type coercion."""
+def _coerced(cls: type, values: dict, source: str) -> dict:
+    """values with known keys, each coerced to its field's type; errors start with source."""
     check_keys(cls, values, source)
     types_ = field_types(cls)
-    return cls(**{k: _coerce(k, v, types_[k]) for k, v in values.items()})
+    try:
+        return {k: _coerce(k, v, types_[k]) for k, v in values.items()}
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def build_config(cls: type, values: dict, source: str = "config") -> Any:
+    """Instantiate a stage config from a dict (a pipeline stage's values), with key checks and type
+    coercion; every error names source (the file and the pipeline stage)."""
+    values = _coerced(cls, values, source)
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def load_config(cls: type, config_file: str | Path | None, overrides: dict) -> Any:
-    """defaults < YAML file < flags (flags that were not given are None and do not override)."""
-    values: dict = read_yaml(config_file) if config_file else {}
-    source = str(config_file) if config_file else "flags"
-    check_keys(cls, values, source)
+    """defaults < YAML file < flags (flags that were not given are None and do not override).
+
+    An error in a value of the file names the file; flags arrive typed from the command line.
+    """
+    values: dict = _coerced(cls, read_yaml(config_file), str(config_file)) if config_file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return build_config(cls, values, source)
+    check_keys(cls, values, "flags")
+    return cls(**values)
 
 
 def resolve_path(value: str | None) -> Path | None:

@@ -156,7 +156,7 @@ def test_bad_named_path_flag(capsys, tmp_path):
 
 
 def _sft_args(tmp_path) -> list:
-    return ["--model", "M", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o"]
+    return ["--model", ".", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o"]
 
 
 def test_config_unknown_key(capsys, tmp_path):
@@ -207,7 +207,7 @@ def test_missing_required_flag(capsys, tmp_path):
 
 def test_missing_data_file(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, "sft", "--model", "M", "--data", "nope.jsonl", "--out", "o")
+    code, _, err = cli(capsys, "sft", "--model", ".", "--data", "nope.jsonl", "--out", "o")
     assert_one_line_error(err)
     assert code == 1
     assert "nope.jsonl" in err
@@ -217,11 +217,11 @@ def test_missing_data_file(capsys, tmp_path, monkeypatch):
 def test_missing_data_file_debug_raises(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="nope.jsonl"):
-        main(["--debug", "sft", "--model", "M", "--data", "nope.jsonl", "--out", "o"])
+        main(["--debug", "sft", "--model", ".", "--data", "nope.jsonl", "--out", "o"])
 
 
 def test_missing_data_file_via_console_script(tmp_path):
-    proc = script("sft", "--model", "M", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
+    proc = script("sft", "--model", ".", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
     assert proc.returncode == 1
     assert_one_line_error(proc.stderr)
     assert "nope.jsonl" in proc.stderr
@@ -229,7 +229,7 @@ def test_missing_data_file_via_console_script(tmp_path):
 
 
 def test_debug_shows_traceback_via_console_script(tmp_path):
-    proc = script("--debug", "sft", "--model", "M", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
+    proc = script("--debug", "sft", "--model", ".", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr
     assert "nope.jsonl" in proc.stderr
@@ -238,7 +238,7 @@ def test_debug_shows_traceback_via_console_script(tmp_path):
 def test_malformed_jsonl_row(capsys, tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n\n" + json.dumps({"prompt": "a"}) + "\n")
-    code, _, err = cli(capsys, "sft", "--model", "M", "--data", data, "--out", tmp_path / "o")
+    code, _, err = cli(capsys, "sft", "--model", ".", "--data", data, "--out", tmp_path / "o")
     assert_one_line_error(err)
     assert code == 1
     assert str(data) in err
@@ -249,7 +249,7 @@ def test_malformed_jsonl_row(capsys, tmp_path):
 def test_identical_pair_row(capsys, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "b"}) + "\n")
-    code, _, err = cli(capsys, "train-dpo", "--model", "M", "--data", data, "--out", tmp_path / "o")
+    code, _, err = cli(capsys, "train-dpo", "--model", ".", "--data", data, "--out", tmp_path / "o")
     assert_one_line_error(err)
     assert code == 1
     assert str(data) in err and "row 1" in err and "'rejected'" in err
