@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -440,13 +441,17 @@ def _call_datasets(what: str, load: Callable):
     import datasets
 
     datasets.disable_progress_bars()
-    # datasets also logs the failure it raises: the error below is the one line the user sees.
-    datasets.logging.set_verbosity_error()
+    # datasets also logs (at ERROR) the failure it raises: the UserError below is the one line the user sees.
+    library_logger = logging.getLogger("datasets")
+    level = library_logger.level
+    library_logger.setLevel(logging.CRITICAL)
     try:
         return load(datasets)
     # datasets/pyarrow raise many exception types for bad input; all become one line.
     except Exception as e:
         raise UserError(f"{what}: could not be loaded ({_first_lines(e)})") from None
+    finally:
+        library_logger.setLevel(level)
 
 
 def _csv_options(datasets, path: Path) -> dict:
