@@ -8,8 +8,11 @@ earlier turns of row B.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import tempfile
+import types
 from pathlib import Path
 
 import datasets
@@ -17,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aligndistil_cli.data import encode_pairs, encode_rows
 from aligndistil_cli.errors import UserError
 from aligndistil_cli.sources import FORMATS, LoadStats, detect_format, flatten_plain, load_source
 
@@ -414,3 +418,148 @@ def test_random_rows_end_in_user_error_or_counted_skip(valid, bad, first, skip, 
         assert set(row) == {"prompt", "chosen", "rejected"}
         assert row["prompt"][-1]["role"] == "user"
         assert all(m["role"] == "assistant" for m in row["chosen"] + row["rejected"])
+
+
+# --------------------------------------------------------------------------- issue 12: undecodable input
+
+GOOD_LINE = json.dumps(STANDARD_OK).encode()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_skip_bad_rows_drops_undecodable_lines(tmp_path, suffix):
+    path = tmp_path / f"pairs{suffix}"
+    path.write_bytes(b"\n".join([GOOD_LINE, b'{"prompt": "x", "chosen": }', b"", b'{"prompt": "\xff\xfe"}', GOOD_LINE]))
+    with pytest.raises(UserError, match=f"^{path}, row 2: invalid JSON"):
+        load_source(str(path), kind="pairs")
+    rows, stats = load_source(str(path), kind="pairs", skip_bad_rows=True)
+    assert rows == [CONV_OK, CONV_OK]
+    assert stats == LoadStats(str(path), "standard", 4, 2, {"invalid_json": 1, "invalid_utf8": 1})
+    # The kept rows remember their own lines (the blank line 3 is counted).
+    assert [r.origin for r in rows] == [(str(path), 1), (str(path), 5)]
+
+
+def test_only_undecodable_lines_all_dropped(tmp_path):
+    path = tmp_path / "junk.jsonl"
+    path.write_bytes(b"{]\n\xc3\x28\n")
+    with pytest.raises(UserError, match=r"all 2 rows were dropped \(invalid_json 1, invalid_utf8 1\)"):
+        load_source(str(path), kind="pairs", skip_bad_rows=True)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.jsonl", b"\xef\xbb\xbf" + GOOD_LINE + b"\n"),
+    ("bom.json", b"\xef\xbb\xbf[" + GOOD_LINE + b"]"),
+    ("bom.csv", b"\xef\xbb\xbfprompt,chosen,rejected\nq,a,b\n"),
+])
+def test_utf8_bom_is_accepted(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    rows, stats = load_source(str(path), kind="pairs")
+    assert (rows, stats.format) == ([CONV_OK], "standard")
+
+
+@pytest.mark.parametrize("row, field, prefix", [
+    ({"prompt": "q", "chosen": "a\ud800", "rejected": "b"}, "chosen", ""),
+    ({**CONV_OK, "prompt": [user("q \udfff")]}, "prompt", "message 1: "),
+])
+def test_lone_surrogate_is_a_bad_field(tmp_path, row, field, prefix):
+    path = write_rows(tmp_path / "surrogate.jsonl", [STANDARD_OK if isinstance(row["prompt"], str) else CONV_OK, row])
+    assert "\\ud800" in path.read_text() or "\\udfff" in path.read_text()  # written as a JSON escape
+    with pytest.raises(UserError, match=f"^{path}, row 2, field {field!r}: {prefix}contains the lone surrogate"):
+        load_source(str(path), kind="pairs")
+    rows, stats = load_source(str(path), kind="pairs", skip_bad_rows=True)
+    assert (len(rows), stats.dropped) == (1, {"invalid_unicode": 1})
+
+
+def test_json_array_errors_name_the_record(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([STANDARD_OK, {**STANDARD_OK, "prompt": 3}]))
+    with pytest.raises(UserError, match=f"^{path}, row 2, field 'prompt': expected a string or a list"):
+        load_source(str(path), kind="pairs")
+    path.write_text('[\n {"prompt": "q",\n  "chosen": }\n]')
+    with pytest.raises(UserError, match=f"^{path}, line 3, column 13: invalid JSON"):
+        load_source(str(path), kind="pairs")
+
+
+def test_subdirectories_of_a_data_directory_are_read(tmp_path):
+    write_rows(tmp_path / "a.jsonl", [STANDARD_OK])
+    (tmp_path / "more").mkdir()
+    sub = write_rows(tmp_path / "more" / "b.jsonl", [STANDARD_OK, {**STANDARD_OK, "chosen": ""}])
+    (tmp_path / ".cache").mkdir()
+    write_rows(tmp_path / ".cache" / "junk.jsonl", [{"x": 1}])
+    with pytest.raises(UserError, match=f"^{sub}, row 2, field 'chosen': empty"):
+        load_source(str(tmp_path), kind="pairs")
+    rows, stats = load_source(str(tmp_path), kind="pairs", skip_bad_rows=True)
+    assert (len(rows), stats.read, stats.dropped) == (2, 3, {"empty": 1})
+    assert [r.origin for r in rows] == [(str(tmp_path / "a.jsonl"), 1), (str(sub), 1)]
+
+
+def test_undetectable_format_names_the_row_it_looked_at(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text('\n{"text": "x"}\n')
+    with pytest.raises(UserError, match=f"^{path}, row 2: cannot tell the pairs data format"):
+        load_source(str(path), kind="pairs")
+
+
+def test_csv_load_error_is_one_line_via_console_script(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nq,a,b\nq,a,b,extra\n")
+    proc = subprocess.run([sys.executable, "-m", "aligndistil_cli", "sft", "--model", str(tmp_path), "--data", str(path),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path,
+                          env={**__import__("os").environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")})
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {path}: could not be loaded")
+    assert "line 3" in proc.stderr
+
+
+# --------------------------------------------------------------------------- property: random bytes and JSON values
+
+SURROGATE_TEXT = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) | st.characters(), max_size=4)
+JSON_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | SURROGATE_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+MUTATED_TEXT = st.builds(mutate, st.sampled_from(VALID), st.sampled_from(["prompt", "chosen", "rejected"]),
+                         SURROGATE_TEXT | st.lists(st.fixed_dictionaries({"role": ROLE, "content": SURROGATE_TEXT}),
+                                                   max_size=2), st.just(False))
+LINE = (st.binary(max_size=30).map(lambda b: b.replace(b"\n", b" "))  # random bytes: mostly not UTF-8 or JSON
+        | JSON_VALUE.map(lambda v: json.dumps(v).encode())
+        | (ROW | MUTATED | MUTATED_TEXT | st.sampled_from(VALID)).map(lambda r: json.dumps(r).encode()))
+ROW_NUMBER = re.compile(r", (?:row|line) (\d+)")
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINE, min_size=1, max_size=5), bom=st.booleans(), suffix=st.sampled_from([".jsonl", ".json"]),
+       skip=st.booleans(), kind=st.sampled_from(["pairs", "sft", "prompts"]))
+def test_random_bytes_and_json_values_never_crash_the_loader(toy_tokenizer, lines, bom, suffix, skip, kind):
+    """Every failure is a one-line UserError naming the file (and the line, for a row's failure);
+    under skip_bad_rows every row is kept or counted as dropped. Kept rows then encode."""
+    config = types.SimpleNamespace(max_length=32, max_prompt_length=16, chat_template=True, skip_bad_rows=skip,
+                                   refuse_special_tokens=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"random{suffix}"
+        path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"\n".join(lines))
+        try:
+            rows, stats = load_source(str(path), kind=kind, skip_bad_rows=skip)
+            summary = dataclasses.asdict(stats)
+            if kind == "pairs":
+                encode_pairs(toy_tokenizer, rows, config, summary)
+            elif kind == "sft":
+                encode_rows(toy_tokenizer, rows, "response", config, summary)
+        except UserError as e:
+            message = str(e)
+            assert "\n" not in message
+            assert message.startswith((str(path), f"data {path}"))
+            numbers = [int(n) for n in ROW_NUMBER.findall(message)]
+            whole_file = "rows were dropped" in message or "has no rows" in message or "every row was dropped" in message
+            # A .json array with a syntax error cannot be split into rows: its error names the line instead.
+            broken_array = suffix == ".json" and "invalid JSON" in message
+            assert numbers or whole_file or broken_array
+            assert not (skip and numbers) or broken_array, "under skip_bad_rows a bad row is dropped, not raised"
+            assert suffix == ".json" or all(1 <= n <= len(lines) for n in numbers)
+            return
+    assert stats.read == stats.kept + sum(stats.dropped.values())
+    assert stats.kept == len(rows) and (skip or not stats.dropped)
