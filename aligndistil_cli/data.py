@@ -264,7 +264,8 @@ def _record(stats: dict, dropped: Counter, kept: int, template: bool, with_speci
         stats["dropped"] = dict(sorted((Counter(stats.get("dropped", {})) + dropped).items()))
         stats["kept"] = kept
         stderr.print(f"data {stats.get('source')}: dropped at tokenisation "
-                     + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())), markup=False, highlight=False)
+                     + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())), markup=False, highlight=False,
+                     soft_wrap=True)
     if not kept:
         raise UserError(f"data {stats.get('source')}: every row was dropped "
                         f"({', '.join(f'{k} {v}' for k, v in sorted(stats['dropped'].items()))})")

@@ -7,6 +7,10 @@ vocabulary's word -> id table, never from the code under test.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import types
+
 import pytest
 import torch
 
@@ -18,10 +22,13 @@ from aligndistil_cli.data import (
     Encoded,
     collate,
     encode,
+    encode_pairs,
+    encode_rows,
     load_rows,
     response_mask,
 )
 from aligndistil_cli.errors import UserError
+from aligndistil_cli.sources import load_source
 from aligndistil_cli.toy import vocabulary
 
 BOS, EOS, PAD = 1, 2, 0
@@ -259,3 +266,96 @@ def test_load_rows_empty_file(tmp_path, content):
     message = _error(path)
     assert str(path) in message
     assert "no rows" in message
+
+
+# --------------------------------------------------------------------------- issue 12: encoding failures and counts
+
+
+def _config(**overrides):
+    return types.SimpleNamespace(**{"max_length": 32, "max_prompt_length": 16, "chat_template": True,
+                                    "skip_bad_rows": False, "refuse_special_tokens": False, **overrides})
+
+
+def _with_template(template: str):
+    from aligndistil_cli.toy import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+# Renders a final user turn that mentions "friday" with a leading "bad" only when nothing follows it, so for
+# those rows the rendered prompt is not a prefix of prompt + response; other rows render consistently.
+ODD_TEMPLATE = ("{% for m in messages %}{% if loop.last and m['role'] == 'user' and 'friday' in m['content'] %}"
+                "bad {% endif %}{{ m['content'] }} {% endfor %}")
+
+
+def _pair(prompt: str, chosen: str = "good", rejected: str = "bad") -> str:
+    return json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+def test_template_failure_names_the_file_and_line_and_is_skippable(tmp_path):
+    (tmp_path / "a.jsonl").write_text(_pair("i liked it") + "\n" + _pair("i hated it") + "\n")
+    b = tmp_path / "b.jsonl"
+    b.write_text("\n".join([_pair("i liked the movie"), "", "", "", _pair("i liked friday"), _pair("i liked it", "")]))
+    with pytest.raises(UserError, match=f"^{b}, row 6, field 'chosen': empty$"):
+        load_source(str(tmp_path), kind="pairs")
+    b.write_text(b.read_text().rsplit("\n", 1)[0] + "\n")  # without the empty row: the template check fails
+    rows, stats = load_source(str(tmp_path), kind="pairs")
+    with pytest.raises(UserError, match=f"^{b}, row 5, field 'chosen': the chat template does not render the prompt"):
+        encode_pairs(_with_template(ODD_TEMPLATE), rows, _config(), dataclasses.asdict(stats))
+    b.write_text(b.read_text() + _pair("i liked it", "") + "\n")
+    rows, stats = load_source(str(tmp_path), kind="pairs", skip_bad_rows=True)
+    summary = dataclasses.asdict(stats)
+    pairs, _ = encode_pairs(_with_template(ODD_TEMPLATE), rows, _config(skip_bad_rows=True), summary)
+    assert len(pairs) == 3
+    assert (summary["read"], summary["kept"]) == (5, 3)
+    assert summary["dropped"] == {"empty": 1, "template_not_prefix": 1}
+
+
+def test_template_raise_exception_is_a_row_error(write_jsonl):
+    template = ("{% for m in messages %}{% if 'monday' in m['content'] %}{{ raise_exception('no mondays') }}"
+                "{% endif %}{{ m['content'] }} {% endfor %}")
+    path = write_jsonl([{"prompt": "i liked it", "response": "good"}, {"prompt": "q", "response": "monday"}])
+    rows, stats = load_source(str(path), kind="sft")
+    with pytest.raises(UserError, match=f"^{path}, row 2, field 'response': the chat template refused .*no mondays"):
+        encode_rows(_with_template(template), rows, "response", _config(), dataclasses.asdict(stats))
+
+
+def test_truncated_counts_pairs_not_sequences(toy_tokenizer, write_jsonl):
+    long = " ".join(["good"] * 40)
+    path = write_jsonl([{"prompt": "i liked it", "chosen": long, "rejected": long + " bad"},
+                        {"prompt": "i liked it", "chosen": "good", "rejected": "bad"}])
+    rows, stats = load_source(str(path), kind="pairs")
+    pairs, truncated = encode_pairs(toy_tokenizer, rows, _config(), dataclasses.asdict(stats))
+    assert len(pairs[0][0].prompt + pairs[0][0].response) == 32 and len(pairs[0][1].response) == 32 - 4
+    assert truncated == 1  # one pair (row), although both of its sequences were cut
+
+
+def test_manifest_records_whether_a_chat_template_was_used(toy_tokenizer, write_jsonl):
+    path = write_jsonl([{"prompt": "i liked it", "response": "good"}])
+    rows, stats = load_source(str(path), kind="sft")
+    without = dataclasses.asdict(stats)
+    encode_rows(toy_tokenizer, rows, "response", _config(chat_template=True), without)
+    assert without["chat_template_used"] is False  # asked for, but the toy tokenizer has none
+    with_template = dataclasses.asdict(stats)
+    encode_rows(_with_template(ODD_TEMPLATE), rows, "response", _config(), with_template)
+    assert with_template["chat_template_used"] is True
+
+
+def test_special_token_text_is_counted_warned_and_refusable(toy_tokenizer, write_jsonl, capsys):
+    path = write_jsonl([{"prompt": "i liked it", "response": "good"},
+                        {"prompt": "i liked it <eos> also", "response": "good"}])
+    rows, stats = load_source(str(path), kind="sft")
+    summary = dataclasses.asdict(stats)
+    examples, _ = encode_rows(toy_tokenizer, rows, "response", _config(), summary)
+    assert summary["special_token_rows"] == 1 and len(examples) == 2
+    assert EOS in examples[1].prompt  # what the warning is about: the text became the control token
+    err = capsys.readouterr().err
+    assert "warning" in err and f"{path}, row 2, field 'prompt'" in err and "'<eos>'" in err
+    with pytest.raises(UserError, match=f"^{path}, row 2, field 'prompt': message 1 contains the special token '<eos>'"):
+        encode_rows(toy_tokenizer, rows, "response", _config(refuse_special_tokens=True), dataclasses.asdict(stats))
+    summary = dataclasses.asdict(stats)
+    examples, _ = encode_rows(toy_tokenizer, rows, "response", _config(refuse_special_tokens=True, skip_bad_rows=True),
+                              summary)
+    assert len(examples) == 1 and summary["dropped"] == {"special_token": 1} and summary["kept"] == 1
