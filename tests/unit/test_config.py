@@ -180,3 +180,22 @@ def test_missing_required_field_is_named(cls, given, missing):
     assert f"'{missing}'" in message
     assert "required" in message
     assert f"--{missing}" in message
+
+
+def test_yaml_type_error_names_the_file(yaml_file):
+    path = yaml_file("lr: fast\n")
+    assert config_error(SftConfig, path, SFT_REQUIRED).startswith(f"{path}: config field 'lr' must be float; got 'fast'")
+
+
+@pytest.mark.parametrize("bad, problem", [("lr: fast", "config field 'lr' must be float; got 'fast'"),
+                                          ("batch_size: 0", "config field 'batch_size' must be > 0")])
+def test_pipeline_value_error_names_the_file_and_stage(tmp_path, bad, problem):
+    from aligndistil_cli.pipeline import load_pipeline
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("stages:\n"
+                    "  - {name: sft, stage: sft, with: {model: m, data: d.jsonl}}\n"
+                    f"  - {{name: dpo, stage: train-dpo, with: {{model: '{{sft}}', data: d.jsonl, {bad}}}}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(path)
+    assert str(e.value).startswith(f"{path}: stage 2 (dpo): {problem}")
