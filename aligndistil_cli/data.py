@@ -14,9 +14,10 @@ import dataclasses
 import json
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -127,10 +128,17 @@ def encode_messages(tokenizer, prompt: list[dict], response: list[dict], max_len
     at the tokenizer's EOS (text the template puts after it is dropped).
     Raises EncodeError (without the row's location, which the caller knows).
     """
+    with _as_encode_errors():
+        return _encode_messages(tokenizer, prompt, response, max_length, max_prompt_length, chat_template)
+
+
+@contextmanager
+def _as_encode_errors():
+    """Template and tokenizer failures on one row's text, as EncodeError."""
     from jinja2 import TemplateError
 
     try:
-        return _encode_messages(tokenizer, prompt, response, max_length, max_prompt_length, chat_template)
+        yield
     except TemplateError as e:  # a template's raise_exception, e.g. "roles must alternate user/assistant"
         raise EncodeError("template_error", f"the chat template refused the conversation ({_one_line(e)})") from None
     except (TypeError, ValueError) as e:  # what the tokenizer raises for input it cannot encode
@@ -213,8 +221,9 @@ def _special_token_in(row: dict, keys: tuple[str, ...], specials: re.Pattern | N
     return None
 
 
-def _encode_table(tokenizer, rows: list[dict], keys: tuple[str, ...], config, stats: dict) -> list[tuple[list[Encoded], bool]]:
-    """For each row that encodes: ([one example per response key], whether any was truncated).
+def _encode_table(tokenizer, rows: list[dict], keys: tuple[str, ...], config, stats: dict,
+                  encode_row: Callable[[dict, str], tuple[list, bool]]) -> list[tuple[dict, list, bool]]:
+    """(row, encode_row(row, key) results, whether any was truncated) for each row that encodes.
 
     A row that cannot be encoded (chat template, tokenizer, or special-token text under
     --refuse-special-tokens) stops the run naming its file, row and field, or with
@@ -233,16 +242,15 @@ def _encode_table(tokenizer, rows: list[dict], keys: tuple[str, ...], config, st
                 with_specials.append(f"{where(label, number, found[0])}: {found[1]}")
                 if refuse:
                     raise _FieldError(found[0], EncodeError("special_token", found[1] + " (--refuse-special-tokens)"))
-            examples, cut = [], False
-            for key in keys:
+            encoded, cut = [], False
+            for key in keys or ("prompt",):
                 try:
-                    example, c = encode_messages(tokenizer, row["prompt"], row[key], config.max_length,
-                                                 config.max_prompt_length, config.chat_template)
+                    item, c = encode_row(row, key)
                 except EncodeError as e:
                     raise _FieldError(key, e) from None
-                examples.append(example)
+                encoded.append(item)
                 cut = cut or c
-            out.append((examples, cut))
+            out.append((row, encoded, cut))
         except _FieldError as f:
             if not config.skip_bad_rows:
                 raise UserError(f"{where(label, number, f.field)}: {f.error.problem}") from None
@@ -282,8 +290,24 @@ def encode_rows(tokenizer, rows: list[dict], response_key: str, config, stats: d
 
     stats is load_data's summary: rows dropped here (see _encode_table) are counted in it.
     """
-    encoded = _encode_table(tokenizer, rows, (response_key,), config, stats)
-    return [examples[0] for examples, _ in encoded], sum(cut for _, cut in encoded)
+    encoded = _encode_table(tokenizer, rows, (response_key,), config, stats, _messages_encoder(tokenizer, config))
+    return [examples[0] for _, examples, _ in encoded], sum(cut for _, _, cut in encoded)
+
+
+def _messages_encoder(tokenizer, config) -> Callable[[dict, str], tuple[Encoded, bool]]:
+    return lambda row, key: encode_messages(tokenizer, row["prompt"], row[key], config.max_length,
+                                            config.max_prompt_length, config.chat_template)
+
+
+def encode_prompts(tokenizer, rows: list[dict], config, stats: dict) -> tuple[list[dict], list[list[int]]]:
+    """The prompt rows that can be rendered, and their token ids (prompt_ids); failures as in encode_rows."""
+
+    def encode(row: dict, _key: str) -> tuple[list[int], bool]:
+        with _as_encode_errors():
+            return prompt_ids(tokenizer, row["prompt"], config.chat_template), False
+
+    encoded = _encode_table(tokenizer, rows, (), config, stats, encode)
+    return [row for row, _, _ in encoded], [ids[0] for _, ids, _ in encoded]
 
 
 @dataclass
@@ -343,5 +367,5 @@ def encode_pairs(tokenizer, rows: list[dict], config, stats: dict) -> tuple[list
 
     A pair is kept or dropped whole (see _encode_table).
     """
-    encoded = _encode_table(tokenizer, rows, ("chosen", "rejected"), config, stats)
-    return [(chosen, rejected) for (chosen, rejected), _ in encoded], sum(cut for _, cut in encoded)
+    encoded = _encode_table(tokenizer, rows, ("chosen", "rejected"), config, stats, _messages_encoder(tokenizer, config))
+    return [(chosen, rejected) for _, (chosen, rejected), _ in encoded], sum(cut for _, _, cut in encoded)

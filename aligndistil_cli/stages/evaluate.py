@@ -16,7 +16,7 @@ import torch
 
 from ..artifacts import atomic_write_json, fingerprint_model, finalize, input_record, prepare_output
 from ..config import EvaluateConfig
-from ..data import collate, data_input, encode_pairs, load_data, prompt_ids, truncate
+from ..data import collate, data_input, encode_pairs, encode_prompts, load_data, prompt_ids, truncate
 from ..sources import flatten_plain
 from ..errors import UserError
 from ..modeling import hub_options, load_model, load_tokenizer, pick_device, sequence_logps
@@ -107,8 +107,8 @@ def run(config: EvaluateConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "prompts", config.prompts)
-    prompts = [r["prompt"] for r in rows][: config.num_prompts]
     tokenizer = load_tokenizer(config.ref, **hub_options(config))
+    prompts = [r["prompt"] for r in encode_prompts(tokenizer, rows, config, data_stats)[0]][: config.num_prompts]
     ref_model = load_model(config.ref, device, **hub_options(config)).eval()
     out = prepare_output(Path(config.out))
     scorer = make_scorer(config, device)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..artifacts import fingerprint_model, finalize, input_record, prepare_output
 from ..config import MakePrefsConfig
-from ..data import data_input, load_data, prompt_ids
+from ..data import data_input, encode_prompts, load_data
 from ..modeling import hub_options, load_model, load_tokenizer, pick_device
 from ..sampling import generate
 from ..scoring import make_scorer
@@ -41,9 +41,9 @@ def run(config: MakePrefsConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "prompts")
-    prompts = [r["prompt"] for r in rows][: config.max_prompts]
     tokenizer = load_tokenizer(config.model, **hub_options(config))
-    ids = [prompt_ids(tokenizer, p, config.chat_template) for p in prompts]
+    rows, ids = encode_prompts(tokenizer, rows, config, data_stats)
+    prompts, ids = [r["prompt"] for r in rows][: config.max_prompts], ids[: config.max_prompts]
     model = load_model(config.model, device, **hub_options(config))
     out = prepare_output(Path(config.out))
     repeated = [p for p in prompts for _ in range(config.num_samples)]

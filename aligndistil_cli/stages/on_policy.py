@@ -17,7 +17,7 @@ import torch
 
 from ..artifacts import finalize, fingerprint_model, input_record, prepare_output
 from ..config import DistillConfig
-from ..data import Encoded, collate, data_input, encode_rows, load_data, prompt_ids, truncate
+from ..data import Encoded, collate, data_input, encode_prompts, encode_rows, load_data, prompt_ids, truncate
 from ..modeling import (bf16_enabled, hub_options, load_model, load_student, load_tokenizer, output_head, pick_device,
                         save_model)
 from ..monitor import make_monitor
@@ -106,6 +106,7 @@ def run(config: DistillConfig) -> Path:
     tokenizer = load_tokenizer(config.student, **hub_options(config))
     teachers = load_teachers(config, spec, device, tokenizer)
     rows, data_stats = load_data(config, "prompts")
+    rows, _ = encode_prompts(tokenizer, rows, config, data_stats)
     off_policy = []
     if config.mix_off_policy > 0:
         pair_rows, pair_stats = load_data(config, "pairs")

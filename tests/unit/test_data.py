@@ -359,3 +359,20 @@ def test_special_token_text_is_counted_warned_and_refusable(toy_tokenizer, write
     examples, _ = encode_rows(toy_tokenizer, rows, "response", _config(refuse_special_tokens=True, skip_bad_rows=True),
                               summary)
     assert len(examples) == 1 and summary["dropped"] == {"special_token": 1} and summary["kept"] == 1
+
+
+def test_prompts_that_cannot_be_rendered_name_their_row_and_are_skippable(write_jsonl):
+    from aligndistil_cli.data import encode_prompts
+
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+                "{% endif %}{{ m['content'] }} {% endfor %}")
+    path = write_jsonl([{"prompt": "i liked it"}, "", {"prompt": [{"role": "system", "content": "x"},
+                                                                  {"role": "user", "content": "i hated it"}]},
+                        {"prompt": "i <eos> it"}])
+    rows, stats = load_source(str(path), kind="prompts")
+    with pytest.raises(UserError, match=f"^{path}, row 3, field 'prompt': the chat template refused .*no system turns"):
+        encode_prompts(_with_template(template), rows, _config(), dataclasses.asdict(stats))
+    summary = dataclasses.asdict(stats)
+    kept, ids = encode_prompts(_with_template(template), rows, _config(skip_bad_rows=True), summary)
+    assert kept == [rows[0], rows[2]] and ids[0] == [VOCAB["i"], VOCAB["liked"], VOCAB["it"]]
+    assert (summary["kept"], summary["dropped"], summary["special_token_rows"]) == (2, {"template_error": 1}, 1)
