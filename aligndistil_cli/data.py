@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .errors import UserError, where
-from .sources import Row, flatten_plain, read_jsonl as _read_jsonl
+from .readers import read_jsonl as _read_jsonl
+from .sources import Row, flatten_plain
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SFT_FIELDS = ("prompt", "response")

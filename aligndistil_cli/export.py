@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .artifacts import atomic_write_bytes
 from .errors import UserError, where
-from .sources import read_jsonl
+from .readers import read_jsonl
 
 BENCHMARKS = ("alpaca-eval", "mt-bench", "arena-hard")
 
