@@ -184,7 +184,7 @@ def load_data(config, kind: str, data: str | None = None) -> tuple[list[dict], d
     summary = dataclasses.asdict(stats)
     dropped = ", ".join(f"{k} {v}" for k, v in stats.dropped.items()) or "none"
     stderr.print(f"data {stats.source}: format {stats.format}, read {stats.read}, kept {stats.kept}, "
-                 f"dropped {dropped}", markup=False, highlight=False)
+                 f"dropped {dropped}", markup=False, highlight=False, soft_wrap=True)
     return rows, summary
 
 
