@@ -7,7 +7,6 @@ gathered, and the head is applied in chunks (losses.py).
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from .data import Batch
 from .errors import UserError
+from .hub import hub_offline, hub_reachable, looks_like_path
 from .losses import head_logits, token_logps_from_hidden
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,34 +45,6 @@ def hub_options(config) -> dict:
             "trust_remote_code": bool(getattr(config, "trust_remote_code", False))}
 
 
-def looks_like_path(name: str) -> bool:
-    """True when `name` can only be meant as a local path: it starts with '.', '/' or '~', has more than
-    one '/' or a backslash, or its first component is an existing directory ("runs/dpoo" when runs/ exists).
-    A hub id is "name" or "owner/name"."""
-    first = name.replace("\\", "/").split("/")[0]
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-            or ("/" in name and Path(first).is_dir()))
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    # The constant is read once at import; the variable may have been set since.
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-@functools.lru_cache(maxsize=1)
-def hub_reachable() -> bool:
-    """One quick request to the Hub's endpoint (any answer will do), instead of transformers' minute of retries."""
-    from huggingface_hub import constants, get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=5)
-    except Exception:  # noqa: BLE001 - whatever the transport raises, the Hub is not reachable
-        return False
-    return True
-
-
 def model_source(path: str | Path, revision: str | None = None) -> dict:
     """Extra from_pretrained arguments for `path` (a directory or hub id), or a one-line UserError when it is
     neither an existing directory nor a hub id that can be reached (online, or in the local cache)."""
@@ -82,7 +54,7 @@ def model_source(path: str | Path, revision: str | None = None) -> dict:
     missing = UserError(f"no such directory {name} (and not reachable as a Hub id)")
     if looks_like_path(name):
         raise missing
-    if not _offline() and hub_reachable():
+    if not hub_offline() and hub_reachable():
         return {}
     from huggingface_hub import try_to_load_from_cache
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError, where
+from .hub import looks_like_path
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -98,6 +99,7 @@ def _json_records(path: Path) -> list[tuple[int, dict | RowError]]:
         raise UserError(f"{path}: invalid JSON ({str(e).splitlines()[0]})") from None
     return [(i, r if isinstance(r, dict) else RowError(None, "not_an_object", f"expected a JSON object, got {kind_of(r)}"))
             for i, r in enumerate(records, start=1)]
+
 
 def kind_of(value) -> str:
     """JSON-style type names, since users think of their data as JSON."""
@@ -184,8 +186,8 @@ def _read_hub(data: str, split: str, subset: str | None) -> Table:
 
 
 def _looks_local(data: str, path: Path) -> bool:
-    # Hub ids are "name" or "owner/name": never a suffix like .jsonl, never ./ or /.
-    return path.exists() or path.suffix.lower() in BUILDERS or data.startswith((".", "/", "~"))
+    # Hub ids are "name" or "owner/name": never a suffix like .jsonl, never a path (hub.looks_like_path).
+    return path.exists() or path.suffix.lower() in BUILDERS or looks_like_path(data)
 
 
 def read_tables(data: str, split: str, subset: str | None) -> list[Table]:

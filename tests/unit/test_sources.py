@@ -565,3 +565,14 @@ def test_random_bytes_and_json_values_never_crash_the_loader(toy_tokenizer, line
             return
     assert stats.read == stats.kept + sum(stats.dropped.values())
     assert stats.kept == len(rows) and (skip or not stats.dropped)
+
+
+def test_a_mistyped_data_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    def hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match=r"^data file runs/prefs does not exist$"):
+        load_source("runs/prefs", kind="pairs")
