@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, outdir
 from .errors import UserError
+from .filehash import sha256_cached, sha256_file
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "stage_config.json"
 MANIFEST_VERSION = 1
-_CHUNK = 1 << 20
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -43,14 +43,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n").encode())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_json(obj: Any) -> str:
@@ -83,12 +75,15 @@ def check_output_dir(out: Path) -> Path:
     return out
 
 
-def prepare_output(out: Path) -> Path:
-    """Create out/ and invalidate any previous manifest before writing anything."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    return out
+def prepare_output(out: Path, stage: str, force: bool = False, keep: tuple[str, ...] = ()) -> Path:
+    """Lock out/ for stage and empty it (previous manifest first) before writing anything.
+
+    A directory holding anything but an earlier run of the same stage is refused
+    unless force (outdir.claim). Entries matching keep (fnmatch on names) are
+    the scratch a rerun continues from: checkpoints when resuming, finished
+    teacher shards. force keeps nothing.
+    """
+    return outdir.claim(Path(out), stage, force, keep)
 
 
 def _output_files(out: Path) -> list[Path]:
@@ -98,14 +93,23 @@ def _output_files(out: Path) -> list[Path]:
     )
 
 
+def _with_relpath(record: Any, out: Path) -> Any:
+    """An input record plus its path relative to out, so that a moved run directory still finds its inputs."""
+    if not isinstance(record, dict) or "path" not in record or not Path(record["path"]).exists():
+        return record
+    return {**record, "relpath": os.path.relpath(os.path.abspath(record["path"]), os.path.abspath(out))}
+
+
 def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics: dict[str, Any] | None = None) -> dict:
-    """Write config.json, then the manifest (last): the directory is now complete."""
+    """Write stage_config.json, then the manifest: the directory is now complete. Then drop the checkpoints.
+
+    The manifest comes before the checkpoints go, so a kill in between leaves a
+    complete directory with some scratch, never a finished one with neither.
+    """
     out = Path(out)
-    # Training checkpoints are scratch for --resume; a finished stage no longer needs them.
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     atomic_write_json(out / CONFIG_FILE, config_dict(config))
     outputs = {
-        str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in _output_files(out)
+        str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_cached(p)} for p in _output_files(out)
     }
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -114,11 +118,14 @@ def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics
         "tool_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": config_dict(config),
-        "inputs": inputs,
+        "inputs": {name: _with_relpath(rec, out) for name, rec in inputs.items()},
         "outputs": outputs,
         "metrics": metrics or {},
     }
     atomic_write_json(out / MANIFEST, manifest)
+    # Training checkpoints (and precompute's shard record) are scratch for a rerun; a finished stage needs none.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    outdir.release(out)
     return manifest
 
 
@@ -151,14 +158,58 @@ def read_manifest(path: Path, stage: str | tuple[str, ...] | None = None, role: 
     return manifest
 
 
+def verify_outputs(path: Path, manifest: dict, role: str = "input", names: list[str] | None = None) -> None:
+    """Raise a one-line UserError unless each of names (default: every output) has its manifest's sha256.
+
+    Hashes are remembered by (path, size, mtime, ctime, inode) (filehash.py), so an
+    unchanged directory is checked at the cost of a stat per file.
+    """
+    outputs = manifest.get("outputs", {})
+    for rel in outputs if names is None else names:
+        if rel not in outputs:
+            raise UserError(f"{role} {path}: its manifest does not list {rel}")
+        if sha256_cached(Path(path) / rel) != outputs[rel]["sha256"]:
+            raise UserError(f"{role} {path}: {rel} differs from its manifest (changed after the stage finished); "
+                            f"rerun the stage that wrote {path}")
+
+
 def verify_full(path: Path) -> list[str]:
-    """Check every output's sha256; return the problems found (empty when intact)."""
+    """Re-hash every output and compare the files with what the manifest's stage writes.
+
+    Returns the problems found (empty when intact): a changed file, a file on
+    disk the manifest does not list, or a listed file its stage never writes.
+    """
+    path = Path(path)
     manifest = read_manifest(path)
     problems = []
     for rel, info in manifest["outputs"].items():
-        if sha256_file(Path(path) / rel) != info["sha256"]:
+        if sha256_file(path / rel) != info["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
+    unlisted = [str(p.relative_to(path)) for p in _output_files(path)
+                if str(p.relative_to(path)) not in manifest["outputs"]]
+    problems += [f"{rel}: not listed in the manifest" for rel in unlisted]
+    problems += [f"{rel}: not a file that stage {manifest.get('stage')} writes"
+                 for rel in outdir.foreign_files(manifest.get("stage"), list(manifest["outputs"]))]
     return problems
+
+
+def check_model_input(path: Path, role: str = "model") -> dict | None:
+    """Refuse a model directory we wrote that is unfinished or changed since; return its manifest.
+
+    A plain directory we did not write (save_pretrained elsewhere) is accepted, and a
+    hub id is not checked here: both return None.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path, role=role)
+        verify_outputs(path, manifest, role)
+        return manifest
+    if outdir.is_ours(path):
+        raise UserError(f"{role} {path} is unfinished: aligndistil wrote it but it has no {MANIFEST} (the stage was "
+                        "killed or failed); rerun that stage")
+    return None
 
 
 def is_complete(path: Path) -> bool:
@@ -178,22 +229,22 @@ def fingerprint_files(files: list[Path], root: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(files):
         h.update(str(f.relative_to(root)).encode())
-        h.update(sha256_file(f).encode())
+        h.update(sha256_cached(f).encode())
     return h.hexdigest()
 
 
 def fingerprint_model(path: Path) -> str:
     """Fingerprint of a model directory's weights and config.
 
-    Directories we wrote carry checksums in their manifest, so large models are
-    not re-hashed; other directories are hashed file by file.
+    Directories we wrote are first checked against their manifest (check_model_input),
+    whose checksums then stand for the files; other directories are hashed file by file.
     """
     path = Path(path)
     if not path.is_dir():
         return sha256_json({"hub_id": str(path)})
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        outputs = json.loads(manifest.read_text()).get("outputs", {})
+    manifest = check_model_input(path)
+    if manifest:
+        outputs = manifest.get("outputs", {})
         picked = {k: v["sha256"] for k, v in outputs.items() if k.endswith(WEIGHT_SUFFIXES) or k == "config.json"}
         if picked:
             return sha256_json(picked)
@@ -228,7 +279,7 @@ def tokenizer_difference(a: dict[str, str], b: dict[str, str]) -> str:
 def fingerprint_data(path: Path) -> str:
     path = Path(path)
     if path.is_file():
-        return sha256_file(path)
+        return sha256_cached(path)
     if path.is_dir():
         return fingerprint_files([p for p in path.rglob("*") if p.is_file()], path)
     return sha256_json({"hub_id": str(path)})
@@ -237,14 +288,49 @@ def fingerprint_data(path: Path) -> str:
 _REFINGERPRINT = {"model": fingerprint_model, "data": fingerprint_data}
 
 
-def stale_inputs(manifest: dict) -> list[str]:
-    """Names of recorded model/data inputs whose fingerprint no longer matches."""
+def stale_inputs(manifest: dict, out: Path | None = None) -> list[str]:
+    """Names of recorded model/data inputs whose fingerprint no longer matches (or that fail their own check).
+
+    An input is looked up relative to out first (the path finalize recorded), so a
+    run directory moved together with its inputs still matches.
+    """
     stale = []
     for name, rec in manifest.get("inputs", {}).items():
         refingerprint = _REFINGERPRINT.get(rec.get("kind"))
-        if refingerprint and refingerprint(Path(rec["path"])) != rec["fingerprint"]:
+        if not refingerprint:
+            continue
+        path = Path(rec["path"])
+        if out is not None and rec.get("relpath") and (Path(out) / rec["relpath"]).exists():
+            path = Path(out) / rec["relpath"]
+        try:
+            same = refingerprint(path) == rec["fingerprint"]
+        except UserError:
+            same = False
+        if not same:
             stale.append(name)
     return stale
+
+
+def content_key(inputs: dict) -> dict:
+    """inputs without their paths: what a cache key may depend on, so that moving files keeps it."""
+    return {name: {k: v for k, v in rec.items() if k not in ("path", "relpath")} if isinstance(rec, dict) else rec
+            for name, rec in inputs.items()}
+
+
+def portable_config(config: dict, root: Path) -> dict:
+    """config with every path under root written as "{root}/REL", so that runs compare equal after a move."""
+    prefix = os.path.normpath(str(root))
+
+    def convert(value):
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, str) and value:
+            norm = os.path.normpath(value)
+            if norm == prefix or norm.startswith(prefix + os.sep):
+                return "{root}" + norm[len(prefix):]
+        return value
+
+    return convert(config)
 
 
 def input_record(kind: str, path: Path, fingerprint: str) -> dict:

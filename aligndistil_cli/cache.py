@@ -12,7 +12,10 @@ or topk_logprobs/topk_ids/log_tail), coef/alpha/tvd [n] float32, and
 row_offsets [rows + 1] int64: the positions of row i are offsets[i]:offsets[i+1].
 Shard boundaries are planned from the tokenised data before any model runs,
 so a rerun with the same settings recognises finished shards by name and by
-the settings key in their metadata, and skips them.
+the settings key in their metadata, and skips them, but only when a shard's
+bytes still have the sha256 recorded when it was written (in the last manifest,
+or in checkpoints/shards.json while precompute runs): a corrupted shard is
+recomputed, never re-blessed.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .artifacts import atomic_write_json, read_manifest, sha256_file
+from .artifacts import MANIFEST, atomic_write_json, read_manifest, verify_outputs
+from .filehash import sha256_cached
 from .errors import UserError
 from .teacher import FORMATS, TeacherSpec
 
 INDEX = "index.json"
+RECORD = Path("checkpoints") / "shards.json"
 HEADS = "heads.safetensors"
 FORMAT_VERSION = 1
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -61,8 +66,25 @@ def plan_shards(positions_per_row: list[int], bytes_per_position: int, max_bytes
     return plans
 
 
-def shard_is_done(path: Path, plan: ShardPlan, settings_key: str) -> bool:
-    if not path.is_file():
+def recorded_hashes(out: Path) -> dict[str, str]:
+    """Shard name -> sha256 recorded when it was written: from the last manifest, then from the running record."""
+    recorded: dict[str, str] = {}
+    for path, pick in ((out / MANIFEST, lambda m: {k: v["sha256"] for k, v in m.get("outputs", {}).items()}),
+                       (out / RECORD, lambda m: m)):
+        try:
+            recorded.update({k: v for k, v in pick(json.loads(path.read_text())).items() if k.startswith("shard-")})
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            continue
+    return recorded
+
+
+def save_record(out: Path, recorded: dict[str, str]) -> None:
+    atomic_write_json(out / RECORD, recorded)
+
+
+def shard_is_done(path: Path, plan: ShardPlan, settings_key: str, sha256: str | None) -> bool:
+    """Finished for these settings and rows, and byte for byte what was written (sha256 as recorded)."""
+    if not path.is_file() or sha256 is None:
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -70,15 +92,16 @@ def shard_is_done(path: Path, plan: ShardPlan, settings_key: str) -> bool:
     except Exception:  # a torn or foreign file is simply recomputed
         return False
     return (meta.get("settings_key") == settings_key and meta.get("row_start") == str(plan.row_start)
-            and meta.get("row_end") == str(plan.row_end))
+            and meta.get("row_end") == str(plan.row_end) and sha256_cached(path) == sha256)
 
 
-def write_shard(path: Path, plan: ShardPlan, settings_key: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one shard atomically: a crash leaves either the old state or the whole shard."""
+def write_shard(path: Path, plan: ShardPlan, settings_key: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Write one shard atomically (a crash leaves either the old state or the whole shard); return its sha256."""
     tmp = path.with_name(f".{path.name}.tmp")
     meta = {"settings_key": settings_key, "row_start": str(plan.row_start), "row_end": str(plan.row_end)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
+    return sha256_cached(path)
 
 
 def write_index(out: Path, index: dict) -> None:
@@ -91,6 +114,9 @@ class TeacherCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "precompute", role="teacher cache")
+        # Every file but the shards is small or read at once: check them now (shards: when first opened).
+        verify_outputs(self.path, self.manifest, "teacher cache",
+                       [INDEX] + [n for n in self.manifest["outputs"] if not n.startswith("shard-")])
         self.index = json.loads((self.path / INDEX).read_text())
         if self.index.get("format") not in FORMATS:
             raise UserError(f"teacher cache {path} has format {self.index.get('format')!r}; "
@@ -116,7 +142,7 @@ class TeacherCache:
         if name not in self._handles:
             # A shard is hashed once, when first opened, so a flipped byte is never read as data.
             expected = self.manifest["outputs"].get(name, {}).get("sha256")
-            if expected != sha256_file(self.path / name):
+            if expected != sha256_cached(self.path / name):
                 raise UserError(f"teacher cache shard {self.path / name} is corrupted (sha256 differs from the "
                                 "manifest); rerun precompute, which recomputes only the broken shards")
             try:

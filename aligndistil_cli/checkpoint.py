@@ -92,8 +92,8 @@ def load(path: Path, model, optimizer, scheduler, config_hash: str) -> int:
     """Restore everything saved at `path`; return its step."""
     state = json.loads((path / STATE).read_text())
     if state["config_hash"] != config_hash:
-        raise UserError(f"checkpoint {path} was written with a different config; "
-                        "rerun without --resume (or with the original config)")
+        raise UserError(f"checkpoint {path} was written with a different config; rerun with that config to resume "
+                        "from it, or with --force to discard it and start over")
     load_model(model, str(path / "model.safetensors"))
     _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
@@ -104,6 +104,11 @@ def load(path: Path, model, optimizer, scheduler, config_hash: str) -> int:
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return state["step"]
+
+
+def scratch(resume: bool) -> tuple[str, ...]:
+    """What a training stage keeps of its earlier run in OUT: its checkpoints and metrics when resuming."""
+    return (DIRNAME, "metrics.jsonl") if resume else ()
 
 
 def remove_all(out: Path) -> None:

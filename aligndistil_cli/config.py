@@ -38,6 +38,8 @@ class StageConfig:
     out: Optional[str] = opt(None, "Output directory of the stage.", required=True)
     seed: int = opt(0, "Random seed; the same seed and config give the same result on CPU.", nonneg=True)
     device: str = opt("auto", "Device: auto (cuda when available), cpu, or cuda[:N].")
+    force: bool = opt(False, "Start OUT over: replace whatever it holds (even another stage's output or files "
+                      "aligndistil did not write) and discard its checkpoints.")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -125,6 +127,9 @@ class TrainingFields(DataFields):
                               nonneg=True)
 
     def validate(self) -> None:
+        if self.resume and self.force:
+            raise ConfigError("config fields 'resume' and 'force' contradict each other: --force discards the "
+                              "checkpoints that --resume would continue from")
         if self.grad_accum > self.batch_size:
             raise ConfigError(f"config field 'grad_accum' ({self.grad_accum}) must be <= 'batch_size' ({self.batch_size})")
         if self.warmup_ratio >= 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import check_model_input
 from .data import Batch
 from .errors import UserError
 from .hub import hub_offline, hub_reachable, looks_like_path
@@ -68,6 +69,7 @@ def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_c
 
     quiet_transformers()
     source = model_source(path, revision)
+    check_model_input(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code, **source)
     except (OSError, ValueError) as e:
@@ -96,6 +98,7 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torc
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    check_model_input(path)  # unfinished, or changed since its manifest: refused before loading
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     kwargs.update(revision=revision, trust_remote_code=trust_remote_code, **model_source(path, revision))
     try:

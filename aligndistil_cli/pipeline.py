@@ -10,9 +10,11 @@ A pipeline file:
         with: {model: "{toy}/model", lr: 3e-3}
 
 A stage is skipped when its directory has a complete manifest recording the
-same resolved config and its model/data inputs still have the recorded
-fingerprints; --force reruns everything. A training stage that left a
-checkpoint behind (a killed run) resumes from it.
+same resolved config (paths under the root compared relative to it, so a moved
+root is still up to date), its files still match their manifest, and its
+model/data inputs still have the recorded fingerprints. A training stage that
+left a checkpoint behind (a killed run) resumes from it; --force reruns
+everything from scratch, discarding such checkpoints.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import checkpoint
-from .artifacts import MANIFEST, config_dict, read_manifest, stale_inputs
+from .artifacts import MANIFEST, config_dict, portable_config, read_manifest, stale_inputs, verify_outputs
 from .config import ConfigError, build_config, read_yaml
 from .errors import UserError
 from .stages import STAGES
@@ -76,17 +78,47 @@ def load_pipeline(path: Path, root: Path | None = None) -> list[tuple[str, str, 
     return resolved
 
 
-def is_up_to_date(config) -> bool:
+# Config fields that say how to run a stage, not what it computes.
+RUN_FREE = ("resume", "force")
+
+
+def _old_root(recorded_out: str, out: Path, root: Path) -> Path | None:
+    """Where root was when the manifest was written: recorded_out minus out's path below root."""
+    try:
+        depth = len(out.relative_to(root).parts)
+    except ValueError:
+        return None
+    recorded = Path(recorded_out)
+    if recorded.parts[len(recorded.parts) - depth:] != out.parts[len(out.parts) - depth:]:
+        return None
+    return recorded.parents[depth - 1] if depth else recorded
+
+
+def is_up_to_date(config, root: Path | None = None) -> bool:
+    """Complete, same config (relative to root: default OUT's parent), intact files, unchanged inputs."""
     out = Path(config.out)
+    root = Path(root) if root is not None else out.parent
     if not (out / MANIFEST).is_file():
         return False
     try:
         manifest = read_manifest(out)
+        verify_outputs(out, manifest)
     except UserError:
         return False
-    same = {k: v for k, v in manifest["config"].items() if k != "resume"} == \
-        {k: v for k, v in config_dict(config).items() if k != "resume"}
-    return same and not stale_inputs(manifest)
+    old_root = _old_root(str(manifest["config"].get("out", "")), out, root) or root
+    recorded = portable_config({k: v for k, v in manifest["config"].items() if k not in RUN_FREE}, old_root)
+    current = portable_config({k: v for k, v in config_dict(config).items() if k not in RUN_FREE}, root)
+    return recorded == current and not stale_inputs(manifest, out)
+
+
+def for_rerun(config, force: bool):
+    """config as `run` executes it: --force starts over (checkpoints discarded); otherwise a
+    training stage that left a checkpoint behind resumes from it."""
+    if force:
+        return dataclasses.replace(config, force=True, **({"resume": False} if hasattr(config, "resume") else {}))
+    if hasattr(config, "resume") and checkpoint.latest(config.out) is not None:
+        return dataclasses.replace(config, resume=True)
+    return config
 
 
 def run_file(path: Path, force: bool = False, root: Path | None = None) -> None:
@@ -99,7 +131,6 @@ def run_file(path: Path, force: bool = False, root: Path | None = None) -> None:
             if stage == "evaluate":
                 print_report(Path(config.out))
             continue
-        if hasattr(config, "resume") and checkpoint.latest(config.out) is not None:
-            config = dataclasses.replace(config, resume=True)
+        config = for_rerun(config, force)
         console.print(f"[bold]run[/bold] {name} ({stage}) -> {config.out}")
         STAGES[stage].run(config)

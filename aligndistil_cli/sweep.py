@@ -19,7 +19,6 @@ skipped when pipeline.is_up_to_date says it is complete, so a rerun only compute
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -28,11 +27,10 @@ from typing import Any
 
 from rich.console import Console
 
-from . import checkpoint
 from .artifacts import atomic_write_json, config_dict
 from .config import build_config, read_yaml
 from .errors import ConfigError, UserError
-from .pipeline import FIXED, substitute, is_up_to_date
+from .pipeline import FIXED, for_rerun, is_up_to_date, substitute
 from .report import md_table, read_metrics, format_ci, mean_ci
 from .stages import STAGES
 
@@ -154,22 +152,21 @@ def plan(spec: dict, root: Path) -> tuple[dict[int, list], list[Run]]:
     return base, runs
 
 
-def _run_stage(stage: str, config, force: bool, done: set[str]) -> None:
+def _run_stage(stage: str, config, force: bool, done: set[str], root: Path) -> None:
     if config.out in done:  # shared with an earlier run of this sweep: already run or checked
         return
-    if not force and is_up_to_date(config):
+    if not force and is_up_to_date(config, root):
         console.print(f"[dim]skip[/dim] {stage}: {config.out} is complete and up to date")
     else:
-        if hasattr(config, "resume") and checkpoint.latest(config.out) is not None:
-            config = dataclasses.replace(config, resume=True)
+        config = for_rerun(config, force)
         console.print(f"[bold]run[/bold] {stage} -> {config.out}")
         STAGES[stage].run(config)
     done.add(config.out)
 
 
-def _run_chain(stages: list, force: bool, done: set[str]) -> None:
+def _run_chain(stages: list, force: bool, done: set[str], root: Path) -> None:
     for stage, config in stages:
-        _run_stage(stage, config, force, done)
+        _run_stage(stage, config, force, done, root)
 
 
 def _write_run_json(root: Path, run: Run) -> None:
@@ -196,13 +193,13 @@ def run_sweep(spec_path: Path, root: Path | None = None, force: bool = False) ->
         for run in seed_runs:  # run.json marks a finished run: written back only once all its stages are
             (run.dir / "run.json").unlink(missing_ok=True)
         try:
-            _run_chain(stages, force, done)
+            _run_chain(stages, force, done, root)
         except UserError as e:
             failed.append(f"seed {seed}, shared stages (its runs were skipped): {e}")
             continue
         for run in seed_runs:
             try:
-                _run_chain(run.stages, force, done)
+                _run_chain(run.stages, force, done, root)
             except UserError as e:
                 failed.append(f"{run.dir}: {e}")
                 continue

@@ -21,13 +21,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import checkpoint
-from .artifacts import config_dict, sha256_json
+from .artifacts import config_dict, portable_config, sha256_json
 from .errors import UserError
 
 stderr = Console(stderr=True)
 
 # Fields that may differ between a run and its resumption.
-RESUME_FREE = ("resume", "save_every", "keep_checkpoints", "log_every", "device")
+RESUME_FREE = ("resume", "force", "save_every", "keep_checkpoints", "log_every", "device")
 
 LossFn = Callable[[object], tuple[torch.Tensor, dict]]
 
@@ -196,7 +196,9 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(n_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
-    config_hash = sha256_json({k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE})
+    # Paths relative to OUT's parent (the run root), so that a moved run directory still resumes.
+    config_hash = sha256_json(portable_config({k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE},
+                                              Path(out).parent))
     first = _resume_point(cfg, out, model, optimizer, schedule, config_hash, desc)
     writer = MetricsWriter(out / "metrics.jsonl", first)
     model.train()

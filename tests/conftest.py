@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Remembered file hashes (filehash.py) go to a directory of this test session, not the user's cache;
+# subprocesses started by the tests inherit it.
+if "ALIGNDISTIL_CACHE_DIR" not in os.environ:
+    os.environ["ALIGNDISTIL_CACHE_DIR"] = tempfile.mkdtemp(prefix="aligndistil-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ALIGNDISTIL_CACHE_DIR"], True)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoint
 from ..artifacts import finalize, fingerprint_model, input_record, prepare_output, tokenizer_difference, tokenizer_parts
 from ..cache import TeacherCache
 from ..config import DistillConfig
@@ -105,7 +106,7 @@ def run(config: DistillConfig) -> Path:
         raise UserError(f"teacher cache {cache.path} has {cache.num_rows} rows, data {config.data} has {len(examples)}")
     spec = cache_spec(cache, config)
     model = load_student(config.student, device, config)
-    out = prepare_output(Path(config.out))
+    out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
     loss_fn = cached_teacher_loss(model, cache, spec, tokenizer.pad_token_id, len(tokenizer), device, config.chunk_size)
     items = list(enumerate(examples))
     n_steps = total_steps(len(items), config.batch_size, config.epochs, config.max_steps)

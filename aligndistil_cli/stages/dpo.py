@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import checkpoint
 from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, input_record,
                          prepare_output, sha256_json)
 from ..config import DpoConfig
@@ -76,7 +77,7 @@ def run(config: DpoConfig) -> Path:
     model = load_student(config.model, device, config)
     vocab = len(tokenizer)
     pairs, truncated = encode_pairs(tokenizer, rows, config, data_stats)
-    out = prepare_output(Path(config.out))
+    out = prepare_output(Path(config.out), stage, config.force, checkpoint.scratch(config.resume))
     model.eval()
     with reference_mode(model):
         ref, ref_path = cached_reference_logps(config, model, tokenizer, pairs, device)

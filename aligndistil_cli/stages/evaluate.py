@@ -110,7 +110,7 @@ def run(config: EvaluateConfig) -> Path:
     tokenizer = load_tokenizer(config.ref, **hub_options(config))
     prompts = [r["prompt"] for r in encode_prompts(tokenizer, rows, config, data_stats)[0]][: config.num_prompts]
     ref_model = load_model(config.ref, device, **hub_options(config)).eval()
-    out = prepare_output(Path(config.out))
+    out = prepare_output(Path(config.out), "evaluate", config.force)
     scorer = make_scorer(config, device)
     ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, config, device, scorer)
     models = {config.ref_name: ref_result}

@@ -22,7 +22,7 @@ def run(config: InitToyConfig) -> Path:
     from transformers import LlamaForCausalLM
 
     quiet_transformers()
-    out = prepare_output(Path(config.out))
+    out = prepare_output(Path(config.out), "init-toy", config.force)
     train_prompts, heldout = toy.split_prompts(config.seed)
     toy.write_jsonl(out / "sft.jsonl", toy.sft_rows(train_prompts, config.num_sft, config.seed))
     toy.write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in train_prompts])

@@ -45,7 +45,7 @@ def run(config: MakePrefsConfig) -> Path:
     rows, ids = encode_prompts(tokenizer, rows, config, data_stats)
     prompts, ids = [r["prompt"] for r in rows][: config.max_prompts], ids[: config.max_prompts]
     model = load_model(config.model, device, **hub_options(config))
-    out = prepare_output(Path(config.out))
+    out = prepare_output(Path(config.out), "make-prefs", config.force)
     repeated = [p for p in prompts for _ in range(config.num_samples)]
     repeated_ids = [p for p in ids for _ in range(config.num_samples)]
     samples = generate(model, tokenizer, repeated, repeated_ids, max_new_tokens=config.max_new_tokens,

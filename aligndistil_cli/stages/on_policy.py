@@ -9,12 +9,14 @@ built by precompute's own function, kept on the device.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
 
 import torch
 
+from .. import checkpoint
 from ..artifacts import finalize, fingerprint_model, input_record, prepare_output
 from ..config import DistillConfig
 from ..data import Encoded, collate, data_input, encode_prompts, encode_rows, load_data, prompt_ids, truncate
@@ -99,6 +101,16 @@ def rollout_steps(num_prompts: int, config: DistillConfig):
             yield [(r, i) for i in prompts]
 
 
+def at_rollout_boundaries(config: DistillConfig) -> DistillConfig:
+    """config with --save-every rounded up to a multiple of --updates-per-rollout.
+
+    A checkpoint taken inside a rollout could not be resumed exactly: the
+    rollout's samples were drawn with weights the checkpoint no longer holds.
+    """
+    n = config.updates_per_rollout
+    return dataclasses.replace(config, save_every=-(-config.save_every // n) * n)
+
+
 def run(config: DistillConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
@@ -112,7 +124,7 @@ def run(config: DistillConfig) -> Path:
         pair_rows, pair_stats = load_data(config, "pairs")
         off_policy, _ = encode_rows(tokenizer, pair_rows, "chosen", config, pair_stats)
     student = load_student(config.student, device, config)
-    out = prepare_output(Path(config.out))
+    out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
     rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], config, off_policy)
     heads = float32_heads({name: output_head(m) for name, m in teachers.items()})
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
@@ -130,8 +142,8 @@ def run(config: DistillConfig) -> Path:
     per_epoch = -(-len(rows) // max(1, config.batch_size // config.samples_per_prompt))
     n_steps = min(per_epoch * config.epochs * config.updates_per_rollout, config.max_steps or 10**12)
     monitor = make_monitor(config, tokenizer, config.student, device)
-    summary = train(student, rollout_steps(len(rows), config), n_steps, loss_fn, config, out, "distill (on-policy)",
-                    monitor)
+    summary = train(student, rollout_steps(len(rows), config), n_steps, loss_fn, at_rollout_boundaries(config), out,
+                    "distill (on-policy)", monitor)
     save_model(student, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),
               **{name: input_record("model", getattr(config, name), fingerprint_model(getattr(config, name)))

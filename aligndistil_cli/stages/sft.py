@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import checkpoint
 from ..artifacts import fingerprint_model, finalize, input_record, prepare_output
 from ..config import SftConfig
 from ..data import collate, data_input, encode_rows, load_data
@@ -20,7 +21,7 @@ def run(config: SftConfig) -> Path:
     model = load_student(config.model, device, config)
     vocab = len(tokenizer)
     examples, truncated = encode_rows(tokenizer, rows, "response", config, data_stats)
-    out = prepare_output(Path(config.out))
+    out = prepare_output(Path(config.out), "sft", config.force, checkpoint.scratch(config.resume))
 
     def loss_fn(chunk):
         batch = collate(chunk, tokenizer.pad_token_id).to(device)

@@ -21,19 +21,20 @@ from aligndistil_cli.pipeline import load_pipeline, run_file
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "pipelines" / "smoke.yaml"
+MARKER = ".aligndistil"  # the owner marker and lock of every stage directory (outdir.py)
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "manifest.json", "stage_config.json"}
+               "manifest.json", "stage_config.json", MARKER}
 EXPECTED = {
-    "toy": {"manifest.json", "stage_config.json", "sft.jsonl", "prompts.jsonl", "heldout_prompts.jsonl",
+    "toy": {MARKER, "manifest.json", "stage_config.json", "sft.jsonl", "prompts.jsonl", "heldout_prompts.jsonl",
             "model/config.json", "model/generation_config.json", "model/model.safetensors", "model/tokenizer.json",
             "model/tokenizer_config.json"},
     "sft": MODEL_FILES | {"metrics.jsonl"},
-    "prefs": {"manifest.json", "stage_config.json", "pairs.jsonl"},
+    "prefs": {MARKER, "manifest.json", "stage_config.json", "pairs.jsonl"},
     "dpo": MODEL_FILES | {"metrics.jsonl"},
     "rev": MODEL_FILES | {"metrics.jsonl"},
     "student": MODEL_FILES | {"metrics.jsonl"},
     "student-on-policy": MODEL_FILES | {"metrics.jsonl"},
-    "eval": {"manifest.json", "stage_config.json", "report.json", "report.md", "reward_vs_kl.png", "lengths.png",
+    "eval": {MARKER, "manifest.json", "stage_config.json", "report.json", "report.md", "reward_vs_kl.png", "lengths.png",
              "training_curves.png"},
 }
 
@@ -47,7 +48,7 @@ def test_each_stage_writes_exactly_its_files(runs):
         assert files(runs / stage) == expected, stage
     teacher = files(runs / "teacher")
     shards = {f for f in teacher if f.startswith("shard-")}
-    assert teacher - shards == {"index.json", "manifest.json", "stage_config.json"}
+    assert teacher - shards == {"index.json", "manifest.json", "stage_config.json", MARKER}
     assert len(shards) > 1, "shard_mb in smoke.yaml is small enough to force several shards"
     assert len(list((runs / "ref-cache").glob("ref-logps-*.safetensors"))) == 1, "reverse DPO reuses the cache"
 
@@ -56,7 +57,7 @@ def test_manifests_are_complete_and_verify(runs):
     for stage in [*EXPECTED, "teacher"]:
         manifest = read_manifest(runs / stage)
         assert manifest["complete"] is True
-        assert set(manifest["outputs"]) == files(runs / stage) - {"manifest.json"}
+        assert set(manifest["outputs"]) == files(runs / stage) - {"manifest.json", MARKER}
         assert verify_full(runs / stage) == []
 
 
