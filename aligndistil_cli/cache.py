@@ -35,6 +35,7 @@ from .teacher import FORMATS, TeacherSpec
 
 INDEX = "index.json"
 RECORD = Path("checkpoints") / "shards.json"
+SHARD_META = "aligndistil_shard"
 HEADS = "heads.safetensors"
 FORMAT_VERSION = 1
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -88,17 +89,22 @@ def shard_is_done(path: Path, plan: ShardPlan, settings_key: str, sha256: str | 
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get(SHARD_META, "{}"))
     except Exception:  # a torn or foreign file is simply recomputed
         return False
-    return (meta.get("settings_key") == settings_key and meta.get("row_start") == str(plan.row_start)
-            and meta.get("row_end") == str(plan.row_end) and sha256_cached(path) == sha256)
+    return meta == _shard_meta(plan, settings_key) and sha256_cached(path) == sha256
+
+
+def _shard_meta(plan: ShardPlan, settings_key: str) -> dict:
+    return {"settings_key": settings_key, "row_start": plan.row_start, "row_end": plan.row_end}
 
 
 def write_shard(path: Path, plan: ShardPlan, settings_key: str, tensors: dict[str, torch.Tensor]) -> str:
     """Write one shard atomically (a crash leaves either the old state or the whole shard); return its sha256."""
     tmp = path.with_name(f".{path.name}.tmp")
-    meta = {"settings_key": settings_key, "row_start": str(plan.row_start), "row_end": str(plan.row_end)}
+    # One metadata entry: safetensors writes several in no fixed order, and a recomputed shard must be
+    # byte for byte the one it replaces.
+    meta = {SHARD_META: json.dumps(_shard_meta(plan, settings_key), sort_keys=True)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
     return sha256_cached(path)
