@@ -120,7 +120,8 @@ class TrainingFields(DataFields):
     lora_alpha: float = opt(16.0, "LoRA alpha (the adapter is scaled by alpha / r).", positive=True)
     lora_target: str = opt("all-linear", "Modules that get adapters: all-linear, or comma-separated names "
                            "(e.g. q_proj,v_proj).")
-    save_every: int = opt(100, "Write a resumable checkpoint every N steps (0: never).", nonneg=True)
+    save_every: int = opt(100, "Write a resumable checkpoint every N steps (0: never); on-policy rounds N up to a "
+                          "multiple of --updates-per-rollout.", nonneg=True)
     keep_checkpoints: int = opt(2, "Keep at most this many checkpoints.", positive=True)
     resume: bool = opt(False, "Continue from the latest complete checkpoint in OUT/checkpoints.")
     skip_nonfinite: int = opt(0, "Tolerate up to N steps with a non-finite loss or gradient (they are skipped and counted).",

@@ -119,3 +119,20 @@ def test_eval_every_logs_reward_and_kl_curves(runs, tmp_path):
     evals = [m for m in metrics(out) if "eval_reward" in m]
     assert [m["step"] for m in evals] == [2, 4]
     assert all(-2.0 <= m["eval_reward"] <= 2.0 and m["eval_length"] > 0 for m in evals)
+
+
+def test_on_policy_resume_is_exact_mid_rollout(runs, tmp_path):
+    """--save-every 3 with 2 updates per rollout: a checkpoint inside a rollout would resample it with
+    updated weights, so checkpoints fall on rollout boundaries and the resumed run matches."""
+    values = {"mode": "on-policy", "student": str(runs / "sft"), "data": str(runs / "toy" / "prompts.jsonl"),
+              "dpo": str(runs / "dpo"), "rev": str(runs / "rev"), "batch_size": 4, "max_steps": 12,
+              "updates_per_rollout": 2, "save_every": 3, "keep_checkpoints": 2, "max_new_tokens": 12,
+              "max_length": 64, "max_prompt_length": 32, "lr": 1e-3}
+    reference = run_in_process("distill", values | {"out": str(tmp_path / "ref")})
+    killed = tmp_path / "killed"
+    start_and_kill("distill", values | {"out": str(killed)}, tmp_path, has_checkpoint)
+    resumed = run_in_process("distill", values | {"out": str(killed), "resume": True})
+    assert json.loads((resumed / "manifest.json").read_text())["metrics"]["resumed_from"] > 0
+    assert_same_weights(reference, resumed)
+    losses = [[m["loss"] for m in metrics(out)] for out in (reference, resumed)]
+    assert losses[0] == losses[1]
