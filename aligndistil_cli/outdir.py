@@ -47,8 +47,10 @@ def _matches(rel: str, patterns: tuple[str, ...]) -> bool:
 
 
 def foreign_files(stage: str, names: list[str]) -> list[str]:
-    """Those of names (relative paths) that stage never writes."""
-    patterns = STAGE_FILES.get(stage, ()) + COMMON_FILES
+    """Those of names (relative paths) that stage never writes (none for a stage this version does not know)."""
+    if stage not in STAGE_FILES:
+        return []
+    patterns = STAGE_FILES[stage] + COMMON_FILES
     return [n for n in names if not _matches(n, patterns)]
 
 

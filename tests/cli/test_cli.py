@@ -265,7 +265,7 @@ class TinyConfig:
 
 
 def make_output(path: Path) -> Path:
-    out = prepare_output(path)
+    out = prepare_output(path, "toy")
     (out / "weights.bin").write_bytes(bytes(range(16)))
     (out / "sub").mkdir()
     (out / "sub" / "notes.txt").write_text("hello\n")
@@ -333,7 +333,7 @@ def test_verify_nonexistent_directory(capsys, tmp_path):
 
 
 def test_unfinished_output_refused(capsys, tmp_path):
-    out = prepare_output(tmp_path / "half")
+    out = prepare_output(tmp_path / "half", "toy")
     (out / "weights.bin").write_bytes(b"partial")
     with pytest.raises(UserError, match="unfinished"):
         read_manifest(out)
@@ -347,7 +347,7 @@ def test_unfinished_output_refused(capsys, tmp_path):
 def test_prepare_output_invalidates_previous_manifest(tmp_path):
     out = make_output(tmp_path / "art")
     assert is_complete(out)
-    prepare_output(out)
+    prepare_output(out, "toy")
     assert not (out / MANIFEST).exists()
     assert not is_complete(out)
     with pytest.raises(UserError, match="unfinished"):

@@ -265,7 +265,7 @@ def test_bad_specs_are_refused_before_anything_runs(tmp_path, change, message):
 def test_run_sweep_reuses_shared_work_and_reports_failures(tmp_path, monkeypatch):
     calls = []
 
-    def fake_stage(stage, config, force, done):
+    def fake_stage(stage, config, force, done, root):
         if config.out in done:
             return
         done.add(config.out)
