@@ -18,6 +18,7 @@ from pathlib import Path
 
 _CHUNK = 1 << 20
 _FILE = "file-hashes.json"
+_PRUNE_AT = 20_000
 _memory: dict[str, list] | None = None
 
 
@@ -59,6 +60,8 @@ def _remember(key: str, entry: list) -> None:
     except (OSError, ValueError):
         on_disk = {}
     on_disk.update(memory)
+    if len(on_disk) > _PRUNE_AT:  # forget files that are gone, so the memory does not grow forever
+        on_disk = {k: v for k, v in on_disk.items() if os.path.exists(k)}
     memory.update(on_disk)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
