@@ -154,11 +154,11 @@ def test_second_run_on_the_same_root_is_refused(runs, tmp_path):
     cmd = [sys.executable, "-m", "aligndistil_cli", "run", str(pipe)]
     first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while not (tmp_path / "root" / "sft" / "metrics.jsonl").is_file():
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
         assert second.returncode == 1
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and f"PID {first.pid}" in errors[0], second.stderr
@@ -177,7 +177,7 @@ def test_force_discards_a_stale_checkpoint(runs, tmp_path):
     pipe = sft_pipeline(runs, tmp_path / "p.yaml", root, max_steps=None, epochs=1000, save_every=2)
     proc = subprocess.Popen([sys.executable, "-m", "aligndistil_cli", "run", str(pipe)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while not any((p / "state.json").is_file() for p in (root / "sft" / "checkpoints").glob("step-*")):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
