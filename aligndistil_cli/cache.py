@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .artifacts import MANIFEST, atomic_write_json, read_manifest, verify_outputs
-from .filehash import sha256_cached
+from .filehash import sha256_cached, sha256_file
 from .errors import UserError
 from .teacher import FORMATS, TeacherSpec
 
@@ -67,20 +67,28 @@ def plan_shards(positions_per_row: list[int], bytes_per_position: int, max_bytes
     return plans
 
 
-def recorded_hashes(out: Path) -> dict[str, str]:
-    """Shard name -> sha256 recorded when it was written: from the last manifest, then from the running record."""
-    recorded: dict[str, str] = {}
-    for path, pick in ((out / MANIFEST, lambda m: {k: v["sha256"] for k, v in m.get("outputs", {}).items()}),
-                       (out / RECORD, lambda m: m)):
-        try:
-            recorded.update({k: v for k, v in pick(json.loads(path.read_text())).items() if k.startswith("shard-")})
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            continue
-    return recorded
+class ShardRecord:
+    """Shard name -> sha256 recorded when the shard was written, kept in checkpoints/shards.json while
+    precompute runs (finalize then drops it: the manifest holds the same hashes)."""
 
+    def __init__(self, out: Path, hashes: dict[str, str]):
+        self.path, self.hashes = Path(out) / RECORD, dict(hashes)
+        self.save()
 
-def save_record(out: Path, recorded: dict[str, str]) -> None:
-    atomic_write_json(out / RECORD, recorded)
+    @staticmethod
+    def read(out: Path) -> dict[str, str]:
+        """The hashes recorded in out: from its last manifest, then from an interrupted run's record."""
+        recorded: dict[str, str] = {}
+        for path, pick in ((out / MANIFEST, lambda m: {k: v["sha256"] for k, v in m.get("outputs", {}).items()}),
+                           (out / RECORD, lambda m: m)):
+            try:
+                recorded.update({k: v for k, v in pick(json.loads(path.read_text())).items() if k.startswith("shard-")})
+            except (OSError, ValueError, AttributeError, KeyError, TypeError):
+                continue
+        return recorded
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.hashes)
 
 
 def shard_is_done(path: Path, plan: ShardPlan, settings_key: str, sha256: str | None) -> bool:
@@ -99,15 +107,20 @@ def _shard_meta(plan: ShardPlan, settings_key: str) -> dict:
     return {"settings_key": settings_key, "row_start": plan.row_start, "row_end": plan.row_end}
 
 
-def write_shard(path: Path, plan: ShardPlan, settings_key: str, tensors: dict[str, torch.Tensor]) -> str:
-    """Write one shard atomically (a crash leaves either the old state or the whole shard); return its sha256."""
+def write_shard(path: Path, plan: ShardPlan, settings_key: str, tensors: dict[str, torch.Tensor],
+                record: ShardRecord) -> None:
+    """Write one shard atomically: a crash leaves either the old state or the whole shard, recorded.
+
+    Its sha256 is recorded before it takes its name, so a shard on disk always has a hash to be checked against.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     # One metadata entry: safetensors writes several in no fixed order, and a recomputed shard must be
     # byte for byte the one it replaces.
     meta = {SHARD_META: json.dumps(_shard_meta(plan, settings_key), sort_keys=True)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    record.hashes[path.name] = sha256_file(tmp)
+    record.save()
     tmp.replace(path)
-    return sha256_cached(path)
 
 
 def write_index(out: Path, index: dict) -> None:

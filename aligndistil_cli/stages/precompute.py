@@ -15,8 +15,7 @@ from safetensors.torch import save_file
 
 from ..artifacts import (content_key, finalize, fingerprint_model, fingerprint_tokenizer, input_record, prepare_output,
                          sha256_json, tokenizer_difference, tokenizer_parts)
-from ..cache import (HEADS, STORE_DTYPES, plan_shards, recorded_hashes, save_record, shard_is_done, write_index,
-                     write_shard)
+from ..cache import HEADS, STORE_DTYPES, ShardRecord, plan_shards, shard_is_done, write_index, write_shard
 from ..config import PrecomputeConfig
 from ..data import collate, data_input, encode_rows, load_data
 from ..errors import UserError
@@ -117,17 +116,16 @@ def run(config: PrecomputeConfig) -> Path:
     itemsize = STORE_DTYPES[config.dtype].itemsize
     per_position = bytes_per_position(fmt, vocab, hidden_size, len(models), itemsize, config.top_k)
     plans = plan_shards([len(e.response) for e in examples], per_position, int(config.shard_mb * 2**20))
-    recorded = {} if config.force else recorded_hashes(Path(config.out))
+    recorded = {} if config.force else ShardRecord.read(Path(config.out))
     out = prepare_output(Path(config.out), "precompute", config.force, keep=("shard-*.safetensors",))
     planned = {p.name for p in plans}
     for stale in out.glob("shard-*.safetensors"):
         if stale.name not in planned:
             stale.unlink()
-    recorded = {k: v for k, v in recorded.items() if k in planned}
-    save_record(out, recorded)
+    record = ShardRecord(out, {k: v for k, v in recorded.items() if k in planned})
     if fmt == "hidden":
         save_heads(out / HEADS, models, STORE_DTYPES[config.dtype])
-    todo = [p for p in plans if not shard_is_done(out / p.name, p, settings_key, recorded.get(p.name))]
+    todo = [p for p in plans if not shard_is_done(out / p.name, p, settings_key, record.hashes.get(p.name))]
     # The hidden format is only exact if head(h) is the model's logits: check once, on real data.
     unchecked = {f"{name} model {names[name]}": m for name, m in models.items()} if fmt == "hidden" else {}
     with progress("precompute", sum(p.row_end - p.row_start for p in todo)) as advance:
@@ -141,9 +139,8 @@ def run(config: PrecomputeConfig) -> Path:
                 unchecked = {}
                 parts.append(teacher_for_batch(models, batch, spec, fmt, vocab, STORE_DTYPES[config.dtype], config.top_k))
                 advance(len(chunk))
-            recorded[plan.name] = write_shard(out / plan.name, plan, settings_key,
-                                              shard_tensors(parts, examples[plan.row_start : plan.row_end]))
-            save_record(out, recorded)
+            write_shard(out / plan.name, plan, settings_key, shard_tensors(parts, examples[plan.row_start : plan.row_end]),
+                        record)
 
     shards = [{"file": p.name, "row_start": p.row_start, "row_end": p.row_end, "positions": p.positions} for p in plans]
     positions = sum(p.positions for p in plans)
