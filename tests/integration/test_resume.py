@@ -127,10 +127,12 @@ def test_on_policy_resume_is_exact_mid_rollout(runs, tmp_path):
     values = {"mode": "on-policy", "student": str(runs / "sft"), "data": str(runs / "toy" / "prompts.jsonl"),
               "dpo": str(runs / "dpo"), "rev": str(runs / "rev"), "batch_size": 4, "max_steps": 12,
               "updates_per_rollout": 2, "save_every": 3, "keep_checkpoints": 2, "max_new_tokens": 12,
-              "max_length": 64, "max_prompt_length": 32, "lr": 1e-3}
+              "max_length": 64, "max_prompt_length": 32, "lr": 1e-2}
     reference = run_in_process("distill", values | {"out": str(tmp_path / "ref")})
     killed = tmp_path / "killed"
     start_and_kill("distill", values | {"out": str(killed)}, tmp_path, has_checkpoint)
+    saved = [int(p.name.removeprefix("step-")) for p in (killed / "checkpoints").glob("step-*")]
+    assert saved and all(step % 2 == 0 for step in saved), f"checkpoints inside a rollout: {saved}"
     resumed = run_in_process("distill", values | {"out": str(killed), "resume": True})
     assert json.loads((resumed / "manifest.json").read_text())["metrics"]["resumed_from"] > 0
     assert_same_weights(reference, resumed)
