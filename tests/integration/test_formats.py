@@ -134,7 +134,9 @@ def test_logits_format_refused_for_a_large_vocabulary():
 
 def test_post_head_transform_is_refused_by_name(runs, tmp_path):
     model_dir = tmp_path / "capped"
-    shutil.copytree(runs / "dpo", model_dir)
+    # A model of someone else's (save_pretrained files only): editing one of ours would be refused as changed.
+    shutil.copytree(runs / "dpo", model_dir,
+                    ignore=shutil.ignore_patterns(".aligndistil", "manifest.json", "stage_config.json", "metrics.jsonl"))
     cfg = json.loads((model_dir / "config.json").read_text()) | {"final_logit_softcapping": 30.0}
     (model_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="final_logit_softcapping"):
