@@ -99,7 +99,15 @@ def _output_files(out: Path) -> list[Path]:
 
 
 def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics: dict[str, Any] | None = None) -> dict:
-    """Write config.json, then the manifest (last): the directory is now complete."""
+    """Write config.json, then the manifest (last): the directory is now complete.
+
+    Under torchrun only rank 0 writes (the others return {}), after every rank has written its part.
+    """
+    from . import distributed
+
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
     out = Path(out)
     # Training checkpoints are scratch for --resume; a finished stage no longer needs them.
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -117,6 +125,7 @@ def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics
         "inputs": inputs,
         "outputs": outputs,
         "metrics": metrics or {},
+        "launch": {"world_size": distributed.world_size(), "command": distributed.launch_command()},
     }
     atomic_write_json(out / MANIFEST, manifest)
     return manifest

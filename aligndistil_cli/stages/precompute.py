@@ -3,6 +3,10 @@ variant needs it) once over prompt + chosen, and store the teacher.
 
 Only response positions go through the output heads, in chunks of positions;
 the teacher is composed in float32 (teacher.py, losses.compose_teacher_full).
+
+Under torchrun every rank holds the teacher models whole and computes the
+same shard plan; rank r writes every world-size-th shard, and rank 0 writes
+the index and manifest once all shards are in place.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .. import distributed
 from ..artifacts import (finalize, fingerprint_model, fingerprint_tokenizer, input_record, prepare_output, sha256_json,
                          tokenizer_difference, tokenizer_parts)
 from ..cache import HEADS, STORE_DTYPES, plan_shards, shard_is_done, write_index, write_shard
@@ -117,12 +122,14 @@ def run(config: PrecomputeConfig) -> Path:
     plans = plan_shards([len(e.response) for e in examples], per_position, int(config.shard_mb * 2**20))
     out = prepare_output(Path(config.out))
     planned = {p.name for p in plans}
-    for stale in out.glob("shard-*.safetensors"):
-        if stale.name not in planned:
-            stale.unlink()
-    if fmt == "hidden":
-        save_heads(out / HEADS, models, STORE_DTYPES[config.dtype])
-    todo = [p for p in plans if not shard_is_done(out / p.name, p, settings_key)]
+    if distributed.is_main():
+        for stale in out.glob("shard-*.safetensors"):
+            if stale.name not in planned:
+                stale.unlink()
+        if fmt == "hidden":
+            save_heads(out / HEADS, models, STORE_DTYPES[config.dtype])
+    mine = plans[distributed.rank() :: distributed.world_size()]
+    todo = [p for p in mine if not shard_is_done(out / p.name, p, settings_key)]
     # The hidden format is only exact if head(h) is the model's logits: check once, on real data.
     unchecked = {f"{name} model {names[name]}": m for name, m in models.items()} if fmt == "hidden" else {}
     with progress("precompute", sum(p.row_end - p.row_start for p in todo)) as advance:
@@ -138,13 +145,16 @@ def run(config: PrecomputeConfig) -> Path:
                 advance(len(chunk))
             write_shard(out / plan.name, plan, settings_key, shard_tensors(parts, examples[plan.row_start : plan.row_end]))
 
+    reused = len(plans) - int(distributed.all_reduce_sum(torch.tensor(len(todo))).item())
+    distributed.barrier()
     shards = [{"file": p.name, "row_start": p.row_start, "row_end": p.row_end, "positions": p.positions} for p in plans]
     positions = sum(p.positions for p in plans)
-    write_index(out, {"format": fmt, "vocab_size": vocab, "hidden_size": hidden_size, "models": list(models),
-                      "rows": len(examples), "positions": positions, "bytes_per_position": per_position,
-                      "settings": settings, "settings_key": settings_key, "shards": shards})
+    if distributed.is_main():
+        write_index(out, {"format": fmt, "vocab_size": vocab, "hidden_size": hidden_size, "models": list(models),
+                          "rows": len(examples), "positions": positions, "bytes_per_position": per_position,
+                          "settings": settings, "settings_key": settings_key, "shards": shards})
     metrics = {"format": fmt, "rows": len(examples), "positions": positions, "shards": len(plans),
-               "shards_reused": len(plans) - len(todo), "bytes_per_position": per_position, "truncated": truncated,
+               "shards_reused": reused, "bytes_per_position": per_position, "truncated": truncated,
                "data": data_stats}
     finalize(out, "precompute", config, inputs, metrics)
     return out
