@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .artifacts import atomic_write_json, read_manifest, sha256_file
 from .errors import UserError
@@ -77,8 +77,21 @@ def write_shard(path: Path, plan: ShardPlan, settings_key: str, tensors: dict[st
     """Write one shard atomically: a crash leaves either the old state or the whole shard."""
     tmp = path.with_name(f".{path.name}.tmp")
     meta = {"settings_key": settings_key, "row_start": str(plan.row_start), "row_end": str(plan.row_end)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.write_bytes(canonical_header(save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)))
     tmp.replace(path)
+
+
+def canonical_header(data: bytes) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted.
+
+    The writer emits metadata in hash order, which changes from process to
+    process; sorted, the same tensors give the same bytes on every run and rank.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > size:  # never expected: the same keys and values, reordered
+        return data
+    return data[:8] + header.ljust(size) + data[8 + size :]
 
 
 def write_index(out: Path, index: dict) -> None:

@@ -155,23 +155,27 @@ def session(config):
     """Join the torchrun process group for one stage, check that all ranks agree, and leave it after.
 
     Without torchrun this does nothing. Under torchrun: gloo on CPU, nccl on
-    CUDA; a batch the world cannot split and ranks with different configs are
-    refused before any model loads.
+    CUDA (a group that already exists is used and left open); a batch the
+    world cannot split and ranks with different configs are refused before
+    any model loads.
     """
-    if not launched() or active():
+    if not launched():
         yield
         return
     from .artifacts import config_dict, sha256_json
 
-    cuda = torch.cuda.is_available() and getattr(config, "device", "auto") != "cpu"
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    owner = not active()
+    if owner:
+        cuda = torch.cuda.is_available() and getattr(config, "device", "auto") != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     try:
+        check_same_config(sha256_json(config_dict(config)))
         if hasattr(config, "grad_accum"):
             check_batch(config.batch_size, config.grad_accum, world_size())
         if getattr(config, "lora_r", 0):
             raise UserError("--lora-r is not supported under torchrun: train LoRA in one process")
-        check_same_config(sha256_json(config_dict(config)))
         yield
         barrier()
     finally:
-        dist.destroy_process_group()
+        if owner:
+            dist.destroy_process_group()

@@ -133,10 +133,12 @@ def accumulate(loss_fn: LossFn, batch: list, n: int, precision: str, device, mod
 
     weight(micro) is what the micro-batch's loss is a mean over (sequences by
     default, tokens for a token mean); shares are taken of the sum over all
-    ranks, so N ranks compute the loss and gradient of one process. The
-    metrics loss_fn returns are means over sequences and weighted by sequences.
-    The loss runs inside the model's forward (fsdp.redirect). Returns the global
-    loss and metrics, reduced over ranks.
+    ranks, so N ranks compute the loss and gradient of one process. A metric
+    loss_fn returns is a mean over the micro-batch's sequences, or a
+    (mean, count) pair for a mean over count other things (tokens, positions);
+    each is averaged over the global batch with those weights. The loss runs
+    inside the model's forward (fsdp.redirect). Returns the global loss and
+    metrics, reduced over ranks.
     """
     from .modeling import autocast
 
@@ -148,7 +150,8 @@ def accumulate(loss_fn: LossFn, batch: list, n: int, precision: str, device, mod
     scale = distributed.world_size() if model is not None and fsdp.is_sharded(model) else 1
     total = 0.0
     extras: dict[str, float] = {}
-    for (micro, _), w, size in zip(micros, weights, sizes):
+    counted: dict[str, list[float]] = {}  # the (mean, count) metrics: [sum of mean * count, sum of counts]
+    for (micro, live), w, size in zip(micros, weights, sizes):
         share = w / whole
         with autocast(precision, device):
             loss, extra = fsdp.redirect(model, loss_fn, micro)
@@ -158,11 +161,19 @@ def accumulate(loss_fn: LossFn, batch: list, n: int, precision: str, device, mod
         (loss * (share * scale)).backward()
         total += loss.item() * share
         for k, v in extra.items():
-            extras[k] = extras.get(k, 0.0) + v * (size / sequences)
+            if isinstance(v, tuple):
+                sums = counted.setdefault(k, [0.0, 0.0])
+                sums[0] += v[0] * v[1] * live
+                sums[1] += v[1] * live
+            else:
+                extras[k] = extras.get(k, 0.0) + v * (size / sequences)
     if distributed.world_size() > 1:
-        keys = sorted(extras)
-        summed = distributed.all_reduce_sum(torch.tensor([total] + [extras[k] for k in keys], dtype=torch.float64))
-        total, extras = summed[0].item(), dict(zip(keys, summed[1:].tolist()))
+        keys, pairs = sorted(extras), sorted(counted)
+        flat = [total] + [extras[k] for k in keys] + [x for k in pairs for x in counted[k]]
+        summed = distributed.all_reduce_sum(torch.tensor(flat, dtype=torch.float64)).tolist()
+        total, extras = summed[0], dict(zip(keys, summed[1 : 1 + len(keys)]))
+        counted = {k: summed[1 + len(keys) + 2 * i : 3 + len(keys) + 2 * i] for i, k in enumerate(pairs)}
+    extras.update({k: num / max(den, 1e-30) for k, (num, den) in counted.items()})
     return torch.tensor(total), extras
 
 
