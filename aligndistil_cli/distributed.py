@@ -49,12 +49,16 @@ def is_main() -> bool:
 
 
 def device(name: str) -> torch.device:
-    """This rank's device: cuda:LOCAL_RANK under torchrun on CUDA, else the named one."""
-    if active() and (name == "auto" and torch.cuda.is_available() or name.startswith("cuda")):
+    """This rank's device under torchrun: its own GPU (cuda:LOCAL_RANK) on CUDA, else the CPU."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
-    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(name)
 
 
 def launch_command() -> str:
@@ -167,6 +171,8 @@ def session(config):
     owner = not active()
     if owner:
         cuda = torch.cuda.is_available() and getattr(config, "device", "auto") != "cpu"
+        if cuda:  # NCCL's collectives (the config check below) run on this rank's own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     try:
         check_same_config(sha256_json(config_dict(config)))
