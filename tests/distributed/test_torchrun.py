@@ -244,7 +244,10 @@ def test_smoke_pipeline_on_two_processes_verifies(tmp_path):
     done = subprocess.run([*cli, "run", str(ROOT / "pipelines" / "smoke.yaml"), "--root", str(tmp_path),
                            "--nproc-per-node", "2"], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    for out in sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name != "toy"):
+    from aligndistil_cli.pipeline import load_pipeline
+
+    stages = load_pipeline(ROOT / "pipelines" / "smoke.yaml", tmp_path)
+    for out in [Path(config.out) for _, stage, config in stages if STAGES[stage].distributed]:
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["launch"]["world_size"] == 2, out.name
         verified = subprocess.run([*cli, "verify", str(out)], env=ENV, capture_output=True, text=True)
