@@ -13,7 +13,7 @@ loss is run there (`redirect`, as TRL's forward redirection does).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

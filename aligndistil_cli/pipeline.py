@@ -116,7 +116,7 @@ def launch(stage: str, config, nproc: int) -> None:
         cfg.write_text(yaml.safe_dump(values), encoding="utf-8")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                    "-m", "aligndistil_cli", stage, "--config", str(cfg)]
-        code = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
+        code = subprocess.run(command, stdout=subprocess.DEVNULL, check=False).returncode
     if code:
         raise UserError(f"stage {stage} ({config.out}) failed on {nproc} processes (exit {code}); "
                         "its error is printed above")
