@@ -99,6 +99,13 @@ for _name in STAGES:
     stage_command(_name, {"reverse": True} if _name == "train-reverse-dpo" else None)
 
 
+def _not_under_torchrun(command: str) -> None:
+    """`run` and `sweep` start stages themselves; under torchrun every rank would run (and write) each stage alone."""
+    if distributed.launched():
+        raise UsageError(f"do not start `aligndistil {command}` with torchrun; "
+                         "`aligndistil run PIPELINE --nproc-per-node N` launches each stage on N processes itself")
+
+
 # Shared by `run` and `sweep`, so the two commands word these flags identically.
 ForceOption = Annotated[bool, typer.Option("--force", help="Rerun stages even when their output is complete.")]
 RootOption = Annotated[Optional[Path], typer.Option("--root", help="Write under this directory instead of the file's root.")]
@@ -116,6 +123,7 @@ def run_pipeline(
 ) -> None:
     from .pipeline import run_file
 
+    _not_under_torchrun("run")
     run_file(pipeline, force=force, root=root, nproc=nproc_per_node)
 
 
@@ -128,6 +136,7 @@ def sweep_command(
 ) -> None:
     from .sweep import run_sweep
 
+    _not_under_torchrun("sweep")
     emit(str(run_sweep(spec, root=root, force=force)))
 
 

@@ -37,3 +37,16 @@ def test_one_process_takes_every_item_once():
     batch = list(range(7))
     micros = rank_micro_batches(batch, 3)
     assert [m for m, live in micros] == [[0, 1, 2], [3, 4, 5], [6]] and all(live for _, live in micros)
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_run_and_sweep_refuse_to_start_under_torchrun(command, monkeypatch, capsys, tmp_path):
+    from aligndistil_cli.cli import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(tmp_path / "pipeline.yaml")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"do not start `aligndistil {command}` with torchrun" in err and err.count("\n") == 1
