@@ -83,7 +83,19 @@ def prepare_output(out: Path, stage: str, force: bool = False, keep: tuple[str, 
     the scratch a rerun continues from: checkpoints when resuming, finished
     teacher shards. force keeps nothing.
     """
-    return outdir.claim(Path(out), stage, force, keep)
+    from . import distributed
+
+    # Under torchrun rank 0 claims (and locks) the directory for all ranks; its refusal, if any, is every rank's.
+    error = None
+    if distributed.is_main():
+        try:
+            outdir.claim(Path(out), stage, force, keep)
+        except UserError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return Path(out)
 
 
 def _output_files(out: Path) -> list[Path]:
@@ -105,7 +117,13 @@ def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics
 
     The manifest comes before the checkpoints go, so a kill in between leaves a
     complete directory with some scratch, never a finished one with neither.
+    Under torchrun only rank 0 writes (the others return {}), after every rank has written its part.
     """
+    from . import distributed
+
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
     out = Path(out)
     atomic_write_json(out / CONFIG_FILE, config_dict(config))
     outputs = {
@@ -121,6 +139,7 @@ def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics
         "inputs": {name: _with_relpath(rec, out) for name, rec in inputs.items()},
         "outputs": outputs,
         "metrics": metrics or {},
+        "launch": {"world_size": distributed.world_size(), "command": distributed.launch_command()},
     }
     atomic_write_json(out / MANIFEST, manifest)
     # Training checkpoints (and precompute's shard record) are scratch for a rerun; a finished stage needs none.

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .artifacts import MANIFEST, atomic_write_json, read_manifest, verify_outputs
 from .filehash import sha256_cached, sha256_file
@@ -34,7 +34,7 @@ from .errors import UserError
 from .teacher import FORMATS, TeacherSpec
 
 INDEX = "index.json"
-RECORD = Path("checkpoints") / "shards.json"
+RECORD_DIR = Path("checkpoints")
 SHARD_META = "aligndistil_shard"
 HEADS = "heads.safetensors"
 FORMAT_VERSION = 1
@@ -68,19 +68,23 @@ def plan_shards(positions_per_row: list[int], bytes_per_position: int, max_bytes
 
 
 class ShardRecord:
-    """Shard name -> sha256 recorded when the shard was written, kept in checkpoints/shards.json while
-    precompute runs (finalize then drops it: the manifest holds the same hashes)."""
+    """Shard name -> sha256 recorded when the shard was written, kept in checkpoints/shards-RANK.json
+    while precompute runs (finalize then drops it: the manifest holds the same hashes). One file per
+    rank, because under torchrun each rank writes its own shards."""
 
     def __init__(self, out: Path, hashes: dict[str, str]):
-        self.path, self.hashes = Path(out) / RECORD, dict(hashes)
+        from . import distributed
+
+        self.path, self.hashes = Path(out) / RECORD_DIR / f"shards-{distributed.rank()}.json", dict(hashes)
         self.save()
 
     @staticmethod
     def read(out: Path) -> dict[str, str]:
         """The hashes recorded in out: from its last manifest, then from an interrupted run's record."""
         recorded: dict[str, str] = {}
-        for path, pick in ((out / MANIFEST, lambda m: {k: v["sha256"] for k, v in m.get("outputs", {}).items()}),
-                           (out / RECORD, lambda m: m)):
+        sources = [(out / MANIFEST, lambda m: {k: v["sha256"] for k, v in m.get("outputs", {}).items()})]
+        sources += [(path, lambda m: m) for path in sorted((out / RECORD_DIR).glob("shards-*.json"))]
+        for path, pick in sources:
             try:
                 recorded.update({k: v for k, v in pick(json.loads(path.read_text())).items() if k.startswith("shard-")})
             except (OSError, ValueError, AttributeError, KeyError, TypeError):
@@ -114,13 +118,26 @@ def write_shard(path: Path, plan: ShardPlan, settings_key: str, tensors: dict[st
     Its sha256 is recorded before it takes its name, so a shard on disk always has a hash to be checked against.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    # One metadata entry: safetensors writes several in no fixed order, and a recomputed shard must be
-    # byte for byte the one it replaces.
+    # One metadata entry, and the header's keys sorted (canonical_header): safetensors writes them in
+    # no fixed order, and a recomputed shard must be byte for byte the one it replaces, on any rank.
     meta = {SHARD_META: json.dumps(_shard_meta(plan, settings_key), sort_keys=True)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.write_bytes(canonical_header(save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)))
     record.hashes[path.name] = sha256_file(tmp)
     record.save()
     tmp.replace(path)
+
+
+def canonical_header(data: bytes) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted.
+
+    The writer emits metadata in hash order, which changes from process to
+    process; sorted, the same tensors give the same bytes on every run and rank.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > size:  # never expected: the same keys and values, reordered
+        return data
+    return data[:8] + header.ljust(size) + data[8 + size :]
 
 
 def write_index(out: Path, index: dict) -> None:

@@ -8,6 +8,10 @@ OUT/checkpoints/step-00000050/
 A checkpoint is written to a hidden temporary directory and renamed into
 place, so a kill at any moment leaves either no checkpoint or a whole one;
 state.json is written last inside it as a second guard.
+
+Under torchrun the sharded model and optimizer are gathered to full state
+dicts (fsdp.py) and rank 0 writes the same files, so a checkpoint resumes on
+any world size.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from . import distributed, fsdp
 from .artifacts import atomic_write_json
 from .errors import UserError
 
@@ -27,8 +32,18 @@ DIRNAME = "checkpoints"
 STATE = "state.json"
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+class _Full(torch.nn.Module):
+    """A full state dict posing as a module, so safetensors' save_model stores tied tensors as it does for the model."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self.full = state
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self.full)
+
+
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {f"state.{idx}.{key}": value.detach().cpu().contiguous()
                for idx, state in sd["state"].items() for key, value in state.items() if torch.is_tensor(value)}
     scalars = {f"{idx}.{key}": value for idx, state in sd["state"].items() for key, value in state.items()
@@ -36,7 +51,7 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         _, idx, key = name.split(".", 2)
@@ -44,18 +59,24 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) 
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, keep: int) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep`."""
+    """Write checkpoint `step` atomically and keep only the newest `keep` (every rank calls; rank 0 writes)."""
+    sharded = fsdp.is_sharded(model)
+    model_state = fsdp.full_model_state(model) if sharded else None
+    optimizer_state = fsdp.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
     root = Path(out) / DIRNAME
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
+    if not distributed.is_main():
+        distributed.barrier()
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_model(_Full(model_state) if sharded else model, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -68,6 +89,7 @@ def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, ke
     tmp.rename(final)
     for old in complete(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -94,8 +116,11 @@ def load(path: Path, model, optimizer, scheduler, config_hash: str) -> int:
     if state["config_hash"] != config_hash:
         raise UserError(f"checkpoint {path} was written with a different config; rerun with that config to resume "
                         "from it, or with --force to discard it and start over")
-    load_model(model, str(path / "model.safetensors"))
-    _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    if fsdp.is_sharded(model):
+        _load_sharded(path, model, optimizer, state["optimizer"])
+    else:
+        load_model(model, str(path / "model.safetensors"))
+        optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
@@ -104,6 +129,19 @@ def load(path: Path, model, optimizer, scheduler, config_hash: str) -> int:
     version, internal, gauss = state["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return state["step"]
+
+
+def _load_sharded(path: Path, model, optimizer, meta: dict) -> None:
+    """Rank 0 reads the full tensors and FSDP scatters them; the other ranks read nothing."""
+    weights, optim = {}, {}
+    if distributed.is_main():
+        weights = load_file(str(path / "model.safetensors"))
+        for name, alias in fsdp.tied_names(model).items():
+            weights.setdefault(name, weights.get(alias))
+            weights.setdefault(alias, weights[name])
+        optim = _optimizer_state(load_file(str(path / "optimizer.safetensors")), meta)
+    fsdp.load_full_model_state(model, weights)
+    fsdp.load_full_optimizer_state(model, optimizer, optim)
 
 
 def scratch(resume: bool) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ try:  # typer >= 0.20 vendors its own click; its exceptions are not the installe
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
-from . import __version__
+from . import __version__, distributed, training
 from .config import field_types, load_config
 from .errors import UsageError, UserError
 from .stages import STAGES
@@ -78,8 +78,12 @@ def stage_command(name: str, fixed: dict[str, Any] | None = None) -> None:
             if types[f.name] is dict and kwargs.get(f.name) is not None:
                 kwargs[f.name] = _parse_named_paths(kwargs[f.name], f.metadata.get("flag") or f.name) or None
         config = load_config(stage.config, config_file, {**kwargs, **(fixed or {})})
-        out = stage.run(config)
-        emit(str(out))
+        with distributed.session(config):
+            main = distributed.is_main()
+            stderr.quiet = training.stderr.quiet = not main
+            out = stage.run(config)
+        if main:
+            emit(str(out))
 
     config_param = inspect.Parameter(
         "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -95,6 +99,13 @@ for _name in STAGES:
     stage_command(_name, {"reverse": True} if _name == "train-reverse-dpo" else None)
 
 
+def _not_under_torchrun(command: str) -> None:
+    """`run` and `sweep` start stages themselves; under torchrun every rank would run (and write) each stage alone."""
+    if distributed.launched():
+        raise UsageError(f"do not start `aligndistil {command}` with torchrun; "
+                         "`aligndistil run PIPELINE --nproc-per-node N` launches each stage on N processes itself")
+
+
 # Shared by `run` and `sweep`, so the two commands word these flags identically.
 ForceOption = Annotated[bool, typer.Option("--force", help="Rerun stages even when their output is complete.")]
 RootOption = Annotated[Optional[Path], typer.Option("--root", help="Write under this directory instead of the file's root.")]
@@ -106,10 +117,14 @@ def run_pipeline(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/tiny.yaml.")],
     force: ForceOption = False,
     root: RootOption = None,
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        "--nproc-per-node", min=1, help="Run each stage on this many processes (GPUs) via torchrun "
+        "[default: the file's nproc_per_node, else 1].")] = None,
 ) -> None:
     from .pipeline import run_file
 
-    run_file(pipeline, force=force, root=root)
+    _not_under_torchrun("run")
+    run_file(pipeline, force=force, root=root, nproc=nproc_per_node)
 
 
 @app.command("sweep", help="Run a sweep (seeds x methods x knob values), reusing finished runs; "
@@ -121,6 +136,7 @@ def sweep_command(
 ) -> None:
     from .sweep import run_sweep
 
+    _not_under_torchrun("sweep")
     emit(str(run_sweep(spec, root=root, force=force)))
 
 
@@ -151,6 +167,7 @@ def root(
 
 
 def _fail(message: str, code: int) -> None:
+    stderr.quiet = False  # other ranks are quiet while a stage runs, but not about why they stop
     stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     sys.exit(code)
 

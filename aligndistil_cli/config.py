@@ -126,6 +126,8 @@ class TrainingFields(DataFields):
     resume: bool = opt(False, "Continue from the latest complete checkpoint in OUT/checkpoints.")
     skip_nonfinite: int = opt(0, "Tolerate up to N steps with a non-finite loss or gradient (they are skipped and counted).",
                               nonneg=True)
+    fsdp_cpu_offload: bool = opt(False, "Under torchrun: keep the sharded parameters, gradients and optimizer state in "
+                                 "CPU memory (slower; for models that do not fit the GPUs otherwise).")
 
     def validate(self) -> None:
         if self.resume and self.force:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed, fsdp
 from .artifacts import check_model_input
 from .data import Batch
 from .errors import UserError
@@ -33,6 +34,8 @@ def quiet_transformers() -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    if distributed.active():
+        return distributed.device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -146,7 +149,17 @@ def reference_mode(model):
 
 
 def save_model(model, tokenizer, out: Path) -> None:
-    """save_pretrained in safetensors; LoRA adapters are merged into the base weights first."""
+    """save_pretrained in safetensors; LoRA adapters are merged into the base weights first.
+
+    A sharded model is gathered to rank 0, which writes (every rank calls).
+    """
+    if fsdp.is_sharded(model):
+        state = fsdp.full_model_state(model)
+        if distributed.is_main():
+            model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(str(out))
+        distributed.barrier()
+        return
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(str(out), safe_serialization=True)

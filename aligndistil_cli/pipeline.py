@@ -4,6 +4,7 @@ A pipeline file:
 
     root: runs/tiny          # every stage writes ROOT/NAME
     seed: 0                  # default seed of every stage
+    nproc_per_node: 8        # optional: run each stage on 8 processes (torchrun)
     stages:
       - name: sft            # unique; "{sft}" in later values means ROOT/sft
         stage: sft           # a command name (aligndistil --help lists them)
@@ -15,13 +16,22 @@ root is still up to date), its files still match their manifest, and its
 model/data inputs still have the recorded fingerprints. A training stage that
 left a checkpoint behind (a killed run) resumes from it; --force reruns
 everything from scratch, discarding such checkpoints.
+
+With nproc_per_node > 1 (or --nproc-per-node) each stage that can use several
+processes is launched through torch.distributed.run, as `tune run` does, with
+its resolved config in a YAML file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+
+import yaml
 
 from rich.console import Console
 
@@ -51,9 +61,10 @@ def substitute(value, outs: dict[str, str], where: str):
 def load_pipeline(path: Path, root: Path | None = None) -> list[tuple[str, str, object]]:
     """(name, stage, resolved config) for each stage of a pipeline file, validated up front."""
     spec = read_yaml(path)
-    unknown = set(spec) - {"root", "seed", "stages"}
+    unknown = set(spec) - {"root", "seed", "stages", "nproc_per_node"}
     if unknown:
-        raise ConfigError(f"{path}: unknown pipeline key(s) {', '.join(sorted(unknown))}; expected root, seed, stages")
+        raise ConfigError(f"{path}: unknown pipeline key(s) {', '.join(sorted(unknown))}; "
+                          "expected root, seed, stages, nproc_per_node")
     if not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise ConfigError(f"{path}: 'stages' must be a non-empty list")
     root = Path(root or spec.get("root", "runs/pipeline"))
@@ -121,10 +132,37 @@ def for_rerun(config, force: bool):
     return config
 
 
-def run_file(path: Path, force: bool = False, root: Path | None = None) -> None:
-    """Run (or skip) every stage; a skipped evaluation still prints its table."""
+def nproc_per_node(path: Path, given: int | None = None) -> int:
+    """Processes per stage: the flag, else the file's nproc_per_node key, else 1."""
+    value = given if given is not None else read_yaml(path).get("nproc_per_node", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}: nproc_per_node must be a positive integer; got {value!r}")
+    return value
+
+
+def launch(stage: str, config, nproc: int) -> None:
+    """Run one stage on nproc local processes through torch.distributed.run; a failed rank fails the stage."""
+    values = config_dict(config)
+    with tempfile.TemporaryDirectory(prefix="aligndistil-") as tmp:
+        cfg = Path(tmp) / f"{stage}.yaml"
+        cfg.write_text(yaml.safe_dump(values), encoding="utf-8")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                   "-m", "aligndistil_cli", stage, "--config", str(cfg)]
+        code = subprocess.run(command, stdout=subprocess.DEVNULL, check=False).returncode
+    if code:
+        raise UserError(f"stage {stage} ({config.out}) failed on {nproc} processes (exit {code}); "
+                        "its error is printed above")
+
+
+def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: int | None = None) -> None:
+    """Run (or skip) every stage; a skipped evaluation still prints its table.
+
+    nproc (default: the file's nproc_per_node, else 1) > 1 runs each stage that can use several processes
+    under torch.distributed.run.
+    """
     from .stages.evaluate import print_report
 
+    nproc = nproc_per_node(Path(path), nproc)
     for name, stage, config in load_pipeline(Path(path), root):
         if not force and is_up_to_date(config):
             console.print(f"[dim]skip[/dim] {name} ({stage}): {config.out} is complete and up to date")
@@ -133,4 +171,9 @@ def run_file(path: Path, force: bool = False, root: Path | None = None) -> None:
             continue
         config = for_rerun(config, force)
         console.print(f"[bold]run[/bold] {name} ({stage}) -> {config.out}")
-        STAGES[stage].run(config)
+        if nproc > 1 and STAGES[stage].distributed:
+            launch(stage, config, nproc)
+            if stage == "evaluate":
+                print_report(Path(config.out))
+        else:
+            STAGES[stage].run(config)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed, fsdp
 from .data import Encoded, collate
 from .modeling import sequence_logps
 from .training import progress
@@ -55,10 +56,13 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-             desc: str = "sample") -> list[Sample]:
+             desc: str = "sample", split: bool = False) -> list[Sample]:
     """Sample one response per prompt (pure sampling: no top-k, so KL estimates stay unbiased).
 
     prompts are carried into the samples as given; prompt_ids are what the model sees.
+    split (a model every rank holds whole): under torchrun each rank samples
+    every world-size-th batch and all get every sample. A batch's seed depends
+    only on its index, so the samples do not depend on the world size.
     """
     from transformers import LogitsProcessorList
 
@@ -67,15 +71,22 @@ def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, ma
     gen = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[Sample] = []
     model.eval()
-    with progress(desc, len(prompts)) as advance:
+    mine = [s for i, s in enumerate(range(0, len(prompts), batch_size))
+            if not split or i % distributed.world_size() == distributed.rank()]
+    # A sharded model's ranks must run the same number of forward passes even when their samples end early.
+    synced = fsdp.is_sharded(model) and distributed.world_size() > 1
+    with progress(desc, sum(len(prompts[s : s + batch_size]) for s in mine)) as advance:
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            chunk_ids = prompt_ids[start : start + batch_size]
-            input_ids, attention_mask = left_pad(chunk_ids, tokenizer.pad_token_id, device)
             # One seed per batch, drawn from our generator: results do not depend on
             # what else touched the global RNG.
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            if start not in mine:
+                continue
+            chunk = prompts[start : start + batch_size]
+            chunk_ids = prompt_ids[start : start + batch_size]
+            input_ids, attention_mask = left_pad(chunk_ids, tokenizer.pad_token_id, device)
             out = model.generate(
+                synced_gpus=synced,
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 do_sample=True,
@@ -92,12 +103,23 @@ def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, ma
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 samples.append(Sample(prompt, p_ids, ids, text, finished))
             advance(len(chunk))
+    if split and distributed.world_size() > 1:
+        # Rank r holds batches r, r + W, ...: interleave them back into prompt order.
+        parts = [[p[i : i + batch_size] for i in range(0, len(p), batch_size)] for p in distributed.gather_objects(samples)]
+        samples = [s for b in range(-(-len(prompts) // batch_size))
+                   for s in parts[b % len(parts)][b // len(parts)]]
     return samples
 
 
 @torch.no_grad()
-def score_samples(model, tokenizer, samples: list[Sample], batch_size: int = 64, chunk_size: int = 1024) -> list[float]:
-    """log pi(response | prompt) of each sample under model (teacher forcing)."""
+def score_samples(model, tokenizer, samples: list[Sample], batch_size: int = 64, chunk_size: int = 1024,
+                  split: bool = False) -> list[float]:
+    """log pi(response | prompt) of each sample under model (teacher forcing).
+
+    split (a model every rank holds whole): under torchrun each rank scores its share of the samples.
+    """
+    if split:
+        return distributed.split_map(lambda part: score_samples(model, tokenizer, part, batch_size, chunk_size), samples)
     device = next(model.parameters()).device
     totals: list[float] = []
     for start in range(0, len(samples), batch_size):

@@ -20,21 +20,24 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import checkpoint
+from . import checkpoint, distributed, fsdp
 from .artifacts import config_dict, portable_config, sha256_json
 from .errors import UserError
 
 stderr = Console(stderr=True)
 
 # Fields that may differ between a run and its resumption.
-RESUME_FREE = ("resume", "force", "save_every", "keep_checkpoints", "log_every", "device")
+RESUME_FREE = ("resume", "force", "save_every", "keep_checkpoints", "log_every", "device", "fsdp_cpu_offload")
 
 LossFn = Callable[[object], tuple[torch.Tensor, dict]]
 
 
 @contextmanager
 def progress(desc: str, total: int):
-    """A rich progress bar on stderr with ETA and a free-text field for the running loss."""
+    """A rich progress bar on stderr with ETA and a free-text field for the running loss (rank 0 only)."""
+    if not distributed.is_main():
+        yield lambda advance=1, info="": None
+        return
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -109,22 +112,68 @@ def micro_batches(batch: list, n: int) -> list[list]:
     return [batch[i : i + size] for i in range(0, len(batch), size)]
 
 
-def accumulate(loss_fn: LossFn, batch: list, n: int, precision: str, device) -> tuple[torch.Tensor, dict]:
-    """Forward + backward over micro-batches; each loss is weighted by its share of the batch."""
+def rank_micro_batches(batch: list, n: int) -> list[tuple[list, bool]]:
+    """This rank's micro-batches of a step's global batch, as (micro-batch, live) pairs.
+
+    Each rank takes its contiguous share of the batch and splits it into at
+    most n micro-batches. Under several ranks every rank runs exactly n, since
+    the collectives of FSDP's forward and backward must pair up across ranks:
+    a rank short of data (an epoch's last, smaller batch) runs the batch's first
+    item at weight 0 instead (live False).
+    """
+    micros = [(m, True) for m in micro_batches(distributed.share(batch), n)] if batch else []
+    if distributed.world_size() > 1:
+        micros += [(batch[:1], False)] * (n - len(micros))
+    return micros
+
+
+def accumulate(loss_fn: LossFn, batch: list, n: int, precision: str, device, model=None,
+               weight: Callable[[list], float] = len) -> tuple[torch.Tensor, dict]:
+    """Forward + backward over this rank's micro-batches; each loss is weighted by its share of the global batch.
+
+    weight(micro) is what the micro-batch's loss is a mean over (sequences by
+    default, tokens for a token mean); shares are taken of the sum over all
+    ranks, so N ranks compute the loss and gradient of one process. A metric
+    loss_fn returns is a mean over the micro-batch's sequences, or a
+    (mean, count) pair for a mean over count other things (tokens, positions);
+    each is averaged over the global batch with those weights. The loss runs
+    inside the model's forward (fsdp.redirect). Returns the global loss and
+    metrics, reduced over ranks.
+    """
     from .modeling import autocast
 
+    micros = rank_micro_batches(batch, n)
+    weights = [float(weight(m)) if live else 0.0 for m, live in micros]
+    sizes = [float(len(m)) if live else 0.0 for m, live in micros]
+    whole, sequences = distributed.all_reduce_sum(torch.tensor([sum(weights), sum(sizes)], dtype=torch.float64)).tolist()
+    # FSDP averages gradients over ranks, but each rank's loss is already its share of the global loss.
+    scale = distributed.world_size() if model is not None and fsdp.is_sharded(model) else 1
     total = 0.0
     extras: dict[str, float] = {}
-    for micro in micro_batches(batch, n):
-        share = len(micro) / len(batch)
+    counted: dict[str, list[float]] = {}  # the (mean, count) metrics: [sum of mean * count, sum of counts]
+    for (micro, live), w, size in zip(micros, weights, sizes):
+        share = w / whole
         with autocast(precision, device):
-            loss, extra = loss_fn(micro)
-        if not torch.isfinite(loss):
+            loss, extra = fsdp.redirect(model, loss_fn, micro)
+        # Under several ranks every rank must run every backward; the reduced loss carries the verdict.
+        if not torch.isfinite(loss) and distributed.world_size() == 1:
             return loss.detach(), extra
-        (loss * share).backward()
+        (loss * (share * scale)).backward()
         total += loss.item() * share
         for k, v in extra.items():
-            extras[k] = extras.get(k, 0.0) + v * share
+            if isinstance(v, tuple):
+                sums = counted.setdefault(k, [0.0, 0.0])
+                sums[0] += v[0] * v[1] * live
+                sums[1] += v[1] * live
+            else:
+                extras[k] = extras.get(k, 0.0) + v * (size / sequences)
+    if distributed.world_size() > 1:
+        keys, pairs = sorted(extras), sorted(counted)
+        flat = [total] + [extras[k] for k in keys] + [x for k in pairs for x in counted[k]]
+        summed = distributed.all_reduce_sum(torch.tensor(flat, dtype=torch.float64)).tolist()
+        total, extras = summed[0], dict(zip(keys, summed[1 : 1 + len(keys)]))
+        counted = {k: summed[1 + len(keys) + 2 * i : 3 + len(keys) + 2 * i] for i, k in enumerate(pairs)}
+    extras.update({k: num / max(den, 1e-30) for k, (num, den) in counted.items()})
     return torch.tensor(total), extras
 
 
@@ -170,6 +219,16 @@ class MetricsWriter:
         self.f.close()
 
 
+class _Discard:
+    """The metrics writer of ranks other than 0, which write no files."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, desc: str) -> int:
     if not cfg.resume:
         return 0
@@ -183,16 +242,23 @@ def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, 
 
 
 def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path, desc: str,
-          monitor: Callable | None = None) -> dict:
+          monitor: Callable | None = None, weight: Callable[[list], float] = len) -> dict:
     """Optimise model over `steps` (one batch per optimizer step); return summary metrics.
 
     cfg is a TrainingFields config. Writes out/metrics.jsonl and, every
     cfg.save_every steps, a checkpoint that `--resume` continues from: the
     batches before it are skipped, not recomputed. monitor(model) -> metrics
-    runs every cfg.eval_every steps and at the end (monitor.py).
+    runs every cfg.eval_every steps and at the end (monitor.py). weight(micro)
+    is what loss_fn's loss is a mean over (accumulate).
+
+    Under torchrun the model is sharded with FSDP2 here, in place; every rank
+    runs its share of each batch and only rank 0 writes files.
     """
+    from .modeling import bf16_enabled
+
+    device = next(model.parameters()).device
+    fsdp.shard(model, bf16_enabled(cfg.precision, device), cfg.fsdp_cpu_offload)
     params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(n_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
@@ -200,7 +266,7 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     config_hash = sha256_json(portable_config({k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE},
                                               Path(out).parent))
     first = _resume_point(cfg, out, model, optimizer, schedule, config_hash, desc)
-    writer = MetricsWriter(out / "metrics.jsonl", first)
+    writer = MetricsWriter(out / "metrics.jsonl", first) if distributed.is_main() else _Discard()
     model.train()
     start = time.perf_counter()
     recent: list[float] = []
@@ -211,8 +277,9 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
             advance(first)
             for step, batch in enumerate(itertools.islice(steps, first, None), start=first + 1):
                 optimizer.zero_grad(set_to_none=True)
-                loss, extra = accumulate(loss_fn, batch, cfg.grad_accum, cfg.precision, device)
+                loss, extra = accumulate(loss_fn, batch, cfg.grad_accum, cfg.precision, device, model, weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     skipped += 1
                     what = "loss" if not torch.isfinite(loss) else "gradient"
@@ -232,7 +299,7 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                 last = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
                         "grad_norm": grad_norm.item(), "elapsed_s": round(time.perf_counter() - start, 3), **extra}
                 if monitor is not None and (step % cfg.eval_every == 0 or step == n_steps):
-                    last.update(monitor(model))
+                    last.update(fsdp.redirect(model, monitor, model))
                 if step % cfg.log_every == 0 or step == n_steps or "eval_reward" in last:
                     writer.write(last)
                 if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:

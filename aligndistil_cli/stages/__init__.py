@@ -18,6 +18,7 @@ class Stage:
     module: str
     summary: str
     example: str
+    distributed: bool = True  # runs under torchrun (`aligndistil run --nproc-per-node N` launches it so)
 
     @property
     def run(self) -> Callable:
@@ -50,7 +51,7 @@ def preflight(config) -> None:
 
 STAGES: dict[str, Stage] = {
     "init-toy": Stage(C.InitToyConfig, "init_toy", "Write the embedded toy task's data and a random-init tiny Llama.",
-                      "aligndistil init-toy --out runs/tiny/toy"),
+                      "aligndistil init-toy --out runs/tiny/toy", distributed=False),
     "sft": Stage(C.SftConfig, "sft", "Supervised fine-tuning on prompt/response data.",
                  "aligndistil sft --model runs/tiny/toy/model --data runs/tiny/toy/sft.jsonl --out runs/tiny/sft"),
     "make-prefs": Stage(C.MakePrefsConfig, "make_prefs", "Sample k responses per prompt, score them, write best-vs-worst pairs.",

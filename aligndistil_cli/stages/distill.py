@@ -86,8 +86,10 @@ def teacher_loss(model, batch, fields: dict, heads: dict, fmt: str, spec: Teache
     weights = position_weights(fields["coef"].to(device), sequence_ids(batch), batch.input_ids.shape[0])
     loss, kl = fused_head_kl_loss(response_hidden(model, batch), weight, bias, weights,
                                   logq_fn(fmt, fields, heads, spec, vocab, device), vocab, chunk_size)
-    return loss, {"kl_teacher": kl.mean().item(), "alpha_mean": fields["alpha"].mean().item(),
-                  "coef_mean": fields["coef"].mean().item(), "tvd_mean": fields["tvd"].mean().item()}
+    # Means over positions, so (mean, count) pairs: training.accumulate averages them over the global batch.
+    n = kl.shape[0]
+    return loss, {"kl_teacher": (kl.mean().item(), n), "alpha_mean": (fields["alpha"].mean().item(), n),
+                  "coef_mean": (fields["coef"].mean().item(), n), "tvd_mean": (fields["tvd"].mean().item(), n)}
 
 
 def run(config: DistillConfig) -> Path:

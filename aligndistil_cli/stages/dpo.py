@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, input_record,
                          prepare_output, sha256_json)
 from ..config import DpoConfig
@@ -43,11 +43,15 @@ def reference_logps(model, pairs, pad_id, vocab, chunk_size, batch_size, device)
             chosen.append(c.cpu())
             rejected.append(r.cpu())
             advance(len(c))
-    return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+    return {"chosen": torch.cat(chosen or [torch.zeros(0)]), "rejected": torch.cat(rejected or [torch.zeros(0)])}
 
 
 def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device) -> tuple[dict, Path]:
-    """Load the reference log-probs for these pairs, computing and caching them once."""
+    """Load the reference log-probs for these pairs, computing and caching them once.
+
+    Under torchrun each rank scores its share of the pairs, the shares are
+    gathered in order, and rank 0 writes the cache.
+    """
     key = sha256_json({
         "version": REF_CACHE_VERSION, "model": fingerprint_model(config.model),
         "tokenizer": fingerprint_tokenizer(tokenizer), "data": data_fingerprint(config),
@@ -55,16 +59,19 @@ def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device) -
     })[:32]
     cache_dir = Path(config.ref_cache) if config.ref_cache else Path(config.out).resolve().parent / "ref-cache"
     path = cache_dir / f"ref-logps-{key}.safetensors"
-    if path.is_file():
-        cached = load_file(str(path))
-        if cached["chosen"].shape[0] == len(pairs):
-            return cached, path
-    logps = reference_logps(model, pairs, tokenizer.pad_token_id, len(tokenizer), config.chunk_size,
-                            config.batch_size, device)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(logps, str(tmp), metadata={"key": key})
-    tmp.replace(path)
+    cached = distributed.broadcast_object(load_file(str(path)) if distributed.is_main() and path.is_file() else None)
+    if cached is not None and cached["chosen"].shape[0] == len(pairs):
+        return cached, path
+    mine = reference_logps(model, distributed.share(pairs), tokenizer.pad_token_id, len(tokenizer),
+                           config.chunk_size, config.batch_size, device)
+    parts = distributed.gather_objects(mine)
+    logps = {k: torch.cat([part[k] for part in parts]) for k in mine}
+    if distributed.is_main():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(logps, str(tmp), metadata={"key": key})
+        tmp.replace(path)
+    distributed.barrier()
     return logps, path
 
 

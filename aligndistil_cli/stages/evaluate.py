@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..artifacts import atomic_write_json, fingerprint_model, finalize, input_record, prepare_output
 from ..config import EvaluateConfig
 from ..data import collate, data_input, encode_pairs, encode_prompts, load_data, prompt_ids, truncate
@@ -33,16 +34,16 @@ def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, sc
                     config.max_prompt_length)[0].prompt for p in prompts]
     samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
-                       seed=config.seed, desc=f"evaluate {name}")
-    rewards = scorer.score(samples)
-    if config.export:
+                       seed=config.seed, desc=f"evaluate {name}", split=True)
+    rewards = distributed.split_map(scorer.score, samples)
+    if config.export and distributed.is_main():
         generate_fn = make_generate_fn(model, tokenizer, chat_template=config.chat_template,
                                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        top_p=config.top_p, batch_size=config.batch_size, seed=config.seed)
         export(config.export, read_questions(config.export, Path(config.export_questions)), name, generate_fn,
                Path(config.out) / "exports")
-    own = score_samples(model, tokenizer, samples, config.batch_size)
-    ref = own if model is ref_model else score_samples(ref_model, tokenizer, samples, config.batch_size)
+    own = score_samples(model, tokenizer, samples, config.batch_size, split=True)
+    ref = own if model is ref_model else score_samples(ref_model, tokenizer, samples, config.batch_size, split=True)
     result = {
         "path": str(path) if path else str(config.ref),
         "reward": mean_ci(rewards),
@@ -62,14 +63,18 @@ def implicit_accuracy(config: EvaluateConfig, ref_model, tokenizer, device) -> d
     pairs, _ = encode_pairs(tokenizer, rows, config, stats)
     vocab = len(tokenizer)
 
-    def logps(model) -> torch.Tensor:
+    def part_logps(model, part: list) -> list[torch.Tensor]:
         out = []
-        for s in range(0, len(pairs), config.batch_size):
-            chunk = pairs[s : s + config.batch_size]
+        for s in range(0, len(part), config.batch_size):
+            chunk = part[s : s + config.batch_size]
             batch = collate([c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_token_id).to(device)
             lp = sequence_logps(model, batch, vocab)
-            out.append(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1).cpu())
-        return torch.cat(out)
+            out.extend(torch.stack([lp[: len(chunk)], lp[len(chunk) :]], dim=1).cpu())
+        return out
+
+    def logps(model) -> torch.Tensor:
+        """[pairs, 2] chosen and rejected log-probs; under torchrun each rank scores its share."""
+        return torch.stack(distributed.split_map(lambda part: part_logps(model, part), pairs))
 
     dpo = logps(load_model(config.dpo, device, **hub_options(config)).eval())
     ref = logps(ref_model)
@@ -123,14 +128,16 @@ def run(config: EvaluateConfig) -> Path:
               "models": models, "training": training,
               "implicit_accuracy": implicit_accuracy(config, ref_model, tokenizer, device) if config.pairs else None}
     report["verdict"] = verdicts(report)
-    atomic_write_json(out / "report.json", report, sort_keys=False)
-    write_report(out, report)
+    if distributed.is_main():
+        atomic_write_json(out / "report.json", report, sort_keys=False)
+        write_report(out, report)
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in config.models.items()}
     inputs["ref"] = input_record("model", config.ref, fingerprint_model(config.ref))
     inputs["prompts"] = data_input(config, config.prompts)
     metrics = {name: {"reward": res["reward"]["mean"], "kl": res["kl"]["mean"]} for name, res in models.items()}
     finalize(out, "evaluate", config, inputs, metrics)
-    print_report(out)
+    if distributed.is_main():
+        print_report(out)
     return out
 
 

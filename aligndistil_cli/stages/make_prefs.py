@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import distributed
 from ..artifacts import fingerprint_model, finalize, input_record, prepare_output
 from ..config import MakePrefsConfig
 from ..data import data_input, encode_prompts, load_data
@@ -50,9 +51,9 @@ def run(config: MakePrefsConfig) -> Path:
     repeated_ids = [p for p in ids for _ in range(config.num_samples)]
     samples = generate(model, tokenizer, repeated, repeated_ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
-                       seed=config.seed, desc="make-prefs")
+                       seed=config.seed, desc="make-prefs", split=True)
     scorer = make_scorer(config, device)
-    scores = scorer.score(samples)
+    scores = distributed.split_map(scorer.score, samples)
     pairs, skipped = [], 0
     k = config.num_samples
     for i, prompt in enumerate(prompts):
@@ -63,7 +64,8 @@ def run(config: MakePrefsConfig) -> Path:
             skipped += 1
             continue
         pairs.append(as_row(pair))
-    write_jsonl(out / "pairs.jsonl", pairs)
+    if distributed.is_main():
+        write_jsonl(out / "pairs.jsonl", pairs)
     margins = [p["score_chosen"] - p["score_rejected"] for p in pairs]
     metrics = {"prompts": len(prompts), "pairs": len(pairs), "skipped_ties": skipped,
                "mean_margin": sum(margins) / max(1, len(margins)),

@@ -3,6 +3,10 @@ variant needs it) once over prompt + chosen, and store the teacher.
 
 Only response positions go through the output heads, in chunks of positions;
 the teacher is composed in float32 (teacher.py, losses.compose_teacher_full).
+
+Under torchrun every rank holds the teacher models whole and computes the
+same shard plan; rank r writes every world-size-th shard, and rank 0 writes
+the index and manifest once all shards are in place.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .. import distributed
 from ..artifacts import (content_key, finalize, fingerprint_model, fingerprint_tokenizer, input_record, prepare_output,
                          sha256_json, tokenizer_difference, tokenizer_parts)
 from ..cache import HEADS, STORE_DTYPES, ShardRecord, plan_shards, shard_is_done, write_index, write_shard
@@ -116,16 +121,20 @@ def run(config: PrecomputeConfig) -> Path:
     itemsize = STORE_DTYPES[config.dtype].itemsize
     per_position = bytes_per_position(fmt, vocab, hidden_size, len(models), itemsize, config.top_k)
     plans = plan_shards([len(e.response) for e in examples], per_position, int(config.shard_mb * 2**20))
-    recorded = {} if config.force else ShardRecord.read(Path(config.out))
+    # Read on rank 0 before prepare_output empties checkpoints/, and shared: every rank checks its own shards.
+    recorded = distributed.broadcast_object({} if config.force or not distributed.is_main()
+                                            else ShardRecord.read(Path(config.out)))
     out = prepare_output(Path(config.out), "precompute", config.force, keep=("shard-*.safetensors",))
     planned = {p.name for p in plans}
-    for stale in out.glob("shard-*.safetensors"):
-        if stale.name not in planned:
-            stale.unlink()
+    if distributed.is_main():
+        for stale in out.glob("shard-*.safetensors"):
+            if stale.name not in planned:
+                stale.unlink()
+        if fmt == "hidden":
+            save_heads(out / HEADS, models, STORE_DTYPES[config.dtype])
     record = ShardRecord(out, {k: v for k, v in recorded.items() if k in planned})
-    if fmt == "hidden":
-        save_heads(out / HEADS, models, STORE_DTYPES[config.dtype])
-    todo = [p for p in plans if not shard_is_done(out / p.name, p, settings_key, record.hashes.get(p.name))]
+    mine = plans[distributed.rank() :: distributed.world_size()]
+    todo = [p for p in mine if not shard_is_done(out / p.name, p, settings_key, record.hashes.get(p.name))]
     # The hidden format is only exact if head(h) is the model's logits: check once, on real data.
     unchecked = {f"{name} model {names[name]}": m for name, m in models.items()} if fmt == "hidden" else {}
     with progress("precompute", sum(p.row_end - p.row_start for p in todo)) as advance:
@@ -142,13 +151,16 @@ def run(config: PrecomputeConfig) -> Path:
             write_shard(out / plan.name, plan, settings_key, shard_tensors(parts, examples[plan.row_start : plan.row_end]),
                         record)
 
+    reused = len(plans) - int(distributed.all_reduce_sum(torch.tensor(len(todo))).item())
+    distributed.barrier()
     shards = [{"file": p.name, "row_start": p.row_start, "row_end": p.row_end, "positions": p.positions} for p in plans]
     positions = sum(p.positions for p in plans)
-    write_index(out, {"format": fmt, "vocab_size": vocab, "hidden_size": hidden_size, "models": list(models),
-                      "rows": len(examples), "positions": positions, "bytes_per_position": per_position,
-                      "settings": settings, "settings_key": settings_key, "shards": shards})
+    if distributed.is_main():
+        write_index(out, {"format": fmt, "vocab_size": vocab, "hidden_size": hidden_size, "models": list(models),
+                          "rows": len(examples), "positions": positions, "bytes_per_position": per_position,
+                          "settings": settings, "settings_key": settings_key, "shards": shards})
     metrics = {"format": fmt, "rows": len(examples), "positions": positions, "shards": len(plans),
-               "shards_reused": len(plans) - len(todo), "bytes_per_position": per_position, "truncated": truncated,
+               "shards_reused": reused, "bytes_per_position": per_position, "truncated": truncated,
                "data": data_stats}
     finalize(out, "precompute", config, inputs, metrics)
     return out

@@ -34,7 +34,9 @@ def run(config: SftConfig) -> Path:
     lengths = [len(e.prompt) + len(e.response) for e in examples] if config.group_by_length else None
     steps = step_batches(examples, config.batch_size, config.epochs, config.seed, config.max_steps, lengths)
     monitor = make_monitor(config, tokenizer, config.model, device)
-    summary = train(model, steps, n_steps, loss_fn, config, out, "sft", monitor)
+    # The loss is a token mean: micro-batches (and ranks) are weighted by their response tokens.
+    summary = train(model, steps, n_steps, loss_fn, config, out, "sft", monitor,
+                    weight=lambda chunk: sum(len(e.response) for e in chunk))
     save_model(model, tokenizer, out)
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
               "data": data_input(config)}

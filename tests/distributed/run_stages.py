@@ -1,0 +1,46 @@
+"""Run several stages in one torchrun launch (one process group), as the tests need them.
+
+    torchrun --nproc-per-node 2 tests/distributed/run_stages.py STAGE=CONFIG.yaml ... [mismatch=OUT.json]
+
+Each STAGE=CONFIG runs like `aligndistil STAGE --config CONFIG` does (distributed.session, then the stage).
+mismatch=OUT.json gives rank 1 a different seed than rank 0 and records, per rank, the refusal it got.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from aligndistil_cli import distributed
+from aligndistil_cli.config import load_config
+from aligndistil_cli.errors import UserError
+from aligndistil_cli.stages import STAGES
+
+
+def main(args: list[str]) -> None:
+    dist.init_process_group("gloo")
+    for arg in args:
+        stage, path = arg.split("=", 1)
+        if stage == "mismatch":
+            config = load_config(STAGES["sft"].config, None, {"model": "m", "data": "d", "out": "o",
+                                                              "seed": distributed.rank()})
+            try:
+                with distributed.session(config):
+                    refusal = None
+            except UserError as e:
+                refusal = str(e)
+            refusals = distributed.gather_objects(refusal)
+            if distributed.is_main():
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump(refusals, f)
+            continue
+        config = load_config(STAGES[stage].config, path, {"reverse": True} if stage == "train-reverse-dpo" else {})
+        with distributed.session(config):
+            STAGES[stage].run(config)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,262 @@
+"""Two gloo ranks under torchrun give what one process gives: losses, weights, caches, samples.
+
+Every torchrun launch costs a few seconds of start-up per rank, so one launch
+(run_stages.py) runs most stages back to back; the one-process references
+run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from aligndistil_cli import distributed
+from aligndistil_cli.artifacts import sha256_file
+from aligndistil_cli.config import build_config
+from aligndistil_cli.errors import UserError
+from aligndistil_cli.stages import STAGES
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+TRAIN = {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "max_length": 64, "max_prompt_length": 32, "seed": 0}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+
+
+def run_in_process(stage: str, values: dict) -> Path:
+    """One process, with the ranks' thread count (OMP_NUM_THREADS=1): float sums reduced over another
+    number of threads round differently, and precompute's shards are compared byte for byte."""
+    fixed = {"reverse": True} if stage == "train-reverse-dpo" else {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return STAGES[stage].run(build_config(STAGES[stage].config, {**values, **fixed}))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write_tied_model(source: Path, out: Path) -> None:
+    """A model like source's but with its input embedding and output head tied (as Qwen2.5-1.5B has them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source)
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+
+
+def write_pairs(sft: Path, out: Path) -> None:
+    rows = [json.loads(line) for line in sft.read_text().splitlines()][:40]
+    pairs = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": rows[(i + 1) % len(rows)]["response"]}
+             for i, r in enumerate(rows) if r["response"] != rows[(i + 1) % len(rows)]["response"]]
+    out.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+
+
+def stage_values(w: Path, run: str) -> dict[str, dict]:
+    """The stages both world sizes run, each writing under w/run."""
+    toy, tied, pairs = w / "toy", w / "tied", str(w / "pairs.jsonl")
+    return {
+        "sft": {**TRAIN, "model": str(tied), "data": str(toy / "sft.jsonl"), "out": str(w / run / "sft")},
+        "train-dpo": {**TRAIN, "model": str(toy / "model"), "data": pairs, "out": str(w / run / "dpo")},
+        "distill": {**TRAIN, "student": str(toy / "model"), "cache": str(w / "one" / "teacher"), "data": pairs,
+                    "out": str(w / run / "student")},
+        "precompute": {"dpo": str(toy / "model"), "rev": str(tied), "data": pairs, "max_length": 64,
+                       "max_prompt_length": 32, "shard_mb": 0.02, "batch_size": 4, "out": str(w / run / "teacher")},
+        "make-prefs": {"model": str(toy / "model"), "data": str(toy / "prompts.jsonl"), "num_samples": 2,
+                       "max_prompts": 12, "max_new_tokens": 8, "batch_size": 4, "out": str(w / run / "prefs")},
+        "evaluate": {"ref": str(toy / "model"), "models": {"tied": str(tied)},
+                     "prompts": str(toy / "heldout_prompts.jsonl"), "num_prompts": 10, "max_new_tokens": 8,
+                     "batch_size": 4, "out": str(w / run / "eval")},
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Tiny models and data; precompute on one process; then every stage on 2 ranks (one launch) and on 1."""
+    w = tmp_path_factory.mktemp("dist")
+    run_in_process("init-toy", {"out": str(w / "toy"), "num_sft": 64, "hidden_size": 32, "num_layers": 2,
+                                "num_heads": 2, "intermediate_size": 64})
+    write_tied_model(w / "toy" / "model", w / "tied")
+    write_pairs(w / "toy" / "sft.jsonl", w / "pairs.jsonl")
+    one, two = stage_values(w, "one"), stage_values(w, "two")
+    run_in_process("precompute", one["precompute"])
+    args = []
+    for stage, values in two.items():
+        path = w / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        args.append(f"{stage}={path}")
+    args.append(f"mismatch={w / 'mismatch.json'}")
+    done = subprocess.run(torchrun(str(HERE / "run_stages.py"), *args), env=ENV, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage, values in one.items():
+        if stage != "precompute":
+            run_in_process(stage, values)
+    return w
+
+
+def metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "student"])
+def test_two_ranks_train_like_one_process(world, name):
+    one, two = metrics(world / "one" / name), metrics(world / "two" / name)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (a["step"], k)
+    # The weights moved (so equal weights are not just the shared initialisation) and moved alike.
+    assert_same_weights(world / "one" / name, world / "two" / name, atol=1e-5)
+    manifest = json.loads((world / "two" / name / "manifest.json").read_text())
+    assert manifest["launch"]["world_size"] == 2 and manifest["launch"]["command"].startswith("torchrun")
+    assert json.loads((world / "one" / name / "manifest.json").read_text())["launch"]["world_size"] == 1
+
+
+def test_tied_model_stays_tied_and_loads(world):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(world / "two" / "sft")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    start = AutoModelForCausalLM.from_pretrained(world / "tied")
+    assert not torch.equal(model.get_input_embeddings().weight, start.get_input_embeddings().weight)
+
+
+def test_reference_logps_gathered_in_order(world):
+    [one] = (world / "one" / "ref-cache").glob("*.safetensors")
+    [two] = (world / "two" / "ref-cache").glob("*.safetensors")
+    a, b = load_file(one), load_file(two)
+    for k in ("chosen", "rejected"):
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_precompute_shards_are_byte_identical(world):
+    one, two = world / "one" / "teacher", world / "two" / "teacher"
+    shards = sorted(p.name for p in one.glob("shard-*.safetensors"))
+    assert len(shards) >= 3, "the test needs shards on both ranks"
+    assert sorted(p.name for p in two.glob("shard-*.safetensors")) == shards
+    for name in shards:
+        assert sha256_file(one / name) == sha256_file(two / name), name
+    assert json.loads((one / "index.json").read_text()) == json.loads((two / "index.json").read_text())
+
+
+def test_sampling_stages_do_not_depend_on_world_size(world):
+    assert (world / "one" / "prefs" / "pairs.jsonl").read_bytes() == (world / "two" / "prefs" / "pairs.jsonl").read_bytes()
+    one = json.loads((world / "one" / "eval" / "report.json").read_text())
+    two = json.loads((world / "two" / "eval" / "report.json").read_text())
+    assert one["models"].keys() == two["models"].keys() == {"reference", "tied"}
+    for name in one["models"]:
+        assert one["models"][name]["examples"] == two["models"][name]["examples"]
+        assert two["models"][name]["kl"]["mean"] == pytest.approx(one["models"][name]["kl"]["mean"], abs=1e-5)
+        assert two["models"][name]["reward"]["mean"] == one["models"][name]["reward"]["mean"]
+
+
+def test_ranks_with_different_configs_are_refused(world):
+    refusals = json.loads((world / "mismatch.json").read_text())
+    assert len(refusals) == 2
+    assert all(r and "rank(s) 1 resolved a different config than rank 0" in r for r in refusals)
+
+
+@pytest.mark.parametrize("batch,accum,world,message", [
+    (6, 1, 4, "not divisible by the world size 4"),
+    (8, 3, 4, "fewer than --grad-accum 3"),
+])
+def test_batch_the_ranks_cannot_split_is_refused(batch, accum, world, message):
+    with pytest.raises(UserError, match=message):
+        distributed.check_batch(batch, accum, world)
+    distributed.check_batch(8, 2, 4)
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Children of the torchrun agent: its worker processes."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_kill_a_rank_then_resume_on_one_process(world, tmp_path):
+    values = {**TRAIN, "model": str(world / "toy" / "model"), "data": str(world / "toy" / "sft.jsonl"),
+              "max_steps": 24, "save_every": 3, "keep_checkpoints": 2}
+    reference = run_in_process("sft", {**values, "out": str(tmp_path / "ref")})
+    killed = tmp_path / "killed"
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(yaml.safe_dump({**values, "out": str(killed)}))
+    agent = subprocess.Popen(torchrun("-m", "aligndistil_cli", "sft", "--config", str(cfg)), env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any((p / "state.json").is_file() for p in (killed / "checkpoints").glob("step-*")):
+        assert agent.poll() is None, "sft finished before a rank could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(max(worker_pids(agent.pid)), signal.SIGKILL)
+    assert agent.wait(timeout=120) != 0, "torchrun must fail when a rank dies"
+    assert not (killed / "manifest.json").exists()
+    resumed = run_in_process("sft", {**values, "out": str(killed), "resume": True})
+    assert json.loads((resumed / "manifest.json").read_text())["metrics"]["resumed_from"] > 0
+    assert_same_weights(reference, resumed, atol=1e-5)
+    for a, b in zip(metrics(reference), metrics(resumed), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5), a["step"]
+
+
+def test_run_pipeline_on_two_processes_then_verify(world, tmp_path):
+    from aligndistil_cli.artifacts import verify_full
+
+    values = {k: v for k, v in stage_values(world, "one")["sft"].items() if k != "out"}
+    pipeline = tmp_path / "two.yaml"
+    pipeline.write_text(yaml.safe_dump({"root": str(tmp_path / "runs"), "nproc_per_node": 1,
+                                        "stages": [{"name": "sft", "stage": "sft", "with": values}]}))
+    done = subprocess.run([sys.executable, "-m", "aligndistil_cli", "run", str(pipeline), "--nproc-per-node", "2"],
+                          env=ENV, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "runs" / "sft"
+    assert json.loads((out / "manifest.json").read_text())["launch"]["world_size"] == 2
+    assert verify_full(out) == []
+    # The same stage and config as the fixture's one-process sft.
+    assert_same_weights(world / "one" / "sft", out, atol=1e-5)
+
+
+@pytest.mark.skipif(not os.environ.get("ALIGNDISTIL_SLOW_TESTS"),
+                    reason="eight torchrun launches (minutes); set ALIGNDISTIL_SLOW_TESTS=1")
+def test_smoke_pipeline_on_two_processes_verifies(tmp_path):
+    from aligndistil_cli.pipeline import load_pipeline
+
+    cli = [sys.executable, "-m", "aligndistil_cli"]
+    done = subprocess.run([*cli, "run", str(ROOT / "pipelines" / "smoke.yaml"), "--root", str(tmp_path),
+                           "--nproc-per-node", "2"], env=ENV, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = load_pipeline(ROOT / "pipelines" / "smoke.yaml", tmp_path)
+    for out in [Path(config.out) for _, stage, config in stages if STAGES[stage].distributed]:
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["launch"]["world_size"] == 2, out.name
+        verified = subprocess.run([*cli, "verify", str(out)], env=ENV, capture_output=True, text=True, check=False)
+        assert verified.returncode == 0 and verified.stdout.strip() == f"{out}: ok"
