@@ -13,9 +13,11 @@ list (they are logs, not results).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -129,8 +131,11 @@ class Trackio:
         import trackio
 
         self.trackio = trackio
-        self.run = trackio.init(project=project, name=run_name, config=config,
-                                resume="allow" if first_step else "never", embed=False)
+        # trackio prints its banner on stdout, which carries only the output path.
+        with contextlib.redirect_stdout(sys.stderr):
+            self.run = trackio.init(project=project, name=run_name, config=config, embed=False,
+                                    resume="allow" if first_step else "never", auto_log_cpu=False,
+                                    auto_log_gpu=False)
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -141,7 +146,8 @@ class Trackio:
         self.run.log({name: self.trackio.Table(dataframe=pd.DataFrame(rows, columns=columns))})
 
     def close(self) -> None:
-        self.run.finish()
+        with contextlib.redirect_stdout(sys.stderr):
+            self.run.finish()
 
 
 class Mlflow:
@@ -219,4 +225,11 @@ def start(cfg, out: Path, config: dict, first_step: int = 0, logged_through: int
     require(cfg.report_to)
     run_name = cfg.run_name or Path(out).resolve().name
     project = cfg.project or os.environ.get("WANDB_PROJECT") or "aligndistil"
-    return Trackers([BACKENDS[n](Path(out), run_name, project, config, first_step) for n in names], logged_through)
+    trackers = Trackers([], logged_through)
+    for name in names:
+        try:
+            trackers.backends.append(BACKENDS[name](Path(out), run_name, project, config, first_step))
+        except Exception as e:  # noqa: BLE001 - a tracker that cannot start is one line, before any step
+            trackers.close()
+            raise UserError(f"--report-to {name}: cannot start the run: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return trackers

@@ -31,7 +31,7 @@ def needs(backend: str):
 
 def tracker_env(tmp: Path) -> dict:
     return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(tmp / "trackio"),
-            "MLFLOW_TRACKING_URI": (tmp / "mlruns").as_uri(), "OMP_NUM_THREADS": "1"}
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
 
 
 def cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -116,11 +116,11 @@ def test_wandb_offline_history_equals_metrics_jsonl(tracked):
 
 
 @needs("mlflow")
-def test_mlflow_file_store_equals_metrics_jsonl(tracked):
+def test_mlflow_local_store_equals_metrics_jsonl(tracked):
     from mlflow import MlflowClient
 
     tmp, out, records = tracked
-    client = MlflowClient(tracking_uri=(tmp / "mlruns").as_uri())
+    client = MlflowClient(tracking_uri=tracker_env(tmp)["MLFLOW_TRACKING_URI"])
     run_id = (out / "logs" / "mlflow-run-id").read_text().strip()
     run = client.get_run(run_id)
     assert run.info.run_name == "tracked-sft"
