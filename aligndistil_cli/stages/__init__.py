@@ -32,7 +32,9 @@ class Stage:
         def checked(config):
             preflight(config)
             out = run(config)
-            if getattr(config, "push_to_hub", None):
+            from ..tracking import is_main_process
+
+            if getattr(config, "push_to_hub", None) and is_main_process():  # once, not from every torchrun rank
                 from ..hub import push
 
                 print(f"pushed {out} to {push(out, config.push_to_hub, config.hub_private)}", file=sys.stderr)
