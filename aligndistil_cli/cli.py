@@ -32,7 +32,7 @@ app = typer.Typer(
     help="Token-level alignment with AlignDistil (Zhang et al., ACL 2025, arXiv 2503.02832).\n\n"
     "Stages read and write self-describing directories; `aligndistil run pipelines/tiny.yaml` chains them.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
