@@ -11,11 +11,16 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# torch goes in first, with pip: only pip looks where a CPU machine keeps its local torch wheel
+# (pip.conf's find-links). The rest goes in with uv, which resolves and installs in seconds what pip
+# takes a minute and more for: uv from PATH, else from PyPI into the venv; pip does it all when
+# neither works.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	uv=$$(command -v uv || { $(BIN)/python -m pip install -q uv >/dev/null 2>&1 && echo $(BIN)/uv; }); \
+	if [ -n "$$uv" ] && $$uv pip install -q --python $(BIN)/python -e ".[test]"; then :; else \
+	  $(BIN)/python -m pip install -q --upgrade pip && $(BIN)/python -m pip install -q -e ".[test]"; fi
 	touch $(STAMP)
 
 full-pipeline: setup
