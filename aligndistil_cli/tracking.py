@@ -83,8 +83,10 @@ class TensorBoard:
     def __init__(self, out: Path, run_name: str, project: str, config: dict, first_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step hides every earlier event at or after it: a rerun or a resume replaces, never duplicates.
-        self.writer = SummaryWriter(log_dir=str(Path(out) / LOG_DIR / "tensorboard"), purge_step=first_step + 1)
+        # purge_step hides every earlier event at or after it, so a resume replaces the steps after its
+        # checkpoint and a fresh run (evaluate logs at step 0) replaces everything: never a duplicate.
+        self.writer = SummaryWriter(log_dir=str(Path(out) / LOG_DIR / "tensorboard"),
+                                    purge_step=first_step + 1 if first_step else 0)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():

@@ -50,3 +50,19 @@ def test_a_resumed_run_sends_each_step_once_to_a_tracker_that_cannot_rewind(tmp_
     run_id = (tmp_path / "logs" / "mlflow-run-id").read_text().strip()
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 9)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_a_rerun_replaces_tensorboard_events_instead_of_adding_to_them(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = SimpleNamespace(report_to="tensorboard", run_name=None, project=None)
+    for value in (1.0, 2.0):  # evaluate logs its table at step 0; a training run starts at step 1
+        trackers = tracking.start(cfg, tmp_path, {})
+        trackers.log({"step": 0, "table_value": value})
+        trackers.log({"step": 1, "loss": value})
+        trackers.close()
+    events = EventAccumulator(str(tmp_path / "logs" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("table_value")] == [(0, 2.0)]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0)]
