@@ -51,7 +51,7 @@ def _hub_id(value: str | None) -> str | None:
 def front_matter(path: Path) -> dict:
     """The YAML front matter of a card (empty when there is none)."""
     text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else ""
-    match = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    match = re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL)
     return (yaml.safe_load(match.group(1)) or {}) if match else {}
 
 
@@ -142,6 +142,6 @@ def add_evaluation(model_dir: Path, section: str, plots: list[Path]) -> bool:
     for plot in plots:
         shutil.copyfile(plot, model_dir / EVAL_DIR / Path(plot).name)
         copied.append(f"{EVAL_DIR}/{Path(plot).name}")
-    atomic_write_bytes(card, f"{head}{BEGIN}\n{section}\n{END}{tail}".encode("utf-8"))
+    atomic_write_bytes(card, f"{head}{BEGIN}\n{section}\n{END}{tail}".encode())
     record_outputs(model_dir, [CARD, *copied])
     return True

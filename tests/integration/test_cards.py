@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -20,7 +19,7 @@ MODELS = {"sft": ["sft"], "dpo": ["dpo"], "rev": ["dpo", "reverse-dpo"], "studen
 
 
 def front_matter(text: str) -> dict:
-    match = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    match = re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL)
     assert match, "the card must open with YAML front matter"
     return yaml.safe_load(match.group(1))
 
@@ -65,7 +64,7 @@ def test_evaluate_adds_its_table_and_plots_to_each_evaluated_card(runs):
             assert f"| {model} | {res['reward']['mean']:.3f} ±" in section
         outputs = read_manifest(path)["outputs"]
         for plot in ("reward_vs_kl.png", "lengths.png"):
-            assert f"![" in section and f"(evaluation/{plot})" in section
+            assert "![" in section and f"(evaluation/{plot})" in section
             assert (path / "evaluation" / plot).read_bytes() == (runs / "eval" / plot).read_bytes()
             assert f"evaluation/{plot}" in outputs
         assert verify_full(path) == []

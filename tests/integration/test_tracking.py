@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.test_resume import has_checkpoint, run_in_process, stage_values, start_and_kill
+from tests.integration.test_resume import (
+    has_checkpoint,
+    run_in_process,
+    stage_values,
+    start_and_kill,
+)
 
 BACKENDS = ("tensorboard", "wandb", "mlflow", "trackio")
 INSTALLED = [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
