@@ -11,11 +11,19 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# uv installs in seconds what pip takes minutes for: uv from PATH, else from PyPI into the venv.
+# uv does not read pip's configuration, so it is handed pip's find-links, where a CPU machine keeps
+# its local torch wheel; TORCH's pin is part of the same install. When uv is unavailable or fails,
+# pip does it all, torch first, as before.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	uv=$$(command -v uv || { $(BIN)/python -m pip install -q uv >/dev/null 2>&1 && echo $(BIN)/uv; }); \
+	links=$${PIP_FIND_LINKS:-$$($(BIN)/python -m pip config get global.find-links 2>/dev/null)}; \
+	if [ -n "$$uv" ] && $$uv pip install -q --python $(BIN)/python $${links:+--find-links $$links} \
+	    "$(TORCH)" -e ".[test]"; then :; else \
+	  $(BIN)/python -m pip install -q --upgrade pip && \
+	  { $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"; } && \
+	  $(BIN)/python -m pip install -q -e ".[test]"; fi
 	touch $(STAMP)
 
 full-pipeline: setup

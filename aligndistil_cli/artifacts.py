@@ -98,10 +98,15 @@ def prepare_output(out: Path, stage: str, force: bool = False, keep: tuple[str, 
     return Path(out)
 
 
+# Scratch for --resume, and tracker logs (tracking.py) that a tracker may still append to: not results.
+UNLISTED_DIRS = ("checkpoints", "logs")
+
+
 def _output_files(out: Path) -> list[Path]:
     return sorted(
         p for p in out.rglob("*")
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".") and "checkpoints" not in p.relative_to(out).parts
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        and p.relative_to(out).parts[0] not in UNLISTED_DIRS
     )
 
 
@@ -126,6 +131,10 @@ def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics
         return {}
     out = Path(out)
     atomic_write_json(out / CONFIG_FILE, config_dict(config))
+    from .card import is_model_dir, write_card
+
+    if is_model_dir(out):
+        write_card(out, stage, config_dict(config), metrics or {})
     outputs = {
         str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_cached(p)} for p in _output_files(out)
     }
@@ -146,6 +155,15 @@ def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     outdir.release(out)
     return manifest
+
+
+def record_outputs(out: Path, rels: list[str]) -> None:
+    """Re-record these files of a complete directory in its manifest (a file rewritten after finalize)."""
+    out = Path(out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    for rel in rels:
+        manifest["outputs"][rel] = {"bytes": (out / rel).stat().st_size, "sha256": sha256_file(out / rel)}
+    atomic_write_json(out / MANIFEST, manifest)
 
 
 def read_manifest(path: Path, stage: str | tuple[str, ...] | None = None, role: str = "input") -> dict:

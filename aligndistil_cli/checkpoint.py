@@ -146,7 +146,7 @@ def _load_sharded(path: Path, model, optimizer, meta: dict) -> None:
 
 def scratch(resume: bool) -> tuple[str, ...]:
     """What a training stage keeps of its earlier run in OUT: its checkpoints and metrics when resuming."""
-    return (DIRNAME, "metrics.jsonl") if resume else ()
+    return (DIRNAME, "metrics.jsonl", "logs") if resume else ()
 
 
 def remove_all(out: Path) -> None:

@@ -32,7 +32,7 @@ app = typer.Typer(
     help="Token-level alignment with AlignDistil (Zhang et al., ACL 2025, arXiv 2503.02832).\n\n"
     "Stages read and write self-describing directories; `aligndistil run pipelines/tiny.yaml` chains them.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -112,7 +112,8 @@ RootOption = Annotated[Optional[Path], typer.Option("--root", help="Write under 
 
 
 @app.command("run", help="Run a pipeline file's stages in order, skipping complete ones.\n\n"
-                         "\b\nExample:\n  aligndistil run pipelines/tiny.yaml")
+                         "\b\nExamples:\n  aligndistil run pipelines/tiny.yaml\n"
+                         "  aligndistil run pipelines/tiny.yaml --dry-run --from dpo --set dpo.lr=1e-4")
 def run_pipeline(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/tiny.yaml.")],
     force: ForceOption = False,
@@ -120,11 +121,23 @@ def run_pipeline(
     nproc_per_node: Annotated[Optional[int], typer.Option(
         "--nproc-per-node", min=1, help="Run each stage on this many processes (GPUs) via torchrun "
         "[default: the file's nproc_per_node, else 1].")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each stage, whether it would run or be "
+                                          "skipped, and why; run nothing.")] = False,
+    only: Annotated[Optional[List[str]], typer.Option("--only", metavar="NAME",
+                                                      help="Run only this stage (repeat the flag for more).")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", metavar="NAME",
+                                                 help="Start at this stage; earlier ones are not run.")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", metavar="NAME",
+                                                 help="Stop after this stage.")] = None,
+    sets: Annotated[Optional[List[str]], typer.Option("--set", metavar="STAGE.KEY=VALUE",
+                                                      help="Override a stage's config key (repeatable), "
+                                                      "e.g. --set dpo.lr=1e-4.")] = None,
 ) -> None:
     from .pipeline import run_file
 
     _not_under_torchrun("run")
-    run_file(pipeline, force=force, root=root, nproc=nproc_per_node)
+    run_file(pipeline, force=force, root=root, nproc=nproc_per_node, dry_run=dry_run, only=only, start=start,
+             until=until, sets=sets)
 
 
 @app.command("sweep", help="Run a sweep (seeds x methods x knob values), reusing finished runs; "

@@ -87,7 +87,33 @@ class DataFields(ModelFields):
 
 
 @dataclass
-class TrainingFields(DataFields):
+class TrackingFields(StageConfig):
+    """--report-to: mirror metrics.jsonl (and evaluate's table) to experiment trackers (tracking.py)."""
+
+    report_to: str = opt("none", "Experiment trackers, a comma list of none, tensorboard, wandb, trackio, mlflow "
+                         "(each an optional extra, e.g. pip install 'aligndistil[wandb]').")
+    run_name: Optional[str] = opt(None, "Run name in the trackers (default: the output directory's name).")
+    project: Optional[str] = opt(None, "Tracker project (W&B, trackio) or experiment (MLflow); default: "
+                                 "$WANDB_PROJECT, else aligndistil.")
+
+    def __post_init__(self) -> None:
+        from .tracking import parse_report_to
+
+        parse_report_to(self.report_to)
+        super().__post_init__()
+
+
+@dataclass
+class HubFields(StageConfig):
+    """--push-to-hub: upload the finished output directory (hub.py)."""
+
+    push_to_hub: Optional[str] = opt(None, "After the output is complete, upload it to this Hugging Face Hub "
+                                     "model repo (USER/NAME).")
+    hub_private: bool = opt(False, "Create the --push-to-hub repo as private.")
+
+
+@dataclass
+class TrainingFields(DataFields, TrackingFields, HubFields):
     epochs: int = opt(1, "Passes over the data.", positive=True)
     max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides epochs).", positive=True)
     batch_size: int = opt(16, "Sequences (or pairs) per optimizer step.", positive=True)
@@ -269,7 +295,7 @@ class DistillConfig(TrainingFields):
 
 
 @dataclass
-class EvaluateConfig(DataFields):
+class EvaluateConfig(DataFields, TrackingFields):
     ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.", required=True)
     ref_name: str = opt("reference", "Name of the reference model in the report.")
     models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).", factory=dict, flag="model")

@@ -1,7 +1,11 @@
-"""Telling a local path from a Hugging Face Hub id, and whether the Hub can be asked at all.
+"""Telling a local path from a Hugging Face Hub id, whether the Hub can be asked at all, and uploading.
 
 Loading a mistyped local path as a hub id costs transformers about a minute of retries
 before it blames the network; these checks answer in one request, or none.
+
+push (--push-to-hub) is called only after the stage returned, so the manifest is written and the
+directory is complete: the Hub never gets a partial model. Any failure (offline, no token,
+network) is one line, and the local directory stays complete.
 """
 
 from __future__ import annotations
@@ -37,3 +41,27 @@ def hub_reachable() -> bool:
     except Exception:  # noqa: BLE001 - whatever the transport raises, the Hub is not reachable
         return False
     return True
+
+
+def push(out: Path, repo_id: str, private: bool = False) -> str:
+    """Upload out/ (its manifest must be complete) to the model repo repo_id; return the commit URL."""
+    from .artifacts import read_manifest
+    from .errors import UserError
+
+    read_manifest(Path(out), role="output")
+    where = f"--push-to-hub {repo_id}: {out} is saved and complete, but the upload"
+    if hub_offline():
+        raise UserError(f"{where} needs the Hub and HF_HUB_OFFLINE is set; upload later with "
+                        f"`hf upload {repo_id} {out}`")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(folder_path=str(out), repo_id=repo_id, repo_type="model",
+                                   ignore_patterns=["checkpoints/*", ".*"],
+                                   commit_message=f"Upload {Path(out).name} from aligndistil")
+    except Exception as e:  # noqa: BLE001 - any HTTP, auth or network failure becomes the one line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{where} failed: {first}") from None
+    return str(getattr(commit, "commit_url", commit))

@@ -27,8 +27,9 @@ _held: dict[str, int] = {}
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
                 "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.*", "merges.txt", "*.model",
-                "*.tiktoken", "*.py")
-_TRAINED_MODEL = (*_MODEL_FILES, "metrics.jsonl")
+                "*.tiktoken", "*.py", "README.md")
+# The model card's plots, which evaluate adds to each model it evaluated (card.py).
+_TRAINED_MODEL = (*_MODEL_FILES, "metrics.jsonl", "evaluation/*")
 STAGE_FILES = {
     "init-toy": ("sft.jsonl", "prompts.jsonl", "heldout_prompts.jsonl", "model/*"),
     "sft": _TRAINED_MODEL,

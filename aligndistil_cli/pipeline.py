@@ -39,7 +39,9 @@ from . import checkpoint
 from .artifacts import MANIFEST, config_dict, portable_config, read_manifest, stale_inputs, verify_outputs
 from .config import ConfigError, build_config, read_yaml
 from .errors import UserError
+from .plan import check_stage_names, did_you_mean, make_plan, parse_sets, select
 from .stages import STAGES
+from .tracking import require
 
 console = Console(stderr=True)
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
@@ -58,8 +60,19 @@ def substitute(value, outs: dict[str, str], where: str):
     return value
 
 
-def load_pipeline(path: Path, root: Path | None = None) -> list[tuple[str, str, object]]:
-    """(name, stage, resolved config) for each stage of a pipeline file, validated up front."""
+def _with_sets(values: dict, sets: dict) -> dict:
+    """A stage's `with` values, overridden by --set (one level deeper for NAME=PATH fields)."""
+    merged = dict(values)
+    for key, value in sets.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def load_pipeline(path: Path, root: Path | None = None, sets: dict | None = None) -> list[tuple[str, str, object]]:
+    """(name, stage, resolved config) for each stage of a pipeline file, validated up front.
+
+    sets: --set overrides, {stage name: {key: value}} (plan.parse_sets).
+    """
     spec = read_yaml(path)
     unknown = set(spec) - {"root", "seed", "stages", "nproc_per_node"}
     if unknown:
@@ -68,6 +81,9 @@ def load_pipeline(path: Path, root: Path | None = None) -> list[tuple[str, str, 
     if not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise ConfigError(f"{path}: 'stages' must be a non-empty list")
     root = Path(root or spec.get("root", "runs/pipeline"))
+    sets = sets or {}
+    names = [str(e.get("name", e.get("stage"))) for e in spec["stages"] if isinstance(e, dict)]
+    check_stage_names(list(sets), names, "--set")
     outs: dict[str, str] = {}
     resolved = []
     for i, entry in enumerate(spec["stages"], start=1):
@@ -76,11 +92,12 @@ def load_pipeline(path: Path, root: Path | None = None) -> list[tuple[str, str, 
             raise ConfigError(f"{where}: expected keys name, stage, with")
         stage = entry["stage"]
         if stage not in STAGES:
-            raise ConfigError(f"{where}: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+            raise ConfigError(f"{where}: unknown stage {stage!r}{did_you_mean(str(stage), list(STAGES))} "
+                              f"(choose one of {', '.join(STAGES)})")
         name = str(entry.get("name", stage))
         if name in outs:
             raise ConfigError(f"{where}: duplicate stage name {name!r}")
-        values = substitute(dict(entry.get("with") or {}), outs, f"{where} ({name})")
+        values = substitute(_with_sets(dict(entry.get("with") or {}), sets.get(name, {})), outs, f"{where} ({name})")
         values.setdefault("seed", spec.get("seed", 0))
         values["out"] = str(root / name)
         values.update(FIXED.get(stage, {}))
@@ -154,16 +171,31 @@ def launch(stage: str, config, nproc: int) -> None:
                         "its error is printed above")
 
 
-def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: int | None = None) -> None:
-    """Run (or skip) every stage; a skipped evaluation still prints its table.
+def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: int | None = None,
+             dry_run: bool = False, only: list[str] | None = None, start: str | None = None,
+             until: str | None = None, sets: list[str] | None = None) -> None:
+    """Run (or skip) every selected stage; a skipped evaluation still prints its table.
 
     nproc (default: the file's nproc_per_node, else 1) > 1 runs each stage that can use several processes
-    under torch.distributed.run.
+    under torch.distributed.run. dry_run prints the plan (each stage: run or skip, and why) and runs nothing.
     """
     from .stages.evaluate import print_report
 
     nproc = nproc_per_node(Path(path), nproc)
-    for name, stage, config in load_pipeline(Path(path), root):
+    resolved = load_pipeline(Path(path), root, parse_sets(sets or []))
+    selected = select([name for name, _, _ in resolved], only, start, until)
+    for name, _, config in resolved:  # a missing tracker package stops the pipeline before its first stage
+        if name in selected:
+            require(getattr(config, "report_to", None))
+    if dry_run:
+        for step in make_plan(resolved, selected, force, is_up_to_date):
+            word = "[bold]run[/bold] " if step.run else "[dim]skip[/dim]"
+            console.print(f"{word} {step.name} ({step.stage}): {step.reason}", highlight=False)
+        return
+    for name, stage, config in resolved:
+        if name not in selected:
+            console.print(f"[dim]skip[/dim] {name} ({stage}): not selected")
+            continue
         if not force and is_up_to_date(config):
             console.print(f"[dim]skip[/dim] {name} ({stage}): {config.out} is complete and up to date")
             if stage == "evaluate":

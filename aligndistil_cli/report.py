@@ -102,6 +102,11 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def results_markdown(report: dict) -> list[str]:
+    """The per-model results table as markdown lines (report.md and the model cards)."""
+    return md_table(list(COLUMNS), [_row(n, r) for n, r in report["models"].items()])
+
+
 def _plot_reward_vs_kl(plt, report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, res in report["models"].items():

@@ -20,14 +20,15 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import checkpoint, distributed, fsdp
+from . import checkpoint, distributed, fsdp, tracking
 from .artifacts import config_dict, portable_config, sha256_json
 from .errors import UserError
 
 stderr = Console(stderr=True)
 
 # Fields that may differ between a run and its resumption.
-RESUME_FREE = ("resume", "force", "save_every", "keep_checkpoints", "log_every", "device", "fsdp_cpu_offload")
+RESUME_FREE = ("resume", "force", "save_every", "keep_checkpoints", "log_every", "device", "fsdp_cpu_offload",
+               "report_to", "run_name", "project", "push_to_hub", "hub_private")
 
 LossFn = Callable[[object], tuple[torch.Tensor, dict]]
 
@@ -194,11 +195,15 @@ class MetricsWriter:
     """metrics.jsonl: one JSON object per logged step, flushed as it goes.
 
     On resume the file is cut back to the checkpoint's step first, so the
-    finished file equals that of an uninterrupted run.
+    finished file equals that of an uninterrupted run. Every record written
+    also goes to sink (the --report-to trackers); previous_last_step is the
+    last step the interrupted run had written.
     """
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    def __init__(self, path: Path, resume_step: int = 0, sink: Callable[[dict], None] | None = None):
         self.path = Path(path)
+        self.sink = sink
+        self.previous_last_step = 0
         kept = []
         if resume_step and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -206,6 +211,7 @@ class MetricsWriter:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # a line torn by the kill
                     break
+                self.previous_last_step = max(self.previous_last_step, record.get("step", 0))
                 if record.get("step", 0) <= resume_step:
                     kept.append(line + "\n")
         self.f = open(self.path, "w", encoding="utf-8")
@@ -214,6 +220,8 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record, sort_keys=True) + "\n")
         self.f.flush()
+        if self.sink is not None:
+            self.sink(record)
 
     def close(self) -> None:
         self.f.close()
@@ -267,6 +275,8 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                                               Path(out).parent))
     first = _resume_point(cfg, out, model, optimizer, schedule, config_hash, desc)
     writer = MetricsWriter(out / "metrics.jsonl", first) if distributed.is_main() else _Discard()
+    trackers = tracking.start(cfg, out, config_dict(cfg), first, getattr(writer, "previous_last_step", 0))
+    writer.sink = trackers.log
     model.train()
     start = time.perf_counter()
     recent: list[float] = []
@@ -310,6 +320,7 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                 advance(info=f"loss {sum(recent) / len(recent):.4f}{rates}")
     finally:
         writer.close()
+        trackers.close()
     model.eval()
     return {"steps": last.get("step", first), "final_loss": last.get("loss"), "resumed_from": first,
             "nonfinite_skipped": skipped, "train_seconds": round(time.perf_counter() - start, 2)}

@@ -6,6 +6,7 @@ one-line description and an example; the CLI and `aligndistil run` both read it.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,14 +23,22 @@ class Stage:
 
     @property
     def run(self) -> Callable:
-        """The stage's run(config), after the checks that need nothing loaded (see preflight)."""
+        """The stage's run(config), after the checks that need nothing loaded (see preflight), and followed
+        by the --push-to-hub upload once the output is complete."""
         import importlib
 
         run = importlib.import_module(f"{__name__}.{self.module}").run
 
         def checked(config):
             preflight(config)
-            return run(config)
+            out = run(config)
+            from ..tracking import is_main_process
+
+            if getattr(config, "push_to_hub", None) and is_main_process():  # once, not from every torchrun rank
+                from ..hub import push
+
+                print(f"pushed {out} to {push(out, config.push_to_hub, config.hub_private)}", file=sys.stderr)
+            return out
 
         return checked
 
@@ -38,11 +47,14 @@ MODEL_FIELDS = ("model", "student", "dpo", "rev", "ref")
 
 
 def preflight(config) -> None:
-    """Fail in one line, before any data or model loads, on an output directory that cannot be written and on
-    a model that is neither a directory nor a reachable hub id (a mistyped path)."""
+    """Fail in one line, before any data or model loads, on an output directory that cannot be written, on
+    a model that is neither a directory nor a reachable hub id (a mistyped path), and on a --report-to
+    tracker whose package is missing."""
     from ..artifacts import check_output_dir
     from ..modeling import model_source
+    from ..tracking import require
 
+    require(getattr(config, "report_to", None))
     check_output_dir(config.out)
     models = [getattr(config, name, None) for name in MODEL_FIELDS] + list((getattr(config, "models", None) or {}).values())
     for path in filter(None, models):

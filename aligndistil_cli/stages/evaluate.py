@@ -14,14 +14,16 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..artifacts import atomic_write_json, fingerprint_model, finalize, input_record, prepare_output
+from .. import distributed, tracking
+from ..artifacts import atomic_write_json, config_dict, fingerprint_model, finalize, input_record, prepare_output
+from ..card import add_evaluation, evaluation_section
 from ..config import EvaluateConfig
 from ..data import collate, data_input, encode_pairs, encode_prompts, load_data, prompt_ids, truncate
 from ..sources import flatten_plain
 from ..errors import UserError
 from ..modeling import hub_options, load_model, load_tokenizer, pick_device, sequence_logps
-from ..report import kl_estimate, length_stats, mean_ci, results_table, win_rate, write_report
+from ..report import (kl_estimate, length_stats, mean_ci, results_markdown, results_table, win_rate,
+                      write_report)
 from ..sampling import generate, score_samples
 from ..export import export, make_generate_fn, read_questions
 from ..scoring import make_scorer
@@ -130,15 +132,42 @@ def run(config: EvaluateConfig) -> Path:
     report["verdict"] = verdicts(report)
     if distributed.is_main():
         atomic_write_json(out / "report.json", report, sort_keys=False)
-        write_report(out, report)
+        written = write_report(out, report)
+        log_report(config, out, report)
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in config.models.items()}
     inputs["ref"] = input_record("model", config.ref, fingerprint_model(config.ref))
     inputs["prompts"] = data_input(config, config.prompts)
     metrics = {name: {"reward": res["reward"]["mean"], "kl": res["kl"]["mean"]} for name, res in models.items()}
     finalize(out, "evaluate", config, inputs, metrics)
     if distributed.is_main():
+        add_to_cards({config.ref_name: config.ref, **config.models}, report, out, [out / p for p in written[1:]])
         print_report(out)
     return out
+
+
+def log_report(config: EvaluateConfig, out: Path, report: dict) -> None:
+    """The final table to the --report-to trackers: one scalar per model and column, and the table."""
+    trackers = tracking.start(config, out, config_dict(config))
+    try:
+        columns = ["model", "reward", "reward_lo", "reward_hi", "kl", "win_rate", "mean_length", "cap_rate"]
+        rows = []
+        for name, res in report["models"].items():
+            win = res["win_rate"]["mean"] if res.get("win_rate") else None
+            rows.append([name, res["reward"]["mean"], res["reward"]["lo"], res["reward"]["hi"], res["kl"]["mean"],
+                         win, res["length"]["mean"], res["length"]["cap_rate"]])
+            trackers.log({"step": 0, **{f"eval/{name}/{c}": v for c, v in zip(columns[1:], rows[-1][1:])
+                                        if v is not None}})
+        trackers.log_table("evaluation", columns, rows)
+    finally:
+        trackers.close()
+
+
+def add_to_cards(models: dict[str, str], report: dict, out: Path, plots: list[Path]) -> None:
+    """Each evaluated aligndistil model's card gets the table, its verdict and the plots."""
+    table = results_markdown(report)
+    for name, path in models.items():
+        verdict = next((v for v in report["verdict"] if v.startswith(f"{name} ")), None)
+        add_evaluation(Path(path), evaluation_section(name, out, table, verdict, [p.name for p in plots]), plots)
 
 
 def print_report(out: Path) -> None:

@@ -112,6 +112,26 @@ def test_version_via_console_script():
     assert proc.stdout.strip() == "0.1.0"
 
 
+@pytest.mark.parametrize("words,expected", [
+    ("aligndistil tr", ["train-dpo", "train-reverse-dpo"]),
+    ("aligndistil run pipelines/tiny.yaml --dr", ["--dry-run"]),
+    ("aligndistil sft --report", ["--report-to"]),
+])
+def test_shell_completion_completes_commands_and_flags(capsys, monkeypatch, words, expected):
+    monkeypatch.setenv("_ALIGNDISTIL_COMPLETE", "complete_bash")
+    monkeypatch.setenv("COMP_WORDS", words)
+    monkeypatch.setenv("COMP_CWORD", str(len(words.split()) - 1))
+    code, out, err = cli(capsys, *words.split()[1:])
+    assert code == 0, err
+    assert out.split() == expected
+
+
+def test_show_completion_prints_a_bash_script(capsys):
+    code, out, err = cli(capsys, "--show-completion", "bash")
+    assert code == 0, err
+    assert "_aligndistil_completion()" in out and "complete -o default -F _aligndistil_completion aligndistil" in out
+
+
 # --------------------------------------------------------------------------- usage errors: exit 2
 
 

@@ -24,16 +24,18 @@ SMOKE = REPO / "pipelines" / "smoke.yaml"
 MARKER = ".aligndistil"  # the owner marker and lock of every stage directory (outdir.py)
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "manifest.json", "stage_config.json", MARKER}
+CARD = {"README.md"}
+EVALUATED = CARD | {"evaluation/reward_vs_kl.png", "evaluation/lengths.png", "evaluation/training_curves.png"}
 EXPECTED = {
     "toy": {MARKER, "manifest.json", "stage_config.json", "sft.jsonl", "prompts.jsonl", "heldout_prompts.jsonl",
             "model/config.json", "model/generation_config.json", "model/model.safetensors", "model/tokenizer.json",
             "model/tokenizer_config.json"},
-    "sft": MODEL_FILES | {"metrics.jsonl"},
+    "sft": MODEL_FILES | {"metrics.jsonl"} | EVALUATED,
     "prefs": {MARKER, "manifest.json", "stage_config.json", "pairs.jsonl"},
-    "dpo": MODEL_FILES | {"metrics.jsonl"},
-    "rev": MODEL_FILES | {"metrics.jsonl"},
-    "student": MODEL_FILES | {"metrics.jsonl"},
-    "student-on-policy": MODEL_FILES | {"metrics.jsonl"},
+    "dpo": MODEL_FILES | {"metrics.jsonl"} | EVALUATED,
+    "rev": MODEL_FILES | {"metrics.jsonl"} | CARD,
+    "student": MODEL_FILES | {"metrics.jsonl"} | EVALUATED,
+    "student-on-policy": MODEL_FILES | {"metrics.jsonl"} | CARD,
     "eval": {MARKER, "manifest.json", "stage_config.json", "report.json", "report.md", "reward_vs_kl.png", "lengths.png",
              "training_curves.png"},
 }

@@ -1,0 +1,68 @@
+"""tracking.py without training: parsing --report-to, rank 0 only, and resume without duplicates."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+
+from aligndistil_cli import tracking
+from aligndistil_cli.errors import ConfigError
+
+
+def test_parse_report_to():
+    assert tracking.parse_report_to("none") == []
+    assert tracking.parse_report_to(None) == []
+    assert tracking.parse_report_to(" tensorboard, wandb ,tensorboard") == ["tensorboard", "wandb"]
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'; did you mean 'tensorboard'"):
+        tracking.parse_report_to("tensorbord")
+
+
+def test_scalars_keep_numbers_only():
+    record = {"step": 3, "loss": 0.5, "steps_done": 7, "flag": True, "name": "x"}
+    assert tracking.scalars(record) == {"loss": 0.5, "steps_done": 7.0}
+
+
+def test_only_rank_zero_starts_trackers(tmp_path, monkeypatch):
+    cfg = SimpleNamespace(report_to="tensorboard", run_name=None, project=None)
+    monkeypatch.setenv("RANK", "1")
+    assert tracking.start(cfg, tmp_path, {}).backends == []
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed")
+def test_a_resumed_run_sends_each_step_once_to_a_tracker_that_cannot_rewind(tmp_path, monkeypatch):
+    """The interrupted run sent steps 1-5 and checkpointed at 3; the resumed run recomputes 4-8."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = SimpleNamespace(report_to="mlflow", run_name="r", project="p")
+    first = tracking.start(cfg, tmp_path, {"lr": 0.1})
+    for step in range(1, 6):
+        first.log({"step": step, "loss": float(step)})
+    first.close()
+    resumed = tracking.start(cfg, tmp_path, {"lr": 0.1}, first_step=3, logged_through=5)
+    for step in range(4, 9):
+        resumed.log({"step": step, "loss": float(step)})
+    resumed.close()
+    run_id = (tmp_path / "logs" / "mlflow-run-id").read_text().strip()
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 9)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_a_rerun_replaces_tensorboard_events_instead_of_adding_to_them(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = SimpleNamespace(report_to="tensorboard", run_name=None, project=None)
+    for value in (1.0, 2.0):  # evaluate logs its table at step 0; a training run starts at step 1
+        trackers = tracking.start(cfg, tmp_path, {})
+        trackers.log({"step": 0, "table_value": value})
+        trackers.log({"step": 1, "loss": value})
+        trackers.close()
+    events = EventAccumulator(str(tmp_path / "logs" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("table_value")] == [(0, 2.0)]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0)]
