@@ -16,7 +16,7 @@ from . import distributed, fsdp
 from .data import Batch
 from .errors import UserError
 from .hub import hub_offline, hub_reachable, looks_like_path
-from .losses import head_logits, token_logps_from_hidden
+from .losses import fused_token_logps, head_logits
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -191,13 +191,21 @@ def sequence_ids(batch: Batch) -> torch.Tensor:
     return rows.unsqueeze(1).expand_as(batch.loss_mask)[batch.loss_mask]
 
 
+def head_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024, groups: torch.Tensor | None = None,
+               coefs: torch.Tensor | None = None, num_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [G], logps [N] detached) of response-token log-probs: losses.fused_token_logps on the model.
+
+    groups/coefs [N] over the selected positions (default: one group, coefficient 1).
+    """
+    weight, bias = output_head(model)
+    return fused_token_logps(response_hidden(model, batch), batch.targets[batch.loss_mask], weight, bias, groups,
+                             coefs, num_groups, vocab, chunk_size)
+
+
 def sequence_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024) -> torch.Tensor:
     """[B] log pi(response | prompt), summed over response tokens (EOS included)."""
-    hidden = response_hidden(model, batch)
-    weight, bias = output_head(model)
-    logps = token_logps_from_hidden(hidden, batch.targets[batch.loss_mask], weight, bias, vocab, chunk_size)
-    out = torch.zeros(batch.loss_mask.shape[0], dtype=torch.float32, device=logps.device)
-    return out.index_add(0, sequence_ids(batch), logps)
+    num_seqs = batch.loss_mask.shape[0]
+    return head_logps(model, batch, vocab, chunk_size, sequence_ids(batch), None, num_seqs)[0]
 
 
 def response_logits(model, batch: Batch, vocab: int) -> torch.Tensor:

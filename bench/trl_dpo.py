@@ -3,7 +3,7 @@
 Each side trains its own copy of one random-init LlamaForCausalLM (same weights) on the same synthetic pairs
 (token ids checked equal), batch 8 pairs, max_length 256, same AdamW and clipping. Neither runs the reference
 during steps: TRL has precompute_ref_log_probs=True; ours reads reference log-probs computed up front.
-- aligndistil: training.train's step body around dpo.run's loss_fn (pair_logps + dpo_loss, collate included),
+- aligndistil: training.train's step body around dpo.run's loss_fn (policy_logps + dpo_loss, collate included),
   batches from training.step_batches grouped by length, as dpo.run does.
 - TRL: DPOTrainer.train(), timed on_step_begin -> on_step_end by a TrainerCallback; our step runs inside its
   on_step_end, so the two alternate step by step and load drift hits both.
@@ -30,7 +30,7 @@ import torch
 from aligndistil_cli.data import collate, encode
 from aligndistil_cli.losses import dpo_loss
 from aligndistil_cli.modeling import quiet_transformers
-from aligndistil_cli.stages.dpo import pair_logps, reference_logps
+from aligndistil_cli.stages.dpo import policy_logps, reference_logps
 from aligndistil_cli.training import accumulate, lr_lambda, step_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def ours(model, tokenizer, pairs, ref, n_steps, device):
 
     def loss_fn(chunk):  # dpo.run's loss_fn
         idx = torch.tensor([i for _, i in chunk])
-        pc, pr = pair_logps(model, [p for p, _ in chunk], pad, vocab, HP["chunk_size"], device)
+        pc, pr = policy_logps(model, [p for p, _ in chunk], pad, vocab, HP["chunk_size"], device)
         rc, rr = ref["chosen"][idx].to(device), ref["rejected"][idx].to(device)
         loss = dpo_loss(pc, pr, rc, rr, beta=HP["beta"])
         with torch.no_grad():

@@ -19,8 +19,8 @@ from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, inp
 from ..config import DpoConfig
 from ..data import collate, data_fingerprint, data_input, encode_pairs, load_data
 from ..losses import dpo_loss
-from ..modeling import (hub_options, load_student, load_tokenizer, pick_device, reference_mode, save_model,
-                        sequence_logps)
+from ..modeling import (head_logps, hub_options, load_student, load_tokenizer, pick_device, reference_mode, save_model,
+                        sequence_ids, sequence_logps)
 from ..monitor import make_monitor
 from ..training import progress, seed_everything, step_batches, total_steps, train
 
@@ -32,6 +32,24 @@ def pair_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device) -
     batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device)
     logps = sequence_logps(model, batch, vocab, chunk_size)
     return logps[: len(pairs)], logps[len(pairs) :]
+
+
+def policy_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device):
+    """(chosen [B], rejected [B]) for the DPO loss: differentiable, from one fused head pass.
+
+    The head's gradient is gathered per pair (chosen +1, rejected -1): DPO's gradient depends on a
+    pair only through chosen - rejected, so one weight-gradient accumulator per pair suffices, half of
+    one per sequence. chosen is rebuilt as that margin plus the detached rejected sum: its value is
+    exact, and only chosen - rejected carries a gradient, so use it in losses of the margin only.
+    """
+    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device)
+    seq = sequence_ids(batch)
+    n = len(pairs)
+    coefs = torch.where(seq < n, 1.0, -1.0)
+    margin, logps = head_logps(model, batch, vocab, chunk_size, seq % n, coefs, n)
+    per_seq = torch.zeros(2 * n, dtype=torch.float32, device=logps.device).index_add_(0, seq, logps)
+    rejected = per_seq[n:]
+    return margin + rejected, rejected
 
 
 @torch.no_grad()
@@ -94,7 +112,7 @@ def run(config: DpoConfig) -> Path:
 
     def loss_fn(chunk):
         idx = torch.tensor([i for _, i in chunk])
-        pc, pr = pair_logps(model, [p for p, _ in chunk], tokenizer.pad_token_id, vocab, config.chunk_size, device)
+        pc, pr = policy_logps(model, [p for p, _ in chunk], tokenizer.pad_token_id, vocab, config.chunk_size, device)
         rc, rr = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
         loss = dpo_loss(pc, pr, rc, rr, beta=config.beta)
         with torch.no_grad():
