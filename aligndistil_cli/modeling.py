@@ -173,20 +173,37 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] inputs to the output head (the base model's last hidden state)."""
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **packed) -> torch.Tensor:
+    """[B, T, H] inputs to the output head (the base model's last hidden state).
+
+    packed: position_ids and cu_seq_lens_q of a packed row (packing.PackedBatch.model_inputs).
+    """
     model = unwrap(model)
     base = getattr(model, model.base_model_prefix)
-    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed).last_hidden_state
+
+
+def model_inputs(batch) -> dict:
+    """final_hidden's keyword arguments for a padded Batch or a packing.PackedBatch."""
+    if hasattr(batch, "model_inputs"):
+        return batch.model_inputs()
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
 
 def response_hidden(model, batch: Batch) -> torch.Tensor:
     """[N, H] hidden states at the positions that predict response tokens, row-major."""
-    return final_hidden(model, batch.input_ids, batch.attention_mask)[batch.loss_mask]
+    return final_hidden(model, **model_inputs(batch))[batch.loss_mask]
+
+
+def num_sequences(batch) -> int:
+    """Sequences in a padded Batch (its rows) or a PackedBatch."""
+    return batch.num_seqs if hasattr(batch, "num_seqs") else batch.loss_mask.shape[0]
 
 
 def sequence_ids(batch: Batch) -> torch.Tensor:
-    """[N] the batch row of each selected position."""
+    """[N] the sequence (batch row, or packed sequence) of each selected position."""
+    if hasattr(batch, "seq_index"):
+        return batch.seq_index[batch.loss_mask]
     rows = torch.arange(batch.loss_mask.shape[0], device=batch.loss_mask.device)
     return rows.unsqueeze(1).expand_as(batch.loss_mask)[batch.loss_mask]
 
@@ -204,8 +221,7 @@ def head_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024, groups: 
 
 def sequence_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024) -> torch.Tensor:
     """[B] log pi(response | prompt), summed over response tokens (EOS included)."""
-    num_seqs = batch.loss_mask.shape[0]
-    return head_logps(model, batch, vocab, chunk_size, sequence_ids(batch), None, num_seqs)[0]
+    return head_logps(model, batch, vocab, chunk_size, sequence_ids(batch), None, num_sequences(batch))[0]
 
 
 def response_logits(model, batch: Batch, vocab: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from ..losses import dpo_loss
 from ..modeling import (head_logps, hub_options, load_student, load_tokenizer, pick_device, reference_mode, save_model,
                         sequence_ids, sequence_logps)
 from ..monitor import make_monitor
+from ..packing import collate_for, enable as enable_padding_free
 from ..training import progress, seed_everything, step_batches, total_steps, train
 
 REF_CACHE_VERSION = 1
@@ -34,7 +35,7 @@ def pair_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device) -
     return logps[: len(pairs)], logps[len(pairs) :]
 
 
-def policy_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device):
+def policy_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device, pack=collate_for(False)):
     """(chosen [B], rejected [B]) for the DPO loss: differentiable, from one fused head pass.
 
     The head's gradient is gathered per pair (chosen +1, rejected -1): DPO's gradient depends on a
@@ -42,7 +43,7 @@ def policy_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device)
     one per sequence. chosen is rebuilt as that margin plus the detached rejected sum: its value is
     exact, and only chosen - rejected carries a gradient, so use it in losses of the margin only.
     """
-    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device)
+    batch = pack(collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device))
     seq = sequence_ids(batch)
     n = len(pairs)
     coefs = torch.where(seq < n, 1.0, -1.0)
@@ -109,10 +110,12 @@ def run(config: DpoConfig) -> Path:
     # Reverse DPO is DPO on swapped pairs with the same reference: swap the data, not the loop.
     ref_chosen, ref_rejected = (ref["rejected"], ref["chosen"]) if config.reverse else (ref["chosen"], ref["rejected"])
     items = [((r, c) if config.reverse else (c, r), i) for i, (c, r) in enumerate(pairs)]
+    pack = collate_for(enable_padding_free(model, config.padding_free, stage))
 
     def loss_fn(chunk):
         idx = torch.tensor([i for _, i in chunk])
-        pc, pr = policy_logps(model, [p for p, _ in chunk], tokenizer.pad_token_id, vocab, config.chunk_size, device)
+        pc, pr = policy_logps(model, [p for p, _ in chunk], tokenizer.pad_token_id, vocab, config.chunk_size, device,
+                              pack)
         rc, rr = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
         loss = dpo_loss(pc, pr, rc, rr, beta=config.beta)
         with torch.no_grad():

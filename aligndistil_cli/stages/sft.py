@@ -9,6 +9,7 @@ from ..config import SftConfig
 from ..data import collate, data_input, encode_rows, load_data
 from ..modeling import head_logps, hub_options, load_student, load_tokenizer, pick_device, save_model
 from ..monitor import make_monitor
+from ..packing import collate_for, enable as enable_padding_free
 from ..training import seed_everything, step_batches, total_steps, train
 
 
@@ -21,9 +22,10 @@ def run(config: SftConfig) -> Path:
     vocab = len(tokenizer)
     examples, truncated = encode_rows(tokenizer, rows, "response", config, data_stats)
     out = prepare_output(Path(config.out))
+    pack = collate_for(enable_padding_free(model, config.padding_free, "sft"))
 
     def loss_fn(chunk):
-        batch = collate(chunk, tokenizer.pad_token_id).to(device)
+        batch = pack(collate(chunk, tokenizer.pad_token_id).to(device))
         # Token-mean negative log-likelihood over response tokens: one group, one weight-gradient accumulator.
         total = head_logps(model, batch, vocab, config.chunk_size)[0][0]
         n_tokens = batch.num_positions.sum()
