@@ -118,7 +118,30 @@ def load_student(path: str | Path, device: torch.device, cfg):
     """A model to train, with cfg's (TrainingFields) attention kernel, checkpointing and LoRA; fp32 master weights."""
     model = load_model(path, device, attn_implementation=cfg.attn_implementation,
                        gradient_checkpointing=cfg.gradient_checkpointing, **hub_options(cfg))
-    return add_lora(model, cfg) if cfg.lora_r else model
+    model = add_lora(model, cfg) if cfg.lora_r else model
+    if getattr(cfg, "compile", False):
+        compile_layers(model)
+    return model
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks of the decoder body (the classes transformers never splits across devices)."""
+    names = set(getattr(unwrap(model), "_no_split_modules", None) or ())
+    return [m for m in unwrap(model).modules() if type(m).__name__ in names]
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (parameter names unchanged); returns how many.
+
+    Layers, not the whole model: mask creation and the chunked loss would break the graph, and
+    one layer's graph serves every layer. dynamic=True: batch lengths vary from step to step.
+    """
+    layers = decoder_layers(model)
+    if not layers:
+        raise UserError(f"--compile: no decoder layers found in {type(unwrap(model)).__name__}")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def add_lora(model, cfg):

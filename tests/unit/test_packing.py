@@ -128,3 +128,14 @@ def test_unsupported_attention_falls_back_with_one_line(attn, extra, why, capsys
 def test_off_when_not_wanted():
     model = tiny_model()
     assert not enable(model, False, "sft") and model.config._attn_implementation == "sdpa"
+
+
+def test_compile_layers_wraps_each_decoder_layer_and_keeps_names():
+    from aligndistil_cli.modeling import compile_layers, decoder_layers
+
+    model = tiny_model()
+    names = list(model.state_dict())
+    assert [type(m).__name__ for m in decoder_layers(model)] == ["LlamaDecoderLayer"] * 2
+    assert compile_layers(model) == 2  # lazy: nothing is compiled until a forward runs
+    assert all(m._compiled_call_impl is not None for m in decoder_layers(model))
+    assert list(model.state_dict()) == names, "checkpoints and save_pretrained see the same parameter names"
