@@ -35,12 +35,13 @@ def step_fn(model, batch, vocab, device):
     return step
 
 
-def timed(fn, device) -> float:
+def timed(fn, device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call; CPU seconds leave out other jobs on a shared machine."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -65,17 +66,24 @@ def main() -> None:
     for name in fns:  # a second warm-up step: the compiled backward may compile again
         first[name].append(timed(fns[name], device))
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(args.steps):
         for name, fn in fns.items():
-            times[name].append(timed(fn, device))
+            wall, used = timed(fn, device)
+            times[name].append(wall)
+            cpu[name].append(used)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     res = {"preset": preset, "quick": args.quick, "device": str(device), "dtype": dtype_note,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-           "first_two_steps_s": first, "times_s": times, "median_s": med, "compiled / eager": med["compiled"] / med["eager"]}
+           "first_two_steps_s": first, "times_s": times, "median_s": med, "compiled / eager": med["compiled"] / med["eager"],
+           "cpu_times_s": cpu, "median_cpu_s": med_cpu, "compiled / eager, CPU time": med_cpu["compiled"] / med_cpu["eager"]}
     print(f"SFT step, preset {preset}{' (quick)' if args.quick else ''}, {device}: first two steps eager "
-          f"{sum(first['eager']):.1f} s, compiled {sum(first['compiled']):.1f} s (compilation included); "
+          f"{sum(w for w, _ in first['eager']):.1f} s, compiled {sum(w for w, _ in first['compiled']):.1f} s "
+          f"(compilation included); "
           f"median of {args.steps}: eager {med['eager'] * 1e3:.0f} ms, compiled {med['compiled'] * 1e3:.0f} ms; "
-          f"compiled / eager {res['compiled / eager']:.3f}; load average {res['load_average'][0]:.1f}")
+          f"compiled / eager {res['compiled / eager']:.3f} (CPU time {res['compiled / eager, CPU time']:.3f}); "
+          f"load average {res['load_average'][0]:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
 
