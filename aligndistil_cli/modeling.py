@@ -16,7 +16,7 @@ from . import distributed, fsdp
 from .data import Batch
 from .errors import UserError
 from .hub import hub_offline, hub_reachable, looks_like_path
-from .losses import fused_token_logps, head_logits, token_logps_from_hidden
+from .losses import fused_token_logps, head_logits
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -237,16 +237,9 @@ def head_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024, groups: 
 
     groups/coefs [N] over the selected positions (default: one group, coefficient 1).
     """
-    weight, bias = output_head(model)
+    # The body first: under FSDP its forward gathers the (tied) head, which is sharded before it.
     hidden, targets = response_hidden(model, batch), batch.targets[batch.loss_mask]
-    if hasattr(weight, "full_tensor"):
-        # An FSDP-sharded (DTensor) head: the fused pass's hand-written matmuls do not take DTensors, the
-        # checkpointed per-chunk autograd path does.
-        logps = token_logps_from_hidden(hidden, targets, weight, bias, vocab, chunk_size)
-        groups = groups if groups is not None else torch.zeros_like(targets)
-        coefs = coefs if coefs is not None else torch.ones_like(logps)
-        sums = torch.zeros(num_groups or 1, dtype=torch.float32, device=logps.device)
-        return sums.index_add(0, groups, logps * coefs), logps.detach()
+    weight, bias = output_head(model)
     return fused_token_logps(hidden, targets, weight, bias, groups, coefs, num_groups, vocab, chunk_size)
 
 

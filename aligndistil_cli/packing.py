@@ -147,11 +147,8 @@ def enable(model, wanted: bool, desc: str) -> bool:
 
     if not wanted:
         return False
-    from . import distributed
-
     inner = unwrap(model)
-    # Under several ranks FSDP's head sharding and the packed forward have not been made to work together.
-    reason = "not supported with several ranks (FSDP) yet" if distributed.world_size() > 1 else unsupported_reason(inner)
+    reason = unsupported_reason(inner)
     if reason is None:
         register()
         previous = inner.config._attn_implementation
