@@ -135,6 +135,11 @@ class TrainingFields(DataFields, TrackingFields, HubFields):
                          "losses are always combined in float32.", choices=("auto", "bf16", "fp32"))
     attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
     gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass to save memory.")
+    padding_free: bool = opt(True, "Pack each micro-batch's sequences into one row (positions restart per sequence, "
+                             "attention stays within each) instead of padding them; falls back to padded batches, "
+                             "saying why, where the model's attention cannot.")
+    compile: bool = opt(False, "torch.compile each decoder layer of the model being trained (the chunked loss stays "
+                        "eager); the first steps pay for compilation (README: where it helps).")
     eval_every: int = opt(0, "Every N steps, sample --eval-prompts and log eval_reward and eval_kl (0: never).",
                           nonneg=True)
     eval_prompts: Optional[str] = opt(None, "Prompts for --eval-every (a held-out prompt set).")

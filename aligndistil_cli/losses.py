@@ -421,3 +421,133 @@ def fused_head_kl_loss(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     return _FusedHeadKL.apply(hidden, weight, bias, position_weights, teacher_fn, vocab_size, chunk_size)
+
+
+def _group_runs(groups: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(start, end, group) of each run of equal ids in groups [N] (one host sync per call)."""
+    n = groups.shape[0]
+    if n == 0:
+        return []
+    starts = [0] + (torch.nonzero(groups[1:] != groups[:-1]).flatten() + 1).tolist()
+    ids = groups[starts].tolist()
+    return [(s, e, g) for s, e, g in zip(starts, starts[1:] + [n], ids)]
+
+
+def _head_compute_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast would run the head's matmuls in, cast once per call instead of once per chunk."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+class _FusedTokenLogps(torch.autograd.Function):
+    """sum_n c_n log softmax(h_n W^T + b)[t_n] per group, with its gradient computed in the forward pass.
+
+    The gradient of log p_n(t_n) with respect to the logits is onehot(t_n) - p_n. Each chunk's
+    logits become that gradient in place and are multiplied into the gradients w.r.t. hidden,
+    weight and bias at once; backward only scales the results by the groups' upstream gradients,
+    so the head runs once forward and twice backward (checkpointing runs it twice forward). The
+    weight gradient needs one [V, H] accumulator per group, because a group's upstream gradient
+    is only known after every group is summed (DPO: it depends on the whole pair's margin).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, groups, coefs, num_groups, vocab_size, chunk_size):
+        needs = ctx.needs_input_grad
+        vocab = vocab_size or weight.shape[0]
+        n = hidden.shape[0]
+        dtype = _head_compute_dtype(hidden.device)
+        # Padded rows have probability 0 and gradient 0: leaving them out of every block is the same as
+        # masking them to -inf.
+        w_real = weight[:vocab] if dtype is None else weight[:vocab].to(dtype)
+        b_real = None if bias is None else (bias[:vocab] if dtype is None else bias[:vocab].to(dtype))
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if needs[0] else None
+        acc_w = weight.new_zeros((num_groups,) + weight.shape, dtype=torch.float32) if needs[1] else None
+        acc_b = bias.new_zeros((num_groups,) + bias.shape, dtype=torch.float32) if bias is not None and needs[2] else None
+        any_grad = needs[0] or needs[1] or (bias is not None and needs[2])
+        runs = _group_runs(groups) if acc_w is not None or acc_b is not None else []
+        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            h = hidden[s:e] if dtype is None else hidden[s:e].to(dtype)
+            tgt = targets[s:e].unsqueeze(1)
+            z = F.linear(h, w_real, b_real).float()
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            logps[s:e] = (z.gather(1, tgt) - lse).squeeze(1)
+            if not any_grad:
+                continue
+            # c_n (onehot(t_n) - p_n), built in the logits' storage: one [chunk, vocab] block alive.
+            c = coefs[s:e].float().unsqueeze(1)
+            grad_z = z.sub_(lse).exp_().mul_(-c).scatter_add_(1, tgt, c)
+            if grad_h is not None:
+                grad_h[s:e] = grad_z @ w_real.float() if dtype is None else (grad_z.to(dtype) @ w_real).float()
+            for rs, re_, g in runs:
+                lo, hi = max(rs, s), min(re_, e)
+                if lo >= hi:
+                    continue
+                if acc_w is not None:  # addmm_ accumulates in place: no [V, H] temporary
+                    acc_w[g, :vocab].addmm_(grad_z[lo - s : hi - s].T, hidden[lo:hi].float())
+                if acc_b is not None:
+                    acc_b[g, :vocab] += grad_z[lo - s : hi - s].sum(0)
+        sums = torch.zeros(num_groups, dtype=torch.float32, device=hidden.device)
+        sums.index_add_(0, groups, logps * coefs.float())
+        empty = torch.empty(0)
+        ctx.save_for_backward(*(t if t is not None else empty for t in (grad_h, acc_w, acc_b, groups)))
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.used = False
+        ctx.mark_non_differentiable(logps)
+        return sums, logps
+
+    @staticmethod
+    def backward(ctx, grad_sums, _grad_logps):
+        if ctx.used:
+            raise RuntimeError("fused_token_logps: backward through the same call twice is not supported "
+                               "(its gradients are scaled in place)")
+        ctx.used = True
+        grad_h, acc_w, acc_b, groups = ctx.saved_tensors
+        u = grad_sums.float()
+        needs = ctx.needs_input_grad
+        out_h = out_w = out_b = None
+        if needs[0]:
+            # In place: a second [N, H] float32 buffer is not needed.
+            out_h = grad_h.mul_(u[groups].unsqueeze(1)).to(ctx.dtypes[0])
+        if needs[1]:
+            out_w = (acc_w[0].mul_(u[0]) if acc_w.shape[0] == 1 else torch.einsum("g,g...->...", u, acc_w))
+            out_w = out_w.to(ctx.dtypes[1])
+        if needs[2] and ctx.dtypes[2] is not None:
+            out_b = torch.einsum("g,g...->...", u, acc_b).to(ctx.dtypes[2])
+        return out_h, out_w, out_b, None, None, None, None, None, None
+
+
+def fused_token_logps(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+    coefs: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped sums of target log-probs straight from hidden states, in one pass over the head.
+
+    hidden [N, H] at the positions that predict a token, targets [N], weight [V, H], bias [V] or
+    None; groups [N] in 0..G-1 (default: all 0, G = 1) and coefs [N] (default 1). Returns
+    (sums [G] float32 with sums[g] = sum_{n: groups[n] = g} coefs[n] log pi(targets[n] | h_n),
+    differentiable; logps [N] float32, detached). Rows >= vocab_size are padding: probability 0.
+
+    Peak extra memory is a few [chunk_size, V] float32 blocks, [N, H] and, when the weight needs a
+    gradient, G [V, H] float32 accumulators: give G as small as the loss allows (SFT: 1 group;
+    DPO: 1 group per pair, chosen +1 and rejected -1). Backward may run once per call.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if groups is None:
+        groups = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        num_groups = 1
+    elif num_groups is None:
+        raise ValueError("fused_token_logps: num_groups is required with groups")
+    if coefs is None:
+        coefs = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    return _FusedTokenLogps.apply(hidden, weight, bias, targets, groups, coefs, num_groups, vocab_size, chunk_size)

@@ -17,7 +17,7 @@ from .artifacts import check_model_input
 from .data import Batch
 from .errors import UserError
 from .hub import hub_offline, hub_reachable, looks_like_path
-from .losses import head_logits, token_logps_from_hidden
+from .losses import fused_token_logps, head_logits
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -121,7 +121,30 @@ def load_student(path: str | Path, device: torch.device, cfg):
     """A model to train, with cfg's (TrainingFields) attention kernel, checkpointing and LoRA; fp32 master weights."""
     model = load_model(path, device, attn_implementation=cfg.attn_implementation,
                        gradient_checkpointing=cfg.gradient_checkpointing, **hub_options(cfg))
-    return add_lora(model, cfg) if cfg.lora_r else model
+    model = add_lora(model, cfg) if cfg.lora_r else model
+    if getattr(cfg, "compile", False):
+        compile_layers(model)
+    return model
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks of the decoder body (the classes transformers never splits across devices)."""
+    names = set(getattr(unwrap(model), "_no_split_modules", None) or ())
+    return [m for m in unwrap(model).modules() if type(m).__name__ in names]
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (parameter names unchanged); returns how many.
+
+    Layers, not the whole model: mask creation and the chunked loss would break the graph, and
+    one layer's graph serves every layer. dynamic=True: batch lengths vary from step to step.
+    """
+    layers = decoder_layers(model)
+    if not layers:
+        raise UserError(f"--compile: no decoder layers found in {type(unwrap(model)).__name__}")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def add_lora(model, cfg):
@@ -176,31 +199,56 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] inputs to the output head (the base model's last hidden state)."""
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **packed) -> torch.Tensor:
+    """[B, T, H] inputs to the output head (the base model's last hidden state).
+
+    packed: position_ids and cu_seq_lens_q of a packed row (packing.PackedBatch.model_inputs).
+    """
     model = unwrap(model)
     base = getattr(model, model.base_model_prefix)
-    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed).last_hidden_state
+
+
+def model_inputs(batch) -> dict:
+    """final_hidden's keyword arguments for a padded Batch or a packing.PackedBatch."""
+    if hasattr(batch, "model_inputs"):
+        return batch.model_inputs()
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
 
 def response_hidden(model, batch: Batch) -> torch.Tensor:
     """[N, H] hidden states at the positions that predict response tokens, row-major."""
-    return final_hidden(model, batch.input_ids, batch.attention_mask)[batch.loss_mask]
+    return final_hidden(model, **model_inputs(batch))[batch.loss_mask]
+
+
+def num_sequences(batch) -> int:
+    """Sequences in a padded Batch (its rows) or a PackedBatch."""
+    return batch.num_seqs if hasattr(batch, "num_seqs") else batch.loss_mask.shape[0]
 
 
 def sequence_ids(batch: Batch) -> torch.Tensor:
-    """[N] the batch row of each selected position."""
+    """[N] the sequence (batch row, or packed sequence) of each selected position."""
+    if hasattr(batch, "seq_index"):
+        return batch.seq_index[batch.loss_mask]
     rows = torch.arange(batch.loss_mask.shape[0], device=batch.loss_mask.device)
     return rows.unsqueeze(1).expand_as(batch.loss_mask)[batch.loss_mask]
 
 
+def head_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024, groups: torch.Tensor | None = None,
+               coefs: torch.Tensor | None = None, num_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [G], logps [N] detached) of response-token log-probs: losses.fused_token_logps on the model.
+
+    groups/coefs [N] over the selected positions (default: one group, coefficient 1).
+    """
+    # The body first: under FSDP its forward gathers the (tied) head, which is sharded before it.
+    hidden, targets = response_hidden(model, batch), batch.targets[batch.loss_mask]
+    weight, bias = output_head(model)
+    return fused_token_logps(hidden, targets, weight, bias, groups, coefs, num_groups, vocab, chunk_size)
+
+
 def sequence_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024) -> torch.Tensor:
     """[B] log pi(response | prompt), summed over response tokens (EOS included)."""
-    hidden = response_hidden(model, batch)
-    weight, bias = output_head(model)
-    logps = token_logps_from_hidden(hidden, batch.targets[batch.loss_mask], weight, bias, vocab, chunk_size)
-    out = torch.zeros(batch.loss_mask.shape[0], dtype=torch.float32, device=logps.device)
-    return out.index_add(0, sequence_ids(batch), logps)
+    return head_logps(model, batch, vocab, chunk_size, sequence_ids(batch), None, num_sequences(batch))[0]
 
 
 def response_logits(model, batch: Batch, vocab: int) -> torch.Tensor:

@@ -18,9 +18,10 @@ from ..config import DistillConfig
 from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
 from ..errors import UserError
 from ..losses import fused_head_kl_loss, position_weights
-from ..modeling import (hub_options, load_student, load_tokenizer, output_head, pick_device, response_hidden,
-                        save_model, sequence_ids)
+from ..modeling import (hub_options, load_student, load_tokenizer, num_sequences, output_head, pick_device,
+                        response_hidden, save_model, sequence_ids)
 from ..monitor import make_monitor
+from ..packing import collate_for, enable as enable_padding_free
 from ..teacher import TeacherSpec, float32_heads, logq_fn, realpha
 from ..training import seed_everything, step_batches, total_steps, train
 
@@ -57,13 +58,13 @@ def cache_spec(cache: TeacherCache, config: DistillConfig) -> TeacherSpec:
 
 
 def cached_teacher_loss(model, cache: TeacherCache, spec: TeacherSpec, pad_id: int, vocab: int, device,
-                        chunk_size: int):
+                        chunk_size: int, pack=collate_for(False)):
     """loss_fn([(row id, Encoded), ...]) -> (AlignDistil loss, metrics) against the cached teacher."""
     heads = float32_heads(cache.heads(device))
 
     def loss_fn(chunk):
         row_ids = [i for i, _ in chunk]
-        batch = collate([e for _, e in chunk], pad_id).to(device)
+        batch = pack(collate([e for _, e in chunk], pad_id).to(device))
         fields = cache.fetch(row_ids)
         if spec != cache.spec:
             fields = realpha(fields, spec)
@@ -83,7 +84,7 @@ def teacher_loss(model, batch, fields: dict, heads: dict, fmt: str, spec: Teache
     """
     device = batch.input_ids.device
     weight, bias = output_head(model)
-    weights = position_weights(fields["coef"].to(device), sequence_ids(batch), batch.input_ids.shape[0])
+    weights = position_weights(fields["coef"].to(device), sequence_ids(batch), num_sequences(batch))
     loss, kl = fused_head_kl_loss(response_hidden(model, batch), weight, bias, weights,
                                   logq_fn(fmt, fields, heads, spec, vocab, device), vocab, chunk_size)
     # Means over positions, so (mean, count) pairs: training.accumulate averages them over the global batch.
@@ -109,7 +110,9 @@ def run(config: DistillConfig) -> Path:
     spec = cache_spec(cache, config)
     model = load_student(config.student, device, config)
     out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
-    loss_fn = cached_teacher_loss(model, cache, spec, tokenizer.pad_token_id, len(tokenizer), device, config.chunk_size)
+    pack = collate_for(enable_padding_free(model, config.padding_free, "distill"))
+    loss_fn = cached_teacher_loss(model, cache, spec, tokenizer.pad_token_id, len(tokenizer), device, config.chunk_size,
+                                  pack)
     items = list(enumerate(examples))
     n_steps = total_steps(len(items), config.batch_size, config.epochs, config.max_steps)
     lengths = [len(e.prompt) + len(e.response) for e in examples] if config.group_by_length else None

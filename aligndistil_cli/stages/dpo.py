@@ -19,9 +19,10 @@ from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, inp
 from ..config import DpoConfig
 from ..data import collate, data_fingerprint, data_input, encode_pairs, load_data
 from ..losses import dpo_loss
-from ..modeling import (hub_options, load_student, load_tokenizer, pick_device, reference_mode, save_model,
-                        sequence_logps)
+from ..modeling import (head_logps, hub_options, load_student, load_tokenizer, pick_device, reference_mode, save_model,
+                        sequence_ids, sequence_logps)
 from ..monitor import make_monitor
+from ..packing import collate_for, enable as enable_padding_free
 from ..training import progress, seed_everything, step_batches, total_steps, train
 
 REF_CACHE_VERSION = 1
@@ -32,6 +33,24 @@ def pair_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device) -
     batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device)
     logps = sequence_logps(model, batch, vocab, chunk_size)
     return logps[: len(pairs)], logps[len(pairs) :]
+
+
+def policy_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device, pack=collate_for(False)):
+    """(chosen [B], rejected [B]) for the DPO loss: differentiable, from one fused head pass.
+
+    The head's gradient is gathered per pair (chosen +1, rejected -1): DPO's gradient depends on a
+    pair only through chosen - rejected, so one weight-gradient accumulator per pair suffices, half of
+    one per sequence. chosen is rebuilt as that margin plus the detached rejected sum: its value is
+    exact, and only chosen - rejected carries a gradient, so use it in losses of the margin only.
+    """
+    batch = pack(collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device))
+    seq = sequence_ids(batch)
+    n = len(pairs)
+    coefs = torch.where(seq < n, 1.0, -1.0)
+    margin, logps = head_logps(model, batch, vocab, chunk_size, seq % n, coefs, n)
+    per_seq = torch.zeros(2 * n, dtype=torch.float32, device=logps.device).index_add_(0, seq, logps)
+    rejected = per_seq[n:]
+    return margin + rejected, rejected
 
 
 @torch.no_grad()
@@ -91,10 +110,12 @@ def run(config: DpoConfig) -> Path:
     # Reverse DPO is DPO on swapped pairs with the same reference: swap the data, not the loop.
     ref_chosen, ref_rejected = (ref["rejected"], ref["chosen"]) if config.reverse else (ref["chosen"], ref["rejected"])
     items = [((r, c) if config.reverse else (c, r), i) for i, (c, r) in enumerate(pairs)]
+    pack = collate_for(enable_padding_free(model, config.padding_free, stage))
 
     def loss_fn(chunk):
         idx = torch.tensor([i for _, i in chunk])
-        pc, pr = pair_logps(model, [p for p, _ in chunk], tokenizer.pad_token_id, vocab, config.chunk_size, device)
+        pc, pr = policy_logps(model, [p for p, _ in chunk], tokenizer.pad_token_id, vocab, config.chunk_size, device,
+                              pack)
         rc, rr = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
         loss = dpo_loss(pc, pr, rc, rr, beta=config.beta)
         with torch.no_grad():

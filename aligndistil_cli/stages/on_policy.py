@@ -23,6 +23,7 @@ from ..data import Encoded, collate, data_input, encode_prompts, encode_rows, lo
 from ..modeling import (bf16_enabled, hub_options, load_model, load_student, load_tokenizer, output_head, pick_device,
                         save_model)
 from ..monitor import make_monitor
+from ..packing import collate_for, enable as enable_padding_free
 from ..sampling import generate
 from ..teacher import TeacherSpec, float32_heads
 from ..training import seed_everything, step_batches, train
@@ -129,13 +130,15 @@ def run(config: DistillConfig) -> Path:
     heads = float32_heads({name: output_head(m) for name, m in teachers.items()})
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
     vocab = len(tokenizer)
+    pack = collate_for(enable_padding_free(student, config.padding_free, "distill (on-policy)"))
 
     def loss_fn(chunk):
         examples, stats = rollouts.examples_for(chunk)
         start = time.perf_counter()
         batch = collate(examples, tokenizer.pad_token_id).to(device)
         fields = teacher_for_batch(teachers, batch, spec, "hidden", vocab, teacher_dtype, host=False)
-        loss, metrics = teacher_loss(student, batch, fields, heads, "hidden", spec, vocab, config.chunk_size)
+        # The teachers run padded; the student's packed row selects the same positions in the same order.
+        loss, metrics = teacher_loss(student, pack(batch), fields, heads, "hidden", spec, vocab, config.chunk_size)
         tokens = int(batch.loss_mask.sum())
         return loss, {**metrics, **stats, "train_tokens_per_s": tokens / max(time.perf_counter() - start, 1e-9)}
 

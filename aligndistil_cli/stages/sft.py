@@ -8,8 +8,9 @@ from .. import checkpoint
 from ..artifacts import fingerprint_model, finalize, input_record, prepare_output
 from ..config import SftConfig
 from ..data import collate, data_input, encode_rows, load_data
-from ..modeling import hub_options, load_student, load_tokenizer, pick_device, save_model, sequence_logps
+from ..modeling import head_logps, hub_options, load_student, load_tokenizer, pick_device, save_model
 from ..monitor import make_monitor
+from ..packing import collate_for, enable as enable_padding_free
 from ..training import seed_everything, step_batches, total_steps, train
 
 
@@ -22,13 +23,14 @@ def run(config: SftConfig) -> Path:
     vocab = len(tokenizer)
     examples, truncated = encode_rows(tokenizer, rows, "response", config, data_stats)
     out = prepare_output(Path(config.out), "sft", config.force, checkpoint.scratch(config.resume))
+    pack = collate_for(enable_padding_free(model, config.padding_free, "sft"))
 
     def loss_fn(chunk):
-        batch = collate(chunk, tokenizer.pad_token_id).to(device)
-        # Token-mean negative log-likelihood over response tokens.
-        logps = sequence_logps(model, batch, vocab, config.chunk_size)
+        batch = pack(collate(chunk, tokenizer.pad_token_id).to(device))
+        # Token-mean negative log-likelihood over response tokens: one group, one weight-gradient accumulator.
+        total = head_logps(model, batch, vocab, config.chunk_size)[0][0]
         n_tokens = batch.num_positions.sum()
-        return -logps.sum() / n_tokens, {"response_tokens_mean": n_tokens.item() / len(chunk)}
+        return -total / n_tokens, {"response_tokens_mean": n_tokens.item() / len(chunk)}
 
     n_steps = total_steps(len(examples), config.batch_size, config.epochs, config.max_steps)
     lengths = [len(e.prompt) + len(e.response) for e in examples] if config.group_by_length else None

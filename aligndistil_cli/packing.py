@@ -1,0 +1,168 @@
+"""Padding-free batches: the sequences of a micro-batch packed into one row.
+
+A right-padded batch [B, T] becomes one row [1, L] of its real tokens (L = sum of the lengths),
+with position_ids restarting at 0 for every sequence, so rotary/absolute positions are those of
+the padded batch. Attention must not cross sequence boundaries. transformers 5 offers two routes:
+attention_mask=None plus restarting position_ids, from which it builds a block-diagonal [L, L]
+mask for sdpa/eager/flex (dense work and memory in L^2, more than the padded batch does) or runs
+flash-attention's varlen kernel (CUDA, the flash-attn package). Here the attention is an
+implementation registered through transformers' AttentionInterface: it runs sdpa once per
+sequence (causal, no mask) when the call carries cu_seq_lens_q, and is plain sdpa otherwise
+(padded batches, generation). Its cost is sum_i T_i^2, never the L^2 of one dense mask.
+
+The selected positions keep the padded batch's row-major order, so every loss sees the same
+[N] positions in the same order either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import Batch
+
+VARLEN = "aligndistil_varlen_sdpa"
+_PACKABLE = ("sdpa", "eager", VARLEN)
+
+
+def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        cu_seq_lens_q=None, **kwargs):
+    """transformers attention function: per-sequence causal sdpa over a packed row, else plain sdpa.
+
+    query/key/value [1, heads, L, d]; cu_seq_lens_q [S + 1] (on the host) the sequence bounds.
+    Returns ([1, L, heads, d], None) like sdpa_attention_forward.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout,
+                                   scaling, **kwargs)[0] for s, e in zip(bounds, bounds[1:])]
+    return torch.cat(outs, dim=1), None
+
+
+def register() -> None:
+    """Make VARLEN a valid attn_implementation (padded batches get sdpa's own masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN, varlen_sdpa_forward)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+
+
+@dataclass
+class PackedBatch:
+    """One row of packed sequences. input_ids, position_ids, loss_mask, targets, seq_index: [1, L].
+
+    seq_index[0, t] is the sequence (0..num_seqs-1) of token t; cu_seqlens [S + 1] (host) its bounds.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    targets: torch.Tensor
+    seq_index: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    @property
+    def num_positions(self) -> torch.Tensor:
+        """[S] response positions per sequence."""
+        return torch.zeros(self.num_seqs, dtype=torch.long, device=self.loss_mask.device).index_add_(
+            0, self.seq_index[0], self.loss_mask[0].long())
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of the base model's forward (a ones mask: transformers builds no [L, L] mask)."""
+        return {"input_ids": self.input_ids, "attention_mask": torch.ones_like(self.input_ids),
+                "position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens}
+
+    def to(self, device) -> "PackedBatch":
+        moved = (t.to(device) for t in (self.input_ids, self.position_ids, self.loss_mask, self.targets,
+                                         self.seq_index))
+        return PackedBatch(*moved, self.cu_seqlens)
+
+
+def pack(batch: Batch) -> PackedBatch:
+    """The real tokens of a right-padded batch, concatenated row by row into one row."""
+    real = batch.attention_mask.bool()
+    lengths = real.sum(dim=1)
+    rows = torch.arange(real.shape[0], device=real.device).unsqueeze(1).expand_as(real)
+    starts = torch.cumsum(lengths, 0) - lengths
+    seq_index = rows[real]
+    position_ids = torch.arange(seq_index.shape[0], device=real.device) - starts[seq_index]
+    cu = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).cpu()
+    return PackedBatch(batch.input_ids[real][None], position_ids[None], batch.loss_mask[real][None],
+                       batch.targets[real][None], seq_index[None], cu)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why this model cannot run packed rows, or None. The probe in enable() checks the rest."""
+    cfg = model.config
+    if not type(model).__module__.startswith("transformers."):
+        return "its modelling code is not part of transformers"
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in _PACKABLE:
+        return f"attention {impl!r} has no packed route here (sdpa or eager have)"
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return "its attention soft-caps logits, which sdpa does not"
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if (getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None)) or \
+            any(t != "full_attention" for t in layer_types):
+        return "it has sliding-window or other non-full attention layers"
+    return None
+
+
+@torch.no_grad()
+def probe(model, tol: float = 1e-4) -> str | None:
+    """Run two short sequences packed and apart; None if their hidden states agree, else why not."""
+    base = getattr(model, model.base_model_prefix)
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    a, b = torch.arange(3, 10, device=device) % vocab, torch.arange(11, 16, device=device) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        apart = [base(input_ids=x[None], use_cache=False).last_hidden_state[0] for x in (a, b)]
+        padded = torch.stack([a, torch.cat([b, b.new_zeros(2)])])
+        mask = torch.ones_like(padded)
+        mask[1, b.shape[0]:] = 0
+        packed = pack(Batch(padded, mask, mask.bool(), padded))
+        together = base(**packed.model_inputs(), use_cache=False).last_hidden_state[0]
+    finally:
+        model.train(was_training)
+    err = (together - torch.cat(apart)).abs().max().item()
+    scale = max(torch.cat(apart).abs().max().item(), 1.0)
+    return None if err <= tol * scale else f"packed hidden states differ from separate ones by {err:.2e}"
+
+
+def enable(model, wanted: bool, desc: str) -> bool:
+    """Switch model to padding-free attention when wanted and possible; else say why in one line."""
+    from .modeling import unwrap
+    from .training import stderr
+
+    if not wanted:
+        return False
+    inner = unwrap(model)
+    reason = unsupported_reason(inner)
+    if reason is None:
+        register()
+        previous = inner.config._attn_implementation
+        inner.set_attn_implementation(VARLEN)
+        reason = probe(inner)
+        if reason is not None:
+            inner.set_attn_implementation(previous)
+    if reason is not None:
+        stderr.print(f"{desc}: padding-free batches off ({reason}); using padded batches", markup=False,
+                     highlight=False, soft_wrap=True)
+        return False
+    return True
+
+
+def collate_for(packed: bool):
+    """Batch -> Batch or PackedBatch, as the run was set up."""
+    return pack if packed else (lambda batch: batch)
