@@ -242,3 +242,22 @@ def test_model_decoder_masks_padded_rows(tiny, toy_tokenizer):
     assert logits.shape == (1, vocab + 16) and logits.dtype == torch.float32
     assert bool(torch.isinf(logits[:, vocab:]).all()) and bool(torch.isfinite(logits[:, :vocab]).all())
     assert cache.get_seq_length() == 2
+
+
+def test_score_samples_keeps_order_under_length_sorted_batches(tiny, toy_tokenizer):
+    from aligndistil_cli.sampling import Sample, score_samples
+
+    tok = toy_tokenizer
+    rows = prompt_rows(tok, 7)
+    samples = [Sample(None, p, [5 + i] * (1 + (5 * i) % 7) + [EOS], "", True) for i, p in enumerate(rows)]
+    got = score_samples(tiny, tok, samples, batch_size=3)
+    for s, value in zip(samples, got):
+        # By hand, one sample at a time in float64: sum of log-softmax at the response positions.
+        seq = torch.tensor([s.prompt_ids + s.response_ids])
+        with torch.no_grad():
+            logits = tiny(seq).logits[0].double()
+        logits[:, len(tok):] = float("-inf")
+        logp = torch.log_softmax(logits, -1)
+        start = len(s.prompt_ids)
+        expected = sum(logp[start - 1 + k, t].item() for k, t in enumerate(s.response_ids))
+        assert value == pytest.approx(expected, abs=1e-4)
