@@ -15,8 +15,9 @@ split across processes (pass each prompt's global index as `indices`).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 

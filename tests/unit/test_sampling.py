@@ -12,8 +12,15 @@ import math
 import pytest
 import torch
 
-from aligndistil_cli.sampling import (ModelDecoder, decode, generate, length_sorted_batches, prompt_keys,
-                                      sample_tokens, step_uniforms)
+from aligndistil_cli.sampling import (
+    ModelDecoder,
+    decode,
+    generate,
+    length_sorted_batches,
+    prompt_keys,
+    sample_tokens,
+    step_uniforms,
+)
 
 EOS, PAD = 2, 0
 
@@ -179,7 +186,7 @@ def tiny(toy_tokenizer):
 
 
 def prompt_rows(tok, n: int) -> list[list[int]]:
-    words = "the food was great but service slow and the staff rude".split()
+    words = ["the", "food", "was", "great", "but", "service", "slow", "and", "the", "staff", "rude"]
     return [tok(" ".join(words[: 1 + (3 * i) % len(words)]), add_special_tokens=False).input_ids for i in range(n)]
 
 
@@ -222,7 +229,7 @@ def test_generate_matches_uncached_unpadded_sampling(tiny, toy_tokenizer, temper
 def test_generate_is_deterministic_and_independent_of_batching(tiny, toy_tokenizer):
     tok = toy_tokenizer
     rows = prompt_rows(tok, 16)
-    run = lambda **kw: [s.response_ids for s in generate(tiny, tok, rows, rows, max_new_tokens=30,  # noqa: E731
+    run = lambda **kw: [s.response_ids for s in generate(tiny, tok, rows, rows, max_new_tokens=30,
                                                          **{"seed": 5, "batch_size": 16, **kw})]
     full = run()
     assert run() == full
