@@ -17,7 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import ConfigError
-from .losses import VARIANTS
+from .variants import VARIANTS
 from .sources import FORMATS as SOURCE_FORMATS
 
 

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-VARIANTS = ("aligndistil", "contrastive", "theorem1", "adaptive")
-NEEDS_REFERENCE = frozenset({"theorem1", "adaptive"})
+from .variants import NEEDS_REFERENCE, VARIANTS
 
 
 def dpo_loss(

@@ -11,7 +11,7 @@ from aligndistil_cli.cache import TeacherCache
 from aligndistil_cli.config import DistillConfig, PrecomputeConfig
 from aligndistil_cli.data import Encoded, collate, prompt_ids
 from aligndistil_cli.modeling import load_model, load_tokenizer, output_head
-from aligndistil_cli.sampling import generate, split_generation
+from aligndistil_cli.sampling import generate
 from aligndistil_cli.stages import distill, precompute
 from aligndistil_cli.stages.distill import teacher_loss
 from aligndistil_cli.stages.on_policy import on_policy_spec
@@ -22,18 +22,14 @@ PAD, EOS = 0, 2
 
 
 def test_sampled_sequence_mask_covers_first_token_and_eos_only():
-    # Left-padded prompt [7 8 9] (width 5), then sampled 11 12 EOS, then padding after the EOS.
-    row = [PAD, PAD, 7, 8, 9, 11, 12, EOS, PAD, 5]
-    response, finished = split_generation(row, prompt_width=5, eos_id=EOS)
-    assert response == [11, 12, EOS] and finished
+    # Prompt [7 8 9], then sampled 11 12 EOS (sampling ends a response at its first EOS: test_sampling.py).
+    response = [11, 12, EOS]
     batch = collate([Encoded([7, 8, 9], response), Encoded([7, 8], [13, EOS])], PAD)
     # Row 0: prompt at 0..2, response at 3..5; positions 2 (predicts 11), 3, 4 (predicts EOS) are in.
     assert batch.loss_mask[0].tolist() == [False, False, True, True, True, False]
     assert batch.targets[0, 2:5].tolist() == [11, 12, EOS]
     # Row 1 is right-padded: its prompt position 1 predicts 13, position 2 predicts EOS, the rest are out.
     assert batch.loss_mask[1].tolist() == [False, True, True, False, False, False]
-    unfinished, done = split_generation([PAD, 7, 8, 11, 12], prompt_width=3, eos_id=EOS)
-    assert unfinished == [11, 12] and not done
 
 
 def test_live_teacher_and_cache_give_the_same_loss(runs, tmp_path):
