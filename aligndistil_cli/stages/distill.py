@@ -11,13 +11,15 @@ from pathlib import Path
 
 import torch
 
+import json
+
 from ..artifacts import finalize, fingerprint_model, input_record, prepare_output, tokenizer_difference, tokenizer_parts
 from ..cache import TeacherCache
 from ..config import DistillConfig
 from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
 from ..errors import UserError
 from ..losses import fused_head_kl_loss, position_weights
-from ..modeling import (hub_options, load_student, load_tokenizer, output_head, pick_device, response_hidden,
+from ..modeling import (autocast, hub_options, load_student, load_tokenizer, output_head, pick_device, response_hidden,
                         save_model, sequence_ids)
 from ..monitor import make_monitor
 from ..teacher import TeacherSpec, float32_heads, logq_fn, realpha
@@ -91,6 +93,37 @@ def teacher_loss(model, batch, fields: dict, heads: dict, fmt: str, spec: Teache
                   "coef_mean": (fields["coef"].mean().item(), n), "tvd_mean": (fields["tvd"].mean().item(), n)}
 
 
+# Rows (off-policy) or prompts (on-policy) the final KL to the teacher is measured on.
+FINAL_KL_ROWS = 256
+
+
+@torch.no_grad()
+def final_teacher_kl(model, loss_fn, chunks: list, tokens_of, precision: str, device) -> float:
+    """Mean per-token KL(student || teacher) of the trained student over chunks, without an update.
+
+    tokens_of(chunk) is the number of response positions loss_fn saw for that chunk: each chunk's
+    mean KL is weighted by it, so the result is the mean over tokens, not over batches.
+    """
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in chunks:
+        with autocast(precision, device):
+            _, metrics = loss_fn(chunk)
+        n = tokens_of(chunk)
+        total += metrics["kl_teacher"] * n
+        count += n
+    return total / max(count, 1)
+
+
+def report_final_kl(out: Path, step: int, kl: float, tokens: int) -> None:
+    """Append the final KL to metrics.jsonl (a last record at the last step) and print it."""
+    from rich.console import Console
+
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "final_kl_teacher": kl}, sort_keys=True) + "\n")
+    Console(stderr=True).print(f"distill: final KL to the teacher {kl:.4f} nats/token (trained on {tokens:,} tokens)")
+
+
 def run(config: DistillConfig) -> Path:
     if config.mode == "on-policy":
         from .on_policy import run as run_on_policy
@@ -115,9 +148,19 @@ def run(config: DistillConfig) -> Path:
     steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps, lengths)
     monitor = make_monitor(config, tokenizer, config.student, device)
     summary = train(model, steps, n_steps, loss_fn, config, out, "distill", monitor)
+    # The same batches again, without a model: the tokens trained on (exact across --resume).
+    train_tokens = sum(len(e.response) for batch in step_batches(items, config.batch_size, config.epochs,
+                                                                 config.seed, config.max_steps, lengths)
+                       for _, e in batch)
+    probe = items[:FINAL_KL_ROWS]
+    chunks = [probe[s : s + config.batch_size] for s in range(0, len(probe), config.batch_size)]
+    final_kl = final_teacher_kl(model, loss_fn, chunks, lambda c: sum(len(e.response) for _, e in c),
+                                config.precision, device)
+    report_final_kl(out, summary["steps"], final_kl, train_tokens)
     save_model(model, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),
               "cache": input_record("teacher-cache", config.cache, cache.index["settings_key"]),
               "data": data_input(config)}
-    finalize(out, "distill", config, inputs, {**summary, "truncated": truncated, "data": data_stats})
+    finalize(out, "distill", config, inputs, {**summary, "final_kl_teacher": final_kl, "train_tokens": train_tokens,
+                                              "truncated": truncated, "data": data_stats})
     return out
