@@ -10,6 +10,8 @@ is estimated from the teacher's own samples like any model's.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .sampling import Sample, left_pad, split_generation
@@ -28,13 +30,19 @@ def nucleus(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
     return logprobs.masked_fill(drop, float("-inf"))
 
 
+def _cache_argument(model) -> str:
+    """transformers >= 5.2x names the KV cache `cache`; earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _step(models: dict, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, caches: dict) -> dict:
     """Each model's last-position logits [B, V] after feeding ids; caches are updated in place."""
     logits = {}
     for name, model in models.items():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=caches.get(name),
-                    use_cache=True)
-        caches[name] = out.past_key_values
+        key = _cache_argument(model)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{key: caches.get(name)})
+        caches[name] = out[key] if key in out else out.past_key_values
         logits[name] = out.logits[:, -1]
     return logits
 

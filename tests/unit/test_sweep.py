@@ -368,7 +368,7 @@ def test_experiments_specs_give_every_method_the_same_budget_grid():
         assert len(spec["grid"]["epochs"]) == epochs
         seed0 = [r for r in runs if r.seed == spec["seeds"][0]]
         grids = {m: {r.budget for r in seed0 if r.method == m} for m in _grid_methods(spec)}
-        assert {"dpo", "aligndistil", "on-policy"} <= set(grids)
+        assert {"dpo", "aligndistil"} <= set(grids) and ("on-policy" in grids or name == "experiments.yaml")
         assert all(g == grids["dpo"] and len(g) == lrs * epochs for g in grids.values()), name
         # the grid's lr and epochs reach the trained model of every run
         for r in seed0:
@@ -381,7 +381,7 @@ def test_experiments_specs_give_every_method_the_same_budget_grid():
         # the teachers at 1 and at 3 epochs
         epochs_of = {c.epochs for _, c in base[spec["seeds"][0]] if getattr(c, "reverse", None) is not None}
         assert epochs_of == {1, 3}
-        assert next(c for s, c in seed0[0].stages if s == "evaluate").num_prompts >= 160
+        assert next(c for s, c in seed0[0].stages if s == "evaluate").num_prompts >= 128
     full = sweep.load_spec(REPO / "pipelines/experiments-full.yaml")
     assert full["grid"] == {"lr": [2.0e-4, 5.0e-4, 1.0e-3], "epochs": [1, 3, 5]}
     knobs = {m: {float(v) for v in full["methods"][m].get("values", [])} for m in _grid_methods(full)}
