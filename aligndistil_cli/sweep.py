@@ -45,6 +45,7 @@ console = Console(stderr=True)
 _SPEC_KEYS = {"root", "seeds", "shared", "base", "defaults", "grid", "methods", "summary"}
 _METHOD_KEYS = {"knob", "chain", "values", "runs", "grid", "eval"}
 _BUILTINS = ("knob", "seed_dir")
+SHARED_SEED = 0  # the seed of `shared` stages, unless their `with` gives one
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,12 @@ def load_spec(path: Path) -> dict:
 def plan(spec: dict, root: Path) -> tuple[dict[int, list], list[Run]]:
     """Every config of the sweep, validated before anything runs: (base stages per seed, runs).
 
-    `shared` stages run once, in ROOT/shared with the first seed, for every seed: each seed's base
-    list starts with them (a rerun of the same directory is skipped), and "{NAME}" reaches them.
+    `shared` stages run once, in ROOT/shared with seed SHARED_SEED (whatever seeds the spec lists, so
+    that a spec run seed by seed plans the same shared stages), for every seed: each seed's base list
+    starts with them (a rerun of the same directory is skipped), and "{NAME}" reaches them.
     """
     base, runs = {}, []
-    sharer = _Planner(spec, root, spec["seeds"][0])
+    sharer = _Planner(spec, root, SHARED_SEED)
     sharer.seed_dir = root / "shared"
     sharer.outs["seed_dir"] = str(sharer.seed_dir)
     shared = sharer.chain(spec.get("shared") or [], sharer.seed_dir, sharer.outs, "sweep shared")

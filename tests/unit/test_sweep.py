@@ -334,6 +334,10 @@ def test_plan_grid_shared_stages_and_eval_overrides(tmp_path):
     assert [c.out for _, c in base[1]] == [str(tmp_path / "shared/toy"), str(tmp_path / "shared/sft"),
                                            str(tmp_path / "seed-1/dpo")]
     assert base[1][2][1].model == str(tmp_path / "shared/sft") and base[1][2][1].seed == 1
+    # shared stages have seed 0 whichever seeds are listed: a spec run seed by seed shares them
+    assert [c.seed for _, c in base[1][:2]] == [0, 0]
+    alone, _ = sweep.plan({**spec, "seeds": [1]}, tmp_path)
+    assert [c for _, c in alone[1][:2]] == [c for _, c in base[1][:2]]
     grid = [r for r in runs if r.seed == 0 and r.method == "dpo"]
     assert [(r.budget, r.stages[0][1].lr, r.stages[0][1].epochs) for r in grid] == [
         ((1e-3, 1), 1e-3, 1), ((1e-3, 3), 1e-3, 3), ((3e-4, 1), 3e-4, 1), ((3e-4, 3), 3e-4, 3)]
