@@ -95,8 +95,8 @@ def teacher_diagnostics(config: EvaluateConfig, teacher: LoadedTeacher, ref_mode
     """p(EOS) and the mirror cosine over the chosen responses of the first --diagnostic-rows --pairs rows."""
     if "rev" not in teacher.models:
         return None  # theorem1 / adaptive built without the reverse model: no mirror to measure
-    rows = load_data(config, "pairs", config.pairs)[0][: config.diagnostic_rows]
-    examples, _ = encode_rows(tokenizer, rows, "chosen", config, config.pairs)
+    rows, stats = load_data(config, "pairs", config.pairs)
+    examples, _ = encode_rows(tokenizer, rows[: config.diagnostic_rows], "chosen", config, stats)
     models = {"ref": ref_model, **teacher.models}  # the teacher's own reference where it has one
     vocab, eos = len(tokenizer), tokenizer.eos_token_id
     parts, ends = [], []

@@ -46,8 +46,8 @@ def test_distill_records_the_final_kl_to_its_teacher(runs, tmp_path):
     # Independently: the trained student's KL to the cached teacher, per token, over the first 256 rows.
     cache = TeacherCache(runs / "teacher")
     tok = load_tokenizer(out)
-    rows, _ = load_data(load_config(DistillConfig, None, values), "pairs")
-    examples, _ = encode_rows(tok, rows, "chosen", load_config(DistillConfig, None, values), values["data"])
+    rows, stats = load_data(load_config(DistillConfig, None, values), "pairs")
+    examples, _ = encode_rows(tok, rows, "chosen", load_config(DistillConfig, None, values), stats)
     n = min(256, len(examples))
     batch = collate(examples[:n], tok.pad_token_id)
     log_p = torch.log_softmax(response_logits(load_model(out, CPU), batch)[:, : len(tok)], -1)
@@ -95,8 +95,8 @@ def test_evaluate_reports_the_teacher_row_and_diagnostics(runs, tmp_path):
     assert diag["responses_ending_in_eos"] > 0
     # Independently, in float64, over the same chosen responses.
     tok = load_tokenizer(runs / "sft")
-    rows, _ = load_data(config, "pairs", config.pairs)
-    examples, _ = encode_rows(tok, rows[:256], "chosen", config, config.pairs)
+    rows, stats = load_data(config, "pairs", config.pairs)
+    examples, _ = encode_rows(tok, rows[:256], "chosen", config, stats)
     batch = collate(examples, tok.pad_token_id)
     z = {n: response_logits(load_model(runs / n, CPU), batch)[:, : len(tok)] for n in ("sft", "dpo", "rev")}
     ends = torch.zeros_like(batch.loss_mask)
