@@ -7,14 +7,12 @@ Expected numbers are worked out by hand next to each assertion.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from aligndistil_cli import config as C
 from aligndistil_cli import sweep
 from aligndistil_cli.errors import ConfigError, UserError
 from aligndistil_cli import sweep_summary as S
