@@ -98,19 +98,19 @@ FINAL_KL_ROWS = 256
 
 
 @torch.no_grad()
-def final_teacher_kl(model, loss_fn, chunks: list, tokens_of, precision: str, device) -> float:
+def final_teacher_kl(model, loss_fn, chunks: list, precision: str, device) -> float:
     """Mean per-token KL(student || teacher) of the trained student over chunks, without an update.
 
-    tokens_of(chunk) is the number of response positions loss_fn saw for that chunk: each chunk's
-    mean KL is weighted by it, so the result is the mean over tokens, not over batches.
+    loss_fn reports kl_teacher as (mean over the chunk's positions, positions): each chunk is
+    weighted by its positions, so the result is the mean over tokens, not over batches.
     """
     model.eval()
     total, count = 0.0, 0
     for chunk in chunks:
         with autocast(precision, device):
             _, metrics = loss_fn(chunk)
-        n = tokens_of(chunk)
-        total += metrics["kl_teacher"] * n
+        mean, n = metrics["kl_teacher"]
+        total += mean * n
         count += n
     return total / max(count, 1)
 
@@ -154,8 +154,7 @@ def run(config: DistillConfig) -> Path:
                        for _, e in batch)
     probe = items[:FINAL_KL_ROWS]
     chunks = [probe[s : s + config.batch_size] for s in range(0, len(probe), config.batch_size)]
-    final_kl = final_teacher_kl(model, loss_fn, chunks, lambda c: sum(len(e.response) for _, e in c),
-                                config.precision, device)
+    final_kl = final_teacher_kl(model, loss_fn, chunks, config.precision, device)
     report_final_kl(out, summary["steps"], final_kl, train_tokens)
     save_model(model, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),

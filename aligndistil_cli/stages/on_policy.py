@@ -139,9 +139,7 @@ def run(config: DistillConfig) -> Path:
     probe = list(range(min(FINAL_KL_ROWS, len(rows))))
     chunks = [[(n_steps + 1 + s, i) for i in probe[s : s + config.batch_size]]
               for s in range(0, len(probe), config.batch_size)]
-    final_kl = final_teacher_kl(student, loss_fn, chunks,
-                                lambda c: sum(len(e.response) for e in rollouts.examples_for(c)[0]),
-                                config.precision, device)
+    final_kl = final_teacher_kl(student, loss_fn, chunks, config.precision, device)
     report_final_kl(out, summary["steps"], final_kl, trained["tokens"])
     save_model(student, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),
