@@ -98,12 +98,16 @@ FINAL_KL_ROWS = 256
 
 
 @torch.no_grad()
-def final_teacher_kl(model, loss_fn, chunks: list, precision: str, device) -> float:
+def final_teacher_kl(model, loss_fn, chunks: list, precision: str, device) -> float | None:
     """Mean per-token KL(student || teacher) of the trained student over chunks, without an update.
 
     loss_fn reports kl_teacher as (mean over the chunk's positions, positions): each chunk is
     weighted by its positions, so the result is the mean over tokens, not over batches.
     """
+    from .. import distributed
+
+    if distributed.active():  # the sharded model after train() is not measured here: not recorded
+        return None
     model.eval()
     total, count = 0.0, 0
     for chunk in chunks:
@@ -115,9 +119,12 @@ def final_teacher_kl(model, loss_fn, chunks: list, precision: str, device) -> fl
     return total / max(count, 1)
 
 
-def report_final_kl(out: Path, step: int, kl: float, tokens: int) -> None:
+def report_final_kl(out: Path, step: int, kl: float | None, tokens: int) -> None:
     """Append the final KL to metrics.jsonl (a last record at the last step) and print it."""
     from rich.console import Console
+
+    if kl is None:
+        return
 
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, "final_kl_teacher": kl}, sort_keys=True) + "\n")
