@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup full-pipeline test bench experiments lint clean
+.PHONY: setup full-pipeline test bench experiments experiments-full lint clean
 
 setup: $(STAMP)
 
@@ -35,9 +35,14 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench.run
 
-# Not part of `make test`: seeds x methods x knobs on the embedded task (see docs/RESULTS.md).
+# Not part of `make test`: seeds x methods x knobs x training budgets on the embedded task (docs/RESULTS.md).
+# On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread oversubscription.
 experiments: setup
 	$(BIN)/aligndistil sweep pipelines/experiments.yaml
+
+# The full grid of issue 13 (5 seeds, lr x epochs 3 x 3, every r and w): hours on 2 cores.
+experiments-full: setup
+	$(BIN)/aligndistil sweep pipelines/experiments-full.yaml
 
 lint: setup
 	$(BIN)/python -m pip install -q ruff

@@ -158,7 +158,8 @@ class TeacherCache:
             raise UserError(f"teacher cache {path} has format {self.index.get('format')!r}; "
                             f"this version reads {', '.join(FORMATS)}")
         self.format = self.index["format"]
-        self.spec = TeacherSpec(**{k: self.index["settings"][k] for k in TeacherSpec.__dataclass_fields__})
+        # Caches written before a spec field existed lack it: it takes its default (the paper's teacher).
+        self.spec = TeacherSpec(**{k: v for k, v in self.index["settings"].items() if k in TeacherSpec.__dataclass_fields__})
         self.shards = self.index["shards"]
         self._handles: dict[str, object] = {}
         self._offsets: dict[str, torch.Tensor] = {}

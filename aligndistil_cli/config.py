@@ -224,6 +224,16 @@ class TeacherFields(StageConfig):
     alpha_scale: float = opt(20.0, "r in alpha_t = r * TVD_t + eps (the official beta2=10 is r=20).", nonneg=True)
     alpha_eps: float = opt(1e-3, "eps in alpha_t = r * TVD_t + eps.", positive=True)
     temperature: float = opt(1.0, "tau: the teacher is softmax(z* / tau).", positive=True)
+    alpha_max: Optional[float] = opt(None, "Ours, beyond the paper: cap alpha_t at this value (aligndistil and "
+                                     "adaptive; c_t = beta / capped alpha_t). Default: no cap.", positive=True)
+    extrapolate_eos: bool = opt(True, "--no-extrapolate-eos (ours, beyond the paper): the teacher's EOS probability "
+                                "is the DPO model's own at every position; the other tokens share the rest as in z*.")
+
+    def validate(self) -> None:
+        from .losses import VARIANT_SPECS
+
+        if self.alpha_max is not None and not VARIANT_SPECS[self.variant].adaptive_alpha:
+            raise ConfigError(f"config field 'alpha_max' caps an adaptive alpha_t; variant {self.variant!r} has a fixed one")
 
 
 def require_teacher_models(config, variant: str, context: str = "") -> None:
@@ -255,6 +265,7 @@ class PrecomputeConfig(TeacherFields, DataFields):
     max_prompt_length: int = opt(96, "Maximum prompt tokens (must match distill).", positive=True)
 
     def validate(self) -> None:
+        super().validate()
         require_teacher_models(self, self.variant)
 
 
@@ -318,6 +329,20 @@ class EvaluateConfig(DataFields, TrackingFields):
     batch_size: int = opt(128, "Prompts per generation batch.", positive=True)
     max_length: int = opt(512, "Maximum tokens of a held-out pair (prompt + response).", positive=True)
     max_prompt_length: int = opt(384, "Maximum prompt tokens of a held-out pair or prompt.", positive=True)
+    teacher: Optional[str] = opt(None, "Also sample the composed teacher softmax(z*) (the upper bound of distillation) "
+                                 "and report it as a row: a precompute cache directory (its recorded teacher settings "
+                                 "and models are used), or 'models' to compose --dpo and --rev (and --ref where the "
+                                 "variant needs it) with --variant and the settings below.")
+    teacher_name: str = opt("teacher", "Name of the teacher's row in the report.")
+    variant: str = opt("aligndistil", "--teacher models: teacher variant.", choices=VARIANTS)
+    kl_coef: float = opt(0.1, "--teacher models: beta_kl of contrastive/theorem1 (w = beta / kl_coef).", positive=True)
+    alpha_scale: float = opt(20.0, "--teacher models: r of alpha_t = r TVD_t + eps.", nonneg=True)
+    alpha_eps: float = opt(1e-3, "--teacher models: eps of alpha_t.", positive=True)
+    alpha_max: Optional[float] = opt(None, "--teacher models: cap on alpha_t (ours; default none).", positive=True)
+    extrapolate_eos: bool = opt(True, "--teacher models: --no-extrapolate-eos keeps the DPO model's EOS probability (ours).")
+    teacher_temperature: float = opt(1.0, "--teacher models: tau, the teacher is softmax(z*/tau).", positive=True)
+    diagnostic_rows: int = opt(256, "With --teacher and --pairs: chosen responses (first N) for the p(EOS) and "
+                               "mirror diagnostics.", positive=True)
     export: Optional[str] = opt(None, "Also write each model's answers to --export-questions in this benchmark's "
                                 "own format: alpaca-eval, mt-bench or arena-hard.",
                                 choices=("alpaca-eval", "mt-bench", "arena-hard"))
@@ -325,6 +350,8 @@ class EvaluateConfig(DataFields, TrackingFields):
                                           "arena-hard question.jsonl).")
 
     def validate(self) -> None:
+        if self.teacher == "models" and not (self.dpo and self.rev):
+            raise ConfigError("--teacher models needs --dpo and --rev (the reference is --ref)")
         if self.export and not self.export_questions:
             raise ConfigError("config field 'export_questions' is required by --export")
 

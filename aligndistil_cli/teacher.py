@@ -11,6 +11,12 @@ turns it back into teacher log-probs one chunk of positions at a time.
 Every format also stores TVD_t, alpha_t and c_t in float32. Only `hidden`
 can serve other r / eps without recomputing (alpha_t = r * TVD_t + eps is
 applied at distill time); `logits` and `topk` bake alpha into the distribution.
+
+Two options of ours, beyond the paper (both off by default, recorded in the
+spec): alpha_max caps the adaptive alpha_t (and c_t = beta / alpha_t follows
+the capped value); keep_eos gives the EOS token the DPO model's own
+probability at every position, the other tokens sharing the rest in the
+proportions of softmax(z*): the stop decision is never extrapolated.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .losses import combine_logits, compose_teacher_full, teacher_alpha, teacher_models
+from .losses import VARIANT_SPECS, Teacher, combine_logits, compose_teacher_full, teacher_alpha, teacher_models
 
 FORMATS = ("logits", "hidden", "topk")
 SCALARS = ("coef", "alpha", "tvd")
@@ -43,6 +49,8 @@ class TeacherSpec:
     alpha_scale: float
     alpha_eps: float
     temperature: float
+    alpha_max: float | None = None  # cap on the adaptive alpha_t; None: no cap (the paper)
+    keep_eos: int | None = None     # token id (EOS) that keeps the DPO model's probability; None: the paper
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -77,14 +85,49 @@ def float32_heads(heads: dict) -> dict:
     return {name: tuple(t.float() if t is not None else None for t in head) for name, head in heads.items()}
 
 
-def compose(logits: dict[str, torch.Tensor], spec: TeacherSpec, vocab: int):
-    """The composed teacher (losses.compose_teacher_full) from per-model logits, in float32."""
+def compose(logits: dict[str, torch.Tensor], spec: TeacherSpec, vocab: int) -> Teacher:
+    """The composed teacher (losses.compose_teacher_full) from per-model logits, in float32, with spec's
+    own options (alpha_max, keep_eos)."""
     with exact_float32(logits["dpo"].device):
-        return compose_teacher_full(
+        teacher = compose_teacher_full(
             logits["dpo"], logits.get("rev"), ref_logits=logits.get("ref"), variant=spec.variant,
             beta=spec.beta, kl_coef=spec.kl_coef, alpha_scale=spec.alpha_scale, alpha_eps=spec.alpha_eps,
             temperature=spec.temperature, vocab_size=vocab,
         )
+        if spec.alpha_max is None and spec.keep_eos is None:
+            return teacher
+        z = {name: t[..., :vocab].float() for name, t in logits.items()}
+        alpha, coef = cap_alpha(teacher.alpha, teacher.coef, spec)
+        combined = combine_logits(spec.variant, z["dpo"], z.get("rev"), z.get("ref"), alpha) / spec.temperature
+        return Teacher(keep_token(combined, z["dpo"] / spec.temperature, spec.keep_eos), alpha, coef, teacher.tvd)
+
+
+def cap_alpha(alpha: torch.Tensor, coef: torch.Tensor, spec: TeacherSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min(alpha_t, alpha_max), beta / capped alpha_t) for adaptive variants; unchanged otherwise."""
+    if spec.alpha_max is None or not VARIANT_SPECS[spec.variant].adaptive_alpha:
+        return alpha, coef
+    capped = alpha.clamp(max=spec.alpha_max)
+    return capped, spec.beta / capped
+
+
+# p_dpo(EOS) is kept below 1 so that the other tokens' share, log(1 - p), stays finite.
+_KEEP_MAX = 1.0 - 1e-6
+
+
+def keep_token(teacher_logits: torch.Tensor, dpo_logits: torch.Tensor, token: int | None) -> torch.Tensor:
+    """Log-probs [..., V] of softmax(teacher_logits) with token's probability replaced by softmax(dpo_logits)'s.
+
+    The other tokens keep their relative teacher probabilities and share 1 - p_dpo(token).
+    token None returns the teacher's log-probs unchanged.
+    """
+    if token is None:
+        return torch.log_softmax(teacher_logits, dim=-1)
+    keep = torch.log_softmax(dpo_logits.float(), dim=-1)[..., token].clamp(max=math.log(_KEEP_MAX))
+    rest = teacher_logits.float().clone()
+    rest[..., token] = float("-inf")
+    out = torch.log_softmax(rest, dim=-1) + torch.log1p(-keep.exp()).unsqueeze(-1)
+    out[..., token] = keep
+    return out
 
 
 def bytes_per_position(fmt: str, vocab: int, hidden: int, n_models: int, itemsize: int, top_k: int) -> int:
@@ -148,15 +191,15 @@ def logq_fn(fmt: str, fields: dict[str, torch.Tensor], heads: dict, spec: Teache
              for name in spec.models}
         with exact_float32(device):
             combined = combine_logits(spec.variant, z["dpo"], z.get("rev"), z.get("ref"), alpha[s:e].to(device))
-            return torch.log_softmax(combined / spec.temperature, dim=-1)
+            return keep_token(combined / spec.temperature, z["dpo"] / spec.temperature, spec.keep_eos)
 
     return hidden_logq
 
 
 def realpha(fields: dict[str, torch.Tensor], spec: TeacherSpec) -> dict[str, torch.Tensor]:
     """alpha_t and c_t recomputed from the stored TVD_t with spec's r and eps (hidden format)."""
-    alpha, coef = teacher_alpha(spec.variant, fields["tvd"], beta=spec.beta, kl_coef=spec.kl_coef,
-                                alpha_scale=spec.alpha_scale, alpha_eps=spec.alpha_eps)
+    alpha, coef = cap_alpha(*teacher_alpha(spec.variant, fields["tvd"], beta=spec.beta, kl_coef=spec.kl_coef,
+                                           alpha_scale=spec.alpha_scale, alpha_eps=spec.alpha_eps), spec)
     return {**fields, "alpha": alpha, "coef": coef}
 
 

@@ -7,6 +7,7 @@ tokenizer, the data and the sequence lengths before any step runs.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from ..config import DistillConfig
 from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
 from ..errors import UserError
 from ..losses import fused_head_kl_loss, position_weights
-from ..modeling import (hub_options, load_student, load_tokenizer, num_sequences, output_head, pick_device,
+from ..modeling import (autocast, hub_options, load_student, load_tokenizer, num_sequences, output_head, pick_device,
                         response_hidden, save_model, sequence_ids)
 from ..monitor import make_monitor
 from ..packing import collate_for, enable as enable_padding_free
@@ -93,6 +94,44 @@ def teacher_loss(model, batch, fields: dict, heads: dict, fmt: str, spec: Teache
                   "coef_mean": (fields["coef"].mean().item(), n), "tvd_mean": (fields["tvd"].mean().item(), n)}
 
 
+# Rows (off-policy) or prompts (on-policy) the final KL to the teacher is measured on.
+FINAL_KL_ROWS = 256
+
+
+@torch.no_grad()
+def final_teacher_kl(model, loss_fn, chunks: list, precision: str, device) -> float | None:
+    """Mean per-token KL(student || teacher) of the trained student over chunks, without an update.
+
+    loss_fn reports kl_teacher as (mean over the chunk's positions, positions): each chunk is
+    weighted by its positions, so the result is the mean over tokens, not over batches.
+    """
+    from .. import distributed
+
+    if distributed.active():  # the sharded model after train() is not measured here: not recorded
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in chunks:
+        with autocast(precision, device):
+            _, metrics = loss_fn(chunk)
+        mean, n = metrics["kl_teacher"]
+        total += mean * n
+        count += n
+    return total / max(count, 1)
+
+
+def report_final_kl(out: Path, step: int, kl: float | None, tokens: int) -> None:
+    """Append the final KL to metrics.jsonl (a last record at the last step) and print it."""
+    from rich.console import Console
+
+    if kl is None:
+        return
+
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "final_kl_teacher": kl}, sort_keys=True) + "\n")
+    Console(stderr=True).print(f"distill: final KL to the teacher {kl:.4f} nats/token (trained on {tokens:,} tokens)")
+
+
 def run(config: DistillConfig) -> Path:
     if config.mode == "on-policy":
         from .on_policy import run as run_on_policy
@@ -119,9 +158,18 @@ def run(config: DistillConfig) -> Path:
     steps = step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps, lengths)
     monitor = make_monitor(config, tokenizer, config.student, device)
     summary = train(model, steps, n_steps, loss_fn, config, out, "distill", monitor)
+    # The same batches again, without a model: the tokens trained on (exact across --resume).
+    train_tokens = sum(len(e.response) for batch in step_batches(items, config.batch_size, config.epochs,
+                                                                 config.seed, config.max_steps, lengths)
+                       for _, e in batch)
+    probe = items[:FINAL_KL_ROWS]
+    chunks = [probe[s : s + config.batch_size] for s in range(0, len(probe), config.batch_size)]
+    final_kl = final_teacher_kl(model, loss_fn, chunks, config.precision, device)
+    report_final_kl(out, summary["steps"], final_kl, train_tokens)
     save_model(model, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),
               "cache": input_record("teacher-cache", config.cache, cache.index["settings_key"]),
               "data": data_input(config)}
-    finalize(out, "distill", config, inputs, {**summary, "truncated": truncated, "data": data_stats})
+    finalize(out, "distill", config, inputs, {**summary, "final_kl_teacher": final_kl, "train_tokens": train_tokens,
+                                              "truncated": truncated, "data": data_stats})
     return out

@@ -130,9 +130,14 @@ def run(config: DpoConfig) -> Path:
                          lengths if config.group_by_length else None)
     monitor = make_monitor(config, tokenizer, config.model, device)
     summary = train(model, steps, n_steps, loss_fn, config, out, stage, monitor)
+    # The same batches again, without a model: the response tokens trained on, chosen and rejected.
+    train_tokens = sum(len(c.response) + len(r.response)
+                       for batch in step_batches(items, config.batch_size, config.epochs, config.seed, config.max_steps,
+                                                 lengths if config.group_by_length else None)
+                       for (c, r), _ in batch)
     save_model(model, tokenizer, out)
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
               "data": data_input(config),
               "ref_logps": input_record("ref-logps", ref_path, ref_path.stem)}
-    finalize(out, stage, config, inputs, {**summary, "pairs": len(pairs), "truncated": truncated, "data": data_stats})
+    finalize(out, stage, config, inputs, {**summary, "train_tokens": train_tokens, "pairs": len(pairs), "truncated": truncated, "data": data_stats})
     return out

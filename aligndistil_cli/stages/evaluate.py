@@ -9,6 +9,7 @@ contrastive reward, beta (log pi_dpo - log pi_rev).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,13 +28,33 @@ from ..report import (kl_estimate, length_stats, mean_ci, results_markdown, resu
 from ..sampling import generate, score_samples
 from ..export import export, make_generate_fn, read_questions
 from ..scoring import make_scorer
+from ..teacher_sampling import generate_teacher
 from ..training import seed_everything
+from .evaluate_teacher import LoadedTeacher, load_teacher, teacher_diagnostics
+
+
+def held_out_ids(tokenizer, prompts: list, config: EvaluateConfig) -> list[list[int]]:
+    return [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
+                     config.max_prompt_length)[0].prompt for p in prompts]
+
+
+def summarise(path: str, samples, rewards: list[float], own: list[float], ref: list[float], config: EvaluateConfig,
+              ref_rewards: list[float] | None) -> dict:
+    """One model's row of the report from its samples, their rewards and their log-probs under it and the ref."""
+    return {
+        "path": path,
+        "reward": mean_ci(rewards),
+        "kl": kl_estimate(own, ref),
+        "win_rate": win_rate(rewards, ref_rewards) if ref_rewards is not None else None,
+        "length": length_stats([len(s.response_ids) for s in samples], config.max_new_tokens),
+        "examples": [{"prompt": flatten_plain(s.prompt), "response": s.text, "reward": r}
+                     for s, r in zip(samples[:3], rewards[:3])],
+    }
 
 
 def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards=None):
     model = ref_model if path is None else load_model(path, device, **hub_options(config)).eval()
-    ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
-                    config.max_prompt_length)[0].prompt for p in prompts]
+    ids = held_out_ids(tokenizer, prompts, config)
     samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                        seed=config.seed, desc=f"evaluate {name}", split=True)
@@ -46,16 +67,21 @@ def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, sc
                Path(config.out) / "exports")
     own = score_samples(model, tokenizer, samples, config.batch_size, split=True)
     ref = own if model is ref_model else score_samples(ref_model, tokenizer, samples, config.batch_size, split=True)
-    result = {
-        "path": str(path) if path else str(config.ref),
-        "reward": mean_ci(rewards),
-        "kl": kl_estimate(own, ref),
-        "win_rate": win_rate(rewards, ref_rewards) if ref_rewards is not None else None,
-        "length": length_stats([len(s.response_ids) for s in samples], config.max_new_tokens),
-        "examples": [{"prompt": flatten_plain(s.prompt), "response": s.text, "reward": r}
-                     for s, r in zip(samples[:3], rewards[:3])],
-    }
-    return result, rewards
+    return summarise(str(path) if path else str(config.ref), samples, rewards, own, ref, config, ref_rewards), rewards
+
+
+def evaluate_teacher(teacher: LoadedTeacher, ref_model, tokenizer, prompts, config, scorer, ref_rewards) -> dict:
+    """The composed teacher's row: sampled from softmax(z*), its KL from its own log-probs of its samples.
+
+    Every rank samples all prompts with the same seed (the teacher is not sharded across ranks).
+    """
+    samples, own = generate_teacher(teacher.models, teacher.spec, tokenizer, prompts,
+                                    held_out_ids(tokenizer, prompts, config), max_new_tokens=config.max_new_tokens,
+                                    temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
+                                    seed=config.seed, desc=f"evaluate {config.teacher_name}")
+    ref = score_samples(ref_model, tokenizer, samples, config.batch_size)
+    result = summarise(teacher.source, samples, scorer.score(samples), own, ref, config, ref_rewards)
+    return {**result, "teacher_spec": dataclasses.asdict(teacher.spec)}
 
 
 @torch.no_grad()
@@ -109,8 +135,8 @@ def verdicts(report: dict) -> list[str]:
 
 
 def run(config: EvaluateConfig) -> Path:
-    if config.pairs and not config.dpo:
-        raise UserError("evaluate: --pairs needs --dpo (and optionally --rev) for implicit-reward accuracy")
+    if config.pairs and not (config.dpo or config.teacher):
+        raise UserError("evaluate: --pairs needs --dpo (implicit-reward accuracy) or --teacher (p(EOS) diagnostics)")
     seed_everything(config.seed)
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "prompts", config.prompts)
@@ -123,12 +149,19 @@ def run(config: EvaluateConfig) -> Path:
     models = {config.ref_name: ref_result}
     for name, path in config.models.items():
         models[name], _ = evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards)
+    teacher = load_teacher(config, tokenizer, ref_model, device) if config.teacher else None
+    if teacher:
+        models[config.teacher_name] = evaluate_teacher(teacher, ref_model, tokenizer, prompts, config, scorer,
+                                                       ref_rewards)
     training = {name: str(Path(path) / "metrics.jsonl") for name, path in config.models.items()
                 if (Path(path) / "metrics.jsonl").is_file()}
     report = {"task": f"held-out prompts from {config.prompts}, scored by the {scorer.name}",
               "num_prompts": len(prompts), "max_new_tokens": config.max_new_tokens, "reference": config.ref_name,
               "models": models, "training": training,
-              "implicit_accuracy": implicit_accuracy(config, ref_model, tokenizer, device) if config.pairs else None}
+              "implicit_accuracy": implicit_accuracy(config, ref_model, tokenizer, device)
+              if config.pairs and config.dpo else None,
+              "teacher_diagnostics": teacher_diagnostics(config, teacher, ref_model, tokenizer, device)
+              if teacher and config.pairs else None}
     report["verdict"] = verdicts(report)
     if distributed.is_main():
         atomic_write_json(out / "report.json", report, sort_keys=False)
@@ -136,6 +169,8 @@ def run(config: EvaluateConfig) -> Path:
         log_report(config, out, report)
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in config.models.items()}
     inputs["ref"] = input_record("model", config.ref, fingerprint_model(config.ref))
+    if teacher:
+        inputs.update(teacher.inputs)
     inputs["prompts"] = data_input(config, config.prompts)
     metrics = {name: {"reward": res["reward"]["mean"], "kl": res["kl"]["mean"]} for name, res in models.items()}
     finalize(out, "evaluate", config, inputs, metrics)

@@ -27,7 +27,7 @@ from ..packing import collate_for, enable as enable_padding_free
 from ..sampling import generate
 from ..teacher import TeacherSpec, float32_heads
 from ..training import seed_everything, step_batches, train
-from .distill import teacher_loss
+from .distill import FINAL_KL_ROWS, final_teacher_kl, report_final_kl, teacher_loss
 from .precompute import check_same_tokenizers, teacher_for_batch
 
 
@@ -131,6 +131,7 @@ def run(config: DistillConfig) -> Path:
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
     vocab = len(tokenizer)
     pack = collate_for(enable_padding_free(student, config.padding_free, "distill (on-policy)"))
+    trained = {"tokens": 0}  # response tokens trained on by this process (a --resume counts from there)
 
     def loss_fn(chunk):
         examples, stats = rollouts.examples_for(chunk)
@@ -140,6 +141,8 @@ def run(config: DistillConfig) -> Path:
         # The teachers run padded; the student's packed row selects the same positions in the same order.
         loss, metrics = teacher_loss(student, pack(batch), fields, heads, "hidden", spec, vocab, config.chunk_size)
         tokens = int(batch.loss_mask.sum())
+        if torch.is_grad_enabled():
+            trained["tokens"] += tokens
         return loss, {**metrics, **stats, "train_tokens_per_s": tokens / max(time.perf_counter() - start, 1e-9)}
 
     per_epoch = -(-len(rows) // max(1, config.batch_size // config.samples_per_prompt))
@@ -147,10 +150,17 @@ def run(config: DistillConfig) -> Path:
     monitor = make_monitor(config, tokenizer, config.student, device)
     summary = train(student, rollout_steps(len(rows), config), n_steps, loss_fn, at_rollout_boundaries(config), out,
                     "distill (on-policy)", monitor)
+    # Fresh rollouts of the trained student on the first prompts, keyed past every training rollout.
+    probe = list(range(min(FINAL_KL_ROWS, len(rows))))
+    chunks = [[(n_steps + 1 + s, i) for i in probe[s : s + config.batch_size]]
+              for s in range(0, len(probe), config.batch_size)]
+    final_kl = final_teacher_kl(student, loss_fn, chunks, config.precision, device)
+    report_final_kl(out, summary["steps"], final_kl, trained["tokens"])
     save_model(student, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),
               **{name: input_record("model", getattr(config, name), fingerprint_model(getattr(config, name)))
                  for name in teachers},
               "data": data_input(config)}
-    finalize(out, "distill", config, inputs, {**summary, "mode": "on-policy", "data": data_stats})
+    finalize(out, "distill", config, inputs, {**summary, "mode": "on-policy", "final_kl_teacher": final_kl,
+                                              "train_tokens": trained["tokens"], "data": data_stats})
     return out

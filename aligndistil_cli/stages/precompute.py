@@ -44,8 +44,10 @@ def check_same_tokenizers(named: dict[str, object]) -> dict:
     return {"kind": "tokenizer", "fingerprint": fingerprint_tokenizer(next(iter(named.values()))), "parts": first}
 
 
-def teacher_spec(config) -> TeacherSpec:
-    return TeacherSpec(**{f.name: getattr(config, f.name) for f in dataclasses.fields(TeacherSpec)})
+def teacher_spec(config, eos_id: int | None) -> TeacherSpec:
+    """The teacher of a config with TeacherFields; eos_id is kept un-extrapolated under --no-extrapolate-eos."""
+    names = [f.name for f in dataclasses.fields(TeacherSpec) if f.name != "keep_eos"]
+    return TeacherSpec(**{n: getattr(config, n) for n in names}, keep_eos=None if config.extrapolate_eos else eos_id)
 
 
 def choose_format(config: PrecomputeConfig, vocab: int, hidden: int, n_models: int) -> str:
@@ -97,13 +99,15 @@ def shard_tensors(parts: list[dict], examples: list) -> dict[str, torch.Tensor]:
 def run(config: PrecomputeConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
-    spec = teacher_spec(config)
+    models_of = TeacherSpec(config.variant, config.beta, config.kl_coef, config.alpha_scale, config.alpha_eps,
+                            config.temperature).models
     paths = {"dpo": config.dpo, "rev": config.rev, "ref": config.ref}
-    names = {name: paths[name] for name in spec.models}
+    names = {name: paths[name] for name in models_of}
     tokenizers = {name: load_tokenizer(path, **hub_options(config)) for name, path in names.items()}
     tok_record = check_same_tokenizers({f"{n} ({p})": tokenizers[n] for n, p in names.items()})
     tokenizer = tokenizers["dpo"]
     vocab = len(tokenizer)
+    spec = teacher_spec(config, tokenizer.eos_token_id)
     rows, data_stats = load_data(config, "pairs")
     examples, truncated = encode_rows(tokenizer, rows, "chosen", config, data_stats)
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32

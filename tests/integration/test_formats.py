@@ -103,8 +103,9 @@ def test_distill_trains_from_compact_caches(runs, caches, fmt, tmp_path):
     values = json.loads((runs / "student" / "stage_config.json").read_text())
     out = distill.run(load_config(DistillConfig, None, values | {"cache": str(caches[fmt]), "out": str(tmp_path / fmt),
                                                                 "max_steps": 2}))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    *metrics, final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
+    assert final["step"] == 2 and final["final_kl_teacher"] > 0
 
 
 def test_hidden_cache_serves_other_r(runs, caches):

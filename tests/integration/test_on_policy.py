@@ -67,13 +67,16 @@ def test_on_policy_smoke_run(runs, tmp_path):
                            mode="on-policy", dpo=str(runs / "dpo"), rev=str(runs / "rev"), batch_size=4, max_steps=4,
                            updates_per_rollout=2, max_new_tokens=12, max_length=64, max_prompt_length=32, lr=1e-3)
     out = distill.run(config)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 4
+    *metrics, final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and set(final) == {"step", "final_kl_teacher"} and final["final_kl_teacher"] > 0
     assert all(m["rollout_tokens_per_s"] > 0 and m["train_tokens_per_s"] > 0 for m in metrics)
     # Steps 1-2 share a rollout, and so do steps 3-4: same samples, same rollout statistics.
     assert metrics[0]["response_length_mean"] == metrics[1]["response_length_mean"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["mode"] == "on-policy" and set(manifest["inputs"]) >= {"dpo", "rev", "student"}
+    assert manifest["metrics"]["final_kl_teacher"] == final["final_kl_teacher"]
+    # Each of the 2 rollouts (4 samples of at most 12 tokens) is trained on twice.
+    assert 0 < manifest["metrics"]["train_tokens"] <= 2 * 2 * 4 * 12
 
 
 def test_on_policy_mixes_off_policy_sequences(runs, tmp_path):

@@ -205,7 +205,7 @@ def test_cache_from_another_dpo_model_is_stale(runs, tmp_path):
     assert stale_inputs(manifest) == ["dpo"]
 
 
-SWEEP_SPECS = {"experiments.yaml"}
+SWEEP_SPECS = {"experiments.yaml", "experiments-full.yaml"}
 
 
 @pytest.mark.parametrize("path", sorted(p for p in (REPO / "pipelines").glob("*.yaml") if p.name not in SWEEP_SPECS),
@@ -219,7 +219,9 @@ def test_the_experiments_sweep_spec_resolves(tmp_path):
     from aligndistil_cli.sweep import load_spec, plan
 
     bases, runs = plan(load_spec(REPO / "pipelines" / "experiments.yaml"), tmp_path)
-    assert len(bases) == 3 and len(runs) >= 3 * 20
+    assert len(bases) == 2 and len(runs) >= 2 * 20
+    bases, runs = plan(load_spec(REPO / "pipelines" / "experiments-full.yaml"), tmp_path)
+    assert len(bases) == 5 and len(runs) >= 5 * 180
 
 
 def test_distill_refuses_a_cache_built_from_another_dpo_model(runs, tmp_path):

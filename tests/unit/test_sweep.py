@@ -1,27 +1,28 @@
-"""Unit tests for aligndistil_cli.sweep: the frontier and budget arithmetic, intervals over seeds,
-steps to match, and collect/write_summary/run_sweep on synthetic run directories (nothing trains).
+"""Unit tests for aligndistil_cli.sweep and sweep_summary: the frontier and budget arithmetic, intervals
+over seeds, convergence, tokens at matched KL, and collect/write_summary/run_sweep on synthetic run
+directories (nothing trains).
 
 Expected numbers are worked out by hand next to each assertion.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from aligndistil_cli import config as C
 from aligndistil_cli import sweep
 from aligndistil_cli.errors import ConfigError, UserError
-from aligndistil_cli.sweep import (
+from aligndistil_cli import sweep_summary as S
+from aligndistil_cli.sweep_summary import (
     aggregate,
     best_within_budget,
     collect,
     frontier,
-    steps_to_match,
+    per_seed_within_budget,
+    tokens_at_matched_kl,
     write_summary,
 )
 
@@ -59,26 +60,13 @@ def test_best_within_budget_by_hand():
            _agg("ad", 2, 0.35, 0.9), _agg("ad", 20, 0.70, 6.0), _agg("ad", 5, 0.55, 2.0)]
     best = best_within_budget(agg, budgets=(0.5, 2, 5, 10))
     # dpo: KL <= 0.5 admits 0.1 (0.30) and 0.2 (0.20) -> 0.30; <= 2 also admits 0.05 (0.40).
-    assert best["dpo"] == {0.5: (0.30, 0.1), 2: (0.40, 0.05), 5: (0.40, 0.05), 10: (0.40, 0.05)}
+    assert best["dpo"] == {0.5: (0.30, "0.1"), 2: (0.40, "0.05"), 5: (0.40, "0.05"), 10: (0.40, "0.05")}
     # ad: nothing at KL <= 0.5; <= 2 admits r=2 (0.35) and r=5 (KL exactly 2: included, 0.55); <= 10 admits r=20.
-    assert best["ad"] == {0.5: None, 2: (0.55, 5), 5: (0.55, 5), 10: (0.70, 20)}
+    assert best["ad"] == {0.5: None, 2: (0.55, "5"), 5: (0.55, "5"), 10: (0.70, "20")}
 
 
 def test_best_within_budget_default_budgets():
-    assert best_within_budget([_agg("m", 1, 0.1, 3.0)]) == {"m": {2: None, 5: (0.1, 1), 10: (0.1, 1)}}
-
-
-# ---------------------------------------------------------------- steps to match
-
-
-def test_steps_to_match_needs_reward_and_kl():
-    curve = [(40, 0.5, 0.3), (10, 0.1, 0.2), (20, 0.3, 0.9), (30, 0.35, 0.4)]  # unsorted on purpose
-    # step 20 reaches 0.3 but at KL 0.9 > 0.5; step 30 is the first with both.
-    assert steps_to_match(curve, target_reward=0.3, max_kl=0.5) == 30
-    assert steps_to_match(curve, target_reward=0.3, max_kl=1.0) == 20
-    assert steps_to_match(curve, target_reward=0.1, max_kl=0.2) == 10   # equality counts on both sides
-    assert steps_to_match(curve, target_reward=0.6, max_kl=10) is None
-    assert steps_to_match([], 0.0, 1.0) is None
+    assert best_within_budget([_agg("m", 1, 0.1, 3.0)]) == {"m": {2: None, 5: (0.1, "1"), 10: (0.1, "1")}}
 
 
 # ---------------------------------------------------------------- aggregate
@@ -121,86 +109,126 @@ def _ci(m, half=0.05):
     return {"mean": m, "lo": m - half, "hi": m + half, "n": 500}
 
 
-def _write_run(root: Path, method, knob, value, order, seed, reward, kl, curve=None, model=None, evaluated=True):
-    run_dir = root / f"seed-{seed}" / method / f"{knob}-{sweep.label(value)}"
-    model = model or f"seed-{seed}/{method}/{knob}-{sweep.label(value)}/model"
-    eval_rel = f"seed-{seed}/{method}/{knob}-{sweep.label(value)}/eval"
+def _write_run(root: Path, method, knob, value, order, seed, reward, kl, *, lr=None, epochs=None, final_kl=None,
+               tokens=None, length=12.0, diagnostics=None, evaluated=True):
+    name = sweep.run_name(knob, value, (lr, epochs) if lr is not None else None)
+    run_dir = root / f"seed-{seed}" / method / name
+    model, eval_rel = f"seed-{seed}/{method}/{name}/model", f"seed-{seed}/{method}/{name}/eval"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(json.dumps({"method": method, "knob": knob, "value": value, "order": order,
-                                                  "seed": seed, "model": model, "eval": eval_rel}))
+                                                  "seed": seed, "model": model, "eval": eval_rel, "lr": lr,
+                                                  "epochs": epochs}))
     if evaluated:
         (root / eval_rel).mkdir(parents=True, exist_ok=True)
-        report = {"reference": "sft", "num_prompts": 500, "max_new_tokens": 48, "models": {
-            "sft": {"reward": _ci(0.0), "kl": _ci(0.0), "length": {"mean": 15.0, "cap_rate": 0.0}, "win_rate": None},
-            "model": {"reward": _ci(reward), "kl": _ci(kl), "length": {"mean": 12.0, "cap_rate": 0.02},
-                      "win_rate": _ci(0.6)}}}
+        row = {"reward": _ci(reward), "kl": _ci(kl), "length": {"mean": length, "cap_rate": 0.02}, "win_rate": _ci(0.6)}
+        if diagnostics is not None:
+            row["teacher_spec"] = {"variant": "aligndistil"}
+        report = {"reference": "sft", "num_prompts": 500, "max_new_tokens": 48, "teacher_diagnostics": diagnostics,
+                  "models": {"sft": {"reward": _ci(0.0), "kl": _ci(0.0), "length": {"mean": 15.0, "cap_rate": 0.0},
+                                     "win_rate": None}, "model": row}}
         (root / eval_rel / "report.json").write_text(json.dumps(report))
     (root / model).mkdir(parents=True, exist_ok=True)
-    lines = [{"step": s, "loss": 0.5} for s in range(1, 21)]
-    for step, r, k in curve or []:
-        lines[step - 1].update(eval_reward=r, eval_kl=k)
-    (root / model / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"torn')
+    metrics = {k: v for k, v in (("final_kl_teacher", final_kl), ("train_tokens", tokens)) if v is not None}
+    (root / model / "manifest.json").write_text(json.dumps({"metrics": metrics}))
+
+
+def _diag(teacher_eos, mirror):
+    return {"p_eos_at_end": {"ref": 0.3, "dpo": 0.4, "rev": 0.5, "teacher": teacher_eos},
+            "mirror_cosine_median": mirror}
 
 
 @pytest.fixture
 def synthetic_root(tmp_path):
     root = tmp_path / "exp"
     for seed, bump in enumerate((0.0, 0.02, -0.02)):
-        dpo_curve = [(5, 0.1, 0.1), (10, 0.2, 0.2), (20, 0.3 + bump, 0.4)]
-        _write_run(root, "dpo-lr", "lr", 2e-4, [0, 0], seed, 0.3 + bump, 0.4, dpo_curve)
-        _write_run(root, "dpo-lr", "lr", 1e-3, [0, 1], seed, 0.45 + bump, 1.8)
-        # r=5 reaches DPO's final reward at step 10 within its KL; r=20 only at too high a KL
-        _write_run(root, "aligndistil-r", "r", 5, [1, 0], seed, 0.5 + bump, 0.9,
-                   [(5, 0.2, 0.2), (10, 0.35, 0.3), (20, 0.5, 0.9)])
-        _write_run(root, "aligndistil-r", "r", 20, [1, 1], seed, 0.7 + bump, 3.0,
-                   [(5, 0.4, 1.0), (10, 0.6, 2.0), (20, 0.7, 3.0)])
+        # DPO on a 2-point budget grid: 1 epoch (1000 tokens) and 3 epochs (3000 tokens)
+        _write_run(root, "dpo", "beta", 0.1, [0, 0], seed, 0.3 + bump, 0.4, lr=1e-3, epochs=1, tokens=1000)
+        _write_run(root, "dpo", "beta", 0.1, [0, 0], seed, 0.45 + bump, 1.8, lr=1e-3, epochs=3, tokens=3000)
+        # students: at 1 epoch r=5 has not converged (KL to teacher 0.3): never a point
+        _write_run(root, "ad", "r", 5, [1, 0], seed, 0.9 + bump, 0.9, lr=1e-3, epochs=1, final_kl=0.3, tokens=500)
+        _write_run(root, "ad", "r", 5, [1, 0], seed, 0.5 + bump, 0.9, lr=1e-3, epochs=3, final_kl=0.04, tokens=1500)
+        _write_run(root, "ad", "r", 20, [1, 1], seed, 0.7 + bump, 3.0, lr=1e-3, epochs=3, final_kl=0.01, tokens=1500)
+        _write_run(root, "teacher", "r", 5, [2, 0], seed, 0.6 + bump, 1.0, diagnostics=_diag(0.01 * (seed + 1), 0.9))
     # a run whose evaluation has not finished is left out, not an error
-    _write_run(root, "aligndistil-r", "r", 10, [1, 2], 0, 0.0, 0.0, evaluated=False)
+    _write_run(root, "ad", "r", 10, [1, 2], 0, 0.0, 0.0, lr=1e-3, epochs=1, evaluated=False)
     return root
 
 
 def test_collect_reads_one_record_per_finished_run(synthetic_root):
     records = collect(synthetic_root)
-    assert len(records) == 12
-    assert [(r["method"], r["value"], r["seed"]) for r in records[:4]] == [
-        ("dpo-lr", 2e-4, 0), ("dpo-lr", 2e-4, 1), ("dpo-lr", 2e-4, 2), ("dpo-lr", 1e-3, 0)]
+    assert len(records) == 18
+    assert [(r["method"], r["epochs"], r["seed"]) for r in records[:4]] == [
+        ("dpo", 1, 0), ("dpo", 1, 1), ("dpo", 1, 2), ("dpo", 3, 0)]
     r = records[0]
-    assert (r["reward"], r["kl"], r["length"], r["cap_rate"], r["win_rate"], r["ref_reward"]) == \
-        (0.3, 0.4, 12.0, 0.02, 0.6, 0.0)
-    assert sweep.read_curve(Path(r["metrics"])) == [(5, 0.1, 0.1), (10, 0.2, 0.2), (20, 0.3, 0.4)]
-    (a,) = [x for x in aggregate(records) if x["value"] == 5]
-    # rewards 0.5, 0.52, 0.48: mean 0.5, s = 0.02, half = 1.96 * 0.02 / sqrt(3) = 0.022632
-    assert a["reward"]["hi"] - a["reward"]["mean"] == pytest.approx(0.022632, abs=1e-6)
+    assert (r["reward"], r["kl"], r["length"], r["cap_rate"], r["win_rate"], r["ref_reward"], r["ref_length"]) == \
+        (0.3, 0.4, 12.0, 0.02, 0.6, 0.0, 15.0)
+    assert (r["lr"], r["train_tokens"], r["final_kl_teacher"], r["teacher"]) == (1e-3, 1000, None, False)
+    t = [r for r in records if r["method"] == "teacher"][0]
+    assert t["teacher"] and t["diagnostics"]["mirror_cosine_median"] == 0.9
 
 
-def test_write_summary_tables_and_plots(synthetic_root, tmp_path):
-    out = write_summary(synthetic_root, synthetic_root / "summary.md", budgets=(0.5, 1, 5),
-                        baseline=("dpo-lr", 2e-4))
+def test_convergence_threshold_and_settings():
+    assert S.converged({"final_kl_teacher": None}) and S.converged({"final_kl_teacher": 0.05})
+    assert not S.converged({"final_kl_teacher": 0.0501}) and S.converged({"final_kl_teacher": 0.2}, threshold=0.3)
+    recs = [{**_rec("ad", 5, s, 0.5, 1.0), "lr": 1e-3, "epochs": 3, "final_kl_teacher": k, "train_tokens": t}
+            for s, k, t in [(0, 0.01, 100), (1, 0.08, 200)]]
+    (a,) = aggregate(recs)
+    # one seed of two above 0.05: the setting is not converged; tokens are the mean, 150
+    assert (a["converged"], a["final_kl_teacher"], a["train_tokens"]) == (False, [0.01, 0.08], 150)
+    assert aggregate(recs, threshold=0.1)[0]["converged"]
+    assert S.setting_name(a) == "5, lr 0.001, 3 ep" and S.setting_name({"value": 20, "lr": None}) == "20"
+
+
+def test_per_seed_within_budget_by_hand():
+    recs = [_rec("m", 1, 0, 0.2, 0.5), _rec("m", 2, 0, 0.6, 3.0), _rec("m", 1, 1, 0.4, 1.5), _rec("m", 2, 1, 0.5, 0.9)]
+    out = per_seed_within_budget(recs, (1, 2, 5))
+    # KL <= 1: seed 0 has 0.2 (KL 0.5), seed 1 has 0.5 (KL 0.9); <= 2: seed 1 adds 0.4 < 0.5;
+    # <= 5: seed 0 adds 0.6. Seeds are counted whether or not they have a run within the budget.
+    assert out["m"] == {1: ([0.2, 0.5], 2), 2: ([0.2, 0.5], 2), 5: ([0.6, 0.5], 2)}
+    assert per_seed_within_budget([_rec("m", 1, 0, 0.2, 4.0)], (1,))["m"] == {1: ([], 1)}
+
+
+def test_tokens_at_matched_kl_by_hand(synthetic_root):
+    agg = [a for a in aggregate(collect(synthetic_root)) if a["converged"]]
+    rows = tokens_at_matched_kl(agg, (1, 5))
+    # dpo 1 epoch: 0.3 at KL 0.4; 3 epochs: 0.45 at KL 1.8 (nothing within KL 1); ad 1 epoch did not
+    # converge, so only ad 3 epochs: r=5 (0.5 at KL 0.9) within 1, r=20 (0.7 at KL 3) within 5.
+    assert [(r["method"], r["epochs"], r["tokens"]) for r in rows] == [("dpo", 1, 1000), ("dpo", 3, 3000),
+                                                                        ("ad", 3, 1500)]
+    assert rows[0]["best"] == {1: pytest.approx((0.3, "0.1, lr 0.001, 1 ep")), 5: pytest.approx((0.3, "0.1, lr 0.001, 1 ep"))}
+    assert rows[1]["best"][1] is None and rows[1]["best"][5][0] == pytest.approx(0.45)
+    assert rows[2]["best"][1][0] == pytest.approx(0.5) and rows[2]["best"][5] == pytest.approx((0.7, "20, lr 0.001, 3 ep"))
+
+
+def test_write_summary_tables_and_plots(synthetic_root):
+    out = write_summary(synthetic_root, synthetic_root / "summary.md", budgets=(0.5, 1, 5), length_budgets=(12, 14))
     text = out.read_text()
-    for png in ("frontier.png", "convergence.png"):
-        assert (synthetic_root / png).read_bytes()[:4] == PNG_MAGIC
-        assert f"]({png})" in text
-    # best within KL <= 0.5: dpo lr 2e-4 (0.300 ± 0.023); aligndistil-r has nothing; KL <= 1: r=5 (0.500)
-    assert "| dpo-lr | lr | 0.300 ± 0.023 (0.0002) | 0.300 ± 0.023 (0.0002) | 0.450 ± 0.023 (0.001) |" in text
-    assert "| aligndistil-r | r | — | 0.500 ± 0.023 (5) | 0.700 ± 0.023 (20) |" in text
-    # steps to match DPO's own final (reward 0.3+bump at KL 0.4), seed by seed:
-    # r=5 reaches 0.35 >= 0.32 at step 10 on every seed (KL 0.3 <= 0.4); r=20 never within KL 0.4.
-    assert "| aligndistil-r | 5 | 10.0 ± 0.0 | 3/3 | 20 | eval curve |" in text
-    assert "| aligndistil-r | 20 | not reached | 0/3 | 20 | eval curve |" in text
-    assert "| dpo-lr | 0.0002 | 20.0 ± 0.0 | 3/3 | 20 | eval curve |" in text
-    # no eval curve: the final evaluation (0.45 at KL 1.8 > 0.4) stands for the whole run
-    assert "| dpo-lr | 0.001 | not reached | 0/3 | 20 | final evaluation |" in text
+    assert (synthetic_root / "frontier.png").read_bytes()[:4] == PNG_MAGIC and "](frontier.png)" in text
+    assert "3 of 18 runs are distilled students" in text  # ad r=5 at 1 epoch, 3 seeds
+    # pooled: the unconverged 0.9 never shows; ad within KL 1 is r=5 at 3 epochs (0.500 ± 0.023)
+    assert "| dpo | beta | 0.300 ± 0.023 (0.1, lr 0.001, 1 ep) | 0.300 ± 0.023 (0.1, lr 0.001, 1 ep) | " \
+           "0.450 ± 0.023 (0.1, lr 0.001, 3 ep) |" in text
+    assert "| ad | r | — | 0.500 ± 0.023 (5, lr 0.001, 3 ep) | 0.700 ± 0.023 (20, lr 0.001, 3 ep) |" in text
+    assert "| teacher | r | — | 0.600 ± 0.023 (5) | 0.600 ± 0.023 (5) |" in text
+    # per seed: within KL 1, ad's seeds have 0.5, 0.52, 0.48 -> 0.500 ± 0.023, all 3 seeds
+    assert "| ad | — (0/3) | 0.500 ± 0.023 (3/3) | 0.700 ± 0.023 (3/3) |" in text
+    # matched length: every run is 12 tokens long, so both length budgets admit all converged settings
+    assert "| ad | r | 0.700 ± 0.023 (20, lr 0.001, 3 ep) | 0.700 ± 0.023 (20, lr 0.001, 3 ep) |" in text
+    assert "| dpo | 3 | 3,000 | — | — | 0.450 (0.1, lr 0.001, 3 ep) |" in text
+    # teacher p(EOS) 0.01, 0.02, 0.03: mean 0.02, s = 0.01, half = 1.96 * 0.01 / sqrt(3) = 0.011
+    assert "| teacher | 5 | 3 | 0.300 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.020 ± 0.011 | 0.900 ± 0.000 |" in text
+    assert "| ad | 5, lr 0.001, 1 ep | 0.300 | 0.300–0.300 | 0/3 |" in text
+    assert "| ad | r = 5, lr 0.001, 1 ep | 3 | 0.900 ± 0.023 | 0.900 ± 0.000 | 12.0 ± 0.0 | 2.0% | **no** |" in text
 
 
-def test_write_summary_without_curves_or_runs(tmp_path):
+def test_write_summary_without_runs(tmp_path):
     empty = write_summary(tmp_path / "none", tmp_path / "none" / "summary.md")
     assert "No finished runs" in empty.read_text()
-    root = tmp_path / "nocurve"
+    root = tmp_path / "plain"
     _write_run(root, "dpo-beta", "beta", 0.1, [0, 0], 0, 0.3, 0.4)
-    (root / "convergence.png").write_bytes(PNG_MAGIC)  # left over from an earlier sweep
-    text = write_summary(root, root / "summary.md", baseline=("dpo-beta", 0.1)).read_text()
-    assert not (root / "convergence.png").exists() and "no convergence plot" in text
-    assert "| dpo-beta | 0.1 | 20.0 ± 0.0 | 1/1 | 20 | final evaluation |" in text
+    text = write_summary(root, root / "summary.md").read_text()
+    assert "No method on the budget grid." in text and "No teacher evaluation" in text
+    assert "No distillation run recorded" in text
 
 
 # ---------------------------------------------------------------- planning and running (no training)
@@ -291,20 +319,72 @@ def test_run_sweep_reuses_shared_work_and_reports_failures(tmp_path, monkeypatch
     assert "| dpo-beta | beta = 0.2 | 2 |" in (tmp_path / "exp/summary.md").read_text()
 
 
-def test_experiments_spec_plans():
-    if "eval_every" not in {f.name for f in dataclasses.fields(C.DpoConfig)}:
-        pytest.skip("the training stages do not have --eval-every yet")
-    spec = sweep.load_spec(REPO / "pipelines/experiments.yaml")
-    base, runs = sweep.plan(spec, Path("runs/experiments"))
-    assert len(spec["seeds"]) >= 3
-    seed0 = [r for r in runs if r.seed == spec["seeds"][0]]
-    variants = {r.stages[0][1].variant for r in seed0 if r.method == "variant"}
-    assert variants == {"aligndistil", "contrastive", "theorem1", "adaptive"}
-    unique = {c.out: (s, c) for r in seed0 for s, c in r.stages}.values()
-    trained = [s for s, _ in unique if s in ("train-dpo", "distill")]
-    # every run's evaluation sees >= 500 held-out prompts
-    assert all(c.num_prompts >= 500 for s, c in unique if s == "evaluate")
-    # the teachers' DPO and 5 more; 15 distinct students; one evaluation per distinct model
-    assert trained.count("train-dpo") == 6 and trained.count("distill") == 15
-    assert sum(s == "evaluate" for s, _ in unique) == 21
-    assert base[spec["seeds"][0]][3][1].out in {c.out for _, c in unique}  # the teachers' DPO is a DPO run
+def test_plan_grid_shared_stages_and_eval_overrides(tmp_path):
+    spec = _spec(dpo={"knob": "beta", "values": [0.1], "grid": "model",
+                      "chain": [{"name": "model", "stage": "train-dpo"}]},
+                 judge={"knob": "beta", "values": [0.2], "chain": [{"name": "model", "stage": "train-dpo",
+                                                                    "with": {"beta": "{knob}"}}],
+                        "eval": {"models": {}, "pairs": "{toy}/pairs.jsonl"}})
+    spec["shared"], spec["base"] = spec["base"][:2], spec["base"][2:]
+    spec["grid"] = {"lr": [1e-3, "3e-4"], "epochs": [1, 3]}
+    base, runs = sweep.plan(spec, tmp_path)
+    # toy and sft once, in ROOT/shared, at the start of every seed's base; dpo per seed
+    assert [c.out for _, c in base[1]] == [str(tmp_path / "shared/toy"), str(tmp_path / "shared/sft"),
+                                           str(tmp_path / "seed-1/dpo")]
+    assert base[1][2][1].model == str(tmp_path / "shared/sft") and base[1][2][1].seed == 1
+    # shared stages have seed 0 whichever seeds are listed: a spec run seed by seed shares them
+    assert [c.seed for _, c in base[1][:2]] == [0, 0]
+    alone, _ = sweep.plan({**spec, "seeds": [1]}, tmp_path)
+    assert [c for _, c in alone[1][:2]] == [c for _, c in base[1][:2]]
+    grid = [r for r in runs if r.seed == 0 and r.method == "dpo"]
+    assert [(r.budget, r.stages[0][1].lr, r.stages[0][1].epochs) for r in grid] == [
+        ((1e-3, 1), 1e-3, 1), ((1e-3, 3), 1e-3, 3), ((3e-4, 1), 3e-4, 1), ((3e-4, 3), 3e-4, 3)]
+    assert grid[1].dir == tmp_path / "seed-0/dpo/beta-0.1_lr-0.001_ep-3"
+    judge = [r for r in runs if r.seed == 0 and r.method == "judge"][0]
+    ev = judge.stages[-1][1]
+    assert judge.budget is None and ev.models == {} and ev.pairs == str(tmp_path / "shared/toy/pairs.jsonl")
+
+
+def test_grid_needs_the_spec_grid_and_a_chain_stage(tmp_path):
+    spec = _spec(dpo={"knob": "beta", "values": [0.1], "grid": "nope",
+                      "chain": [{"name": "model", "stage": "train-dpo"}]})
+    spec["grid"] = {"lr": [1e-3], "epochs": [1]}
+    with pytest.raises(ConfigError, match="grid: 'nope'"):
+        sweep.plan(spec, tmp_path)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**spec, "grid": {"lr": [1e-3]}}))
+    with pytest.raises(ConfigError, match="'grid' must be"):
+        sweep.load_spec(path)
+
+
+def _grid_methods(spec: dict) -> dict:
+    return {m: v for m, v in spec["methods"].items() if v.get("grid")}
+
+
+def test_experiments_specs_give_every_method_the_same_budget_grid():
+    for name, seeds, lrs, epochs in (("experiments.yaml", 2, 2, 2), ("experiments-full.yaml", 5, 3, 3)):
+        spec = sweep.load_spec(REPO / "pipelines" / name)
+        base, runs = sweep.plan(spec, Path("runs/experiments"))
+        assert len(spec["seeds"]) >= seeds
+        assert len(spec["grid"]["lr"]) == lrs and spec["grid"]["epochs"] == sorted(spec["grid"]["epochs"])
+        assert len(spec["grid"]["epochs"]) == epochs
+        seed0 = [r for r in runs if r.seed == spec["seeds"][0]]
+        grids = {m: {r.budget for r in seed0 if r.method == m} for m in _grid_methods(spec)}
+        assert {"dpo", "aligndistil"} <= set(grids) and ("on-policy" in grids or name == "experiments.yaml")
+        assert all(g == grids["dpo"] and len(g) == lrs * epochs for g in grids.values()), name
+        # the grid's lr and epochs reach the trained model of every run
+        for r in seed0:
+            if r.budget:
+                model = next(c for s, c in r.stages if c.out == r.model)
+                assert (model.lr, model.epochs) == r.budget
+        # teachers are sampled directly, with p(EOS) diagnostics on the training pairs
+        teachers = [r.stages[-1][1] for r in seed0 if r.method.startswith("teacher")]
+        assert teachers and all(c.teacher and c.pairs and c.models == {} for c in teachers)
+        # the teachers at 1 and at 3 epochs
+        epochs_of = {c.epochs for _, c in base[spec["seeds"][0]] if getattr(c, "reverse", None) is not None}
+        assert epochs_of == {1, 3}
+        assert next(c for s, c in seed0[0].stages if s == "evaluate").num_prompts >= 128
+    full = sweep.load_spec(REPO / "pipelines/experiments-full.yaml")
+    assert full["grid"] == {"lr": [2.0e-4, 5.0e-4, 1.0e-3], "epochs": [1, 3, 5]}
+    knobs = {m: {float(v) for v in full["methods"][m].get("values", [])} for m in _grid_methods(full)}
+    assert {0.5, 1.0} <= knobs["aligndistil"]
