@@ -62,6 +62,14 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+_saved: dict[str, Path] = {}
+
+
+def last_saved() -> Path | None:
+    """The newest checkpoint this process wrote (for the Ctrl-C message), or None."""
+    return _saved.get("last")
+
+
 def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, keep: int) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` (every rank calls; rank 0 writes)."""
     sharded = fsdp.is_sharded(model)
@@ -75,18 +83,24 @@ def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, ke
         return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(_Full(model_state) if sharded else model, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    atomic_write_json(tmp / STATE, {"step": step, "optimizer": opt_meta, "scheduler": sched,
-                                    "python_random": _jsonable(random.getstate()), "config_hash": config_hash})
+    try:
+        save_model(_Full(model_state) if sharded else model, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        atomic_write_json(tmp / STATE, {"step": step, "optimizer": opt_meta, "scheduler": sched,
+                                        "python_random": _jsonable(random.getstate()), "config_hash": config_hash})
+    except BaseException:
+        # A full disk (or a kill) must not leave a half-written checkpoint taking the space.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    _saved["last"] = final
     for old in complete(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()

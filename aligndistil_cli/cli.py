@@ -9,6 +9,7 @@ traceback only with --debug. Results go to stdout, progress to stderr.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import sys
 from pathlib import Path
@@ -179,6 +180,24 @@ def root(
     """Options that apply to every command."""
 
 
+def internal_error_line(e: Exception) -> str:
+    """The one line an unexpected exception becomes; a full disk is said in plain words."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on device{f' (writing {e.filename})' if e.filename else ''}"
+    return f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug)"
+
+
+INTERRUPTED = 130
+
+
+def _interrupted() -> None:
+    from .checkpoint import last_saved
+
+    saved = last_saved()
+    _fail("interrupted; " + (f"the last checkpoint is {saved} (rerun with --resume to continue from it)"
+                             if saved else "no checkpoint was written"), INTERRUPTED)
+
+
 def _fail(message: str, code: int) -> None:
     stderr.quiet = False  # other ranks are quiet while a stage runs, but not about why they stop
     stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -204,11 +223,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _interrupted()
     except Exception as e:  # noqa: BLE001 - the one place internal errors are turned into a line
         if debug:
             raise
-        _fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug)", 1)
+        _fail(internal_error_line(e), 1)
+    if code == INTERRUPTED:  # Typer turns Ctrl-C into Exit(130) before it could reach the handler above
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -67,6 +67,18 @@ def model_source(path: str | Path, revision: str | None = None) -> dict:
     raise missing
 
 
+def refuse_pickle_weights(path: str | Path) -> None:
+    """A local model directory whose weights are only in pickle form (.bin, .pt) is refused in one line."""
+    local = Path(str(path)).expanduser()
+    if not local.is_dir() or any(local.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in local.glob(pattern))
+    if pickled:
+        raise UserError(f"{path} holds its weights only in pickle form ({', '.join(pickled)}), which aligndistil never "
+                        "loads because unpickling can run code; convert them once, in an environment you trust: "
+                        "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)")
+
+
 def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -102,10 +114,12 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torc
 
     quiet_transformers()
     check_model_input(path)  # unfinished, or changed since its manifest: refused before loading
+    refuse_pickle_weights(path)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     kwargs.update(revision=revision, trust_remote_code=trust_remote_code, **model_source(path, revision))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
+        # Never unpickle: .bin weights can run code when loaded.
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from None
     for name in _POST_HEAD_TRANSFORMS:

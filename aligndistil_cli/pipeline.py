@@ -45,6 +45,8 @@ from .tracking import require
 
 console = Console(stderr=True)
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
+# A stage's name is its directory under the root: no separators, and not "." or "..".
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 FIXED = {"train-reverse-dpo": {"reverse": True}}
 
 
@@ -95,6 +97,9 @@ def load_pipeline(path: Path, root: Path | None = None, sets: dict | None = None
             raise ConfigError(f"{where}: unknown stage {stage!r}{did_you_mean(str(stage), list(STAGES))} "
                               f"(choose one of {', '.join(STAGES)})")
         name = str(entry.get("name", stage))
+        if not STAGE_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: stage name {name!r} must be a plain identifier (letters, digits, '_', '-', "
+                              "'.'; no path): it names the stage's directory under the root")
         if name in outs:
             raise ConfigError(f"{where}: duplicate stage name {name!r}")
         values = substitute(_with_sets(dict(entry.get("with") or {}), sets.get(name, {})), outs, f"{where} ({name})")

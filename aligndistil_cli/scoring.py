@@ -11,6 +11,7 @@ import torch
 
 from . import toy
 from .errors import UserError
+from .modeling import refuse_pickle_weights
 from .sources import flatten_plain
 
 
@@ -34,9 +35,10 @@ class RewardModelScorer:
         quiet_transformers()
         if not Path(path).exists():
             raise UserError(f"reward model {path} does not exist")
+        refuse_pickle_weights(path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-            self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).to(device).eval()
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True).to(device).eval()
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a reward model from {path}: {str(e).splitlines()[0]}") from None
         if self.model.config.num_labels != 1:
