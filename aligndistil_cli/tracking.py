@@ -75,6 +75,15 @@ def _run_id(out: Path, backend: str, resuming: bool, new_id) -> str:
     return run_id
 
 
+def wait_for_a_new_second(logdir: Path) -> None:
+    """TensorBoard reads a run's event files in name order, whose first key is the creation second
+    (then host and PID). A writer that continues a file created in this same second could sort
+    before it, and the older file's events would then replace the newer ones: wait out the second."""
+    created = [p.name.split(".")[3] for p in logdir.glob("events.out.tfevents.*")]
+    if any(c.isdigit() and int(c) >= int(time.time()) for c in created):
+        time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
 class TensorBoard:
     """torch.utils.tensorboard.SummaryWriter into OUT/logs/tensorboard."""
 
@@ -85,8 +94,9 @@ class TensorBoard:
 
         # purge_step hides every earlier event at or after it, so a resume replaces the steps after its
         # checkpoint and a fresh run (evaluate logs at step 0) replaces everything: never a duplicate.
-        self.writer = SummaryWriter(log_dir=str(Path(out) / LOG_DIR / "tensorboard"),
-                                    purge_step=first_step + 1 if first_step else 0)
+        logdir = Path(out) / LOG_DIR / "tensorboard"
+        wait_for_a_new_second(logdir)
+        self.writer = SummaryWriter(log_dir=str(logdir), purge_step=first_step + 1 if first_step else 0)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():

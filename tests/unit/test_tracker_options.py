@@ -66,3 +66,16 @@ def test_a_rerun_replaces_tensorboard_events_instead_of_adding_to_them(tmp_path)
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("table_value")] == [(0, 2.0)]
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0)]
+
+
+def test_a_resumed_tensorboard_writer_never_shares_the_second_of_the_file_it_continues(tmp_path):
+    """TensorBoard orders event files by name (creation second first): a continuation created in the
+    same second as the interrupted run's file could be read before it and be overwritten by it."""
+    import time
+
+    from aligndistil_cli.tracking import wait_for_a_new_second
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now}.host.99999.0").write_bytes(b"")
+    wait_for_a_new_second(tmp_path)
+    assert int(time.time()) > now
