@@ -11,7 +11,6 @@ predicts nothing we train on and is out, as are padding positions.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import Counter
 from contextlib import contextmanager

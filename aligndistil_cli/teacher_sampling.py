@@ -42,14 +42,15 @@ class TeacherDecoder:
 def teacher_logps(models: dict, spec: TeacherSpec, samples: list[Sample], pad_id: int, vocab: int,
                   batch_size: int = 64) -> list[float]:
     """Each sample's response log-prob under softmax(z*/tau), EOS included, teacher-forced."""
-    from .stages.precompute import teacher_for_batch
+    from .stages.precompute import teacher_for_batch, teacher_heads
 
     device = next(models["dpo"].parameters()).device
+    heads = teacher_heads(models)
     totals: list[float] = []
     for start in range(0, len(samples), batch_size):
         part = samples[start : start + batch_size]
         batch = collate([Encoded(s.prompt_ids, s.response_ids) for s in part], pad_id).to(device)
-        fields = teacher_for_batch(models, batch, spec, "logits", vocab, torch.float32, host=False)
+        fields = teacher_for_batch(models, heads, batch, spec, "logits", vocab, torch.float32, host=False)
         per_token = fields["teacher_logprobs"].gather(-1, batch.targets[batch.loss_mask].unsqueeze(-1)).squeeze(-1)
         rows = torch.arange(len(part), device=device).unsqueeze(1).expand_as(batch.loss_mask)[batch.loss_mask]
         totals += torch.zeros(len(part), device=device).index_add(0, rows, per_token.float()).tolist()

@@ -36,7 +36,7 @@ from aligndistil_cli.losses import (aligndistil_loss, compose_teacher, dpo_loss,
 from aligndistil_cli.modeling import (final_hidden, head_logps, output_head, quiet_transformers, response_hidden,
                                       sequence_ids)
 from aligndistil_cli.stages.dpo import policy_logps
-from aligndistil_cli.stages.precompute import teacher_for_batch
+from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
 from aligndistil_cli.teacher import TeacherSpec, bytes_per_position, logq_fn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,7 +302,8 @@ def cache_bytes() -> dict:
 
 def precompute_batch(teachers, batch, vocab: int, store_name: str, fmt: str) -> dict[str, torch.Tensor]:
     """The precompute stage's own per-batch work (to the host, as it writes shards)."""
-    return teacher_for_batch(dict(zip(("dpo", "rev"), teachers)), batch, SPEC, fmt, vocab, STORE_DTYPES[store_name])
+    models = dict(zip(("dpo", "rev"), teachers))
+    return teacher_for_batch(models, teacher_heads(models), batch, SPEC, fmt, vocab, STORE_DTYPES[store_name])
 
 
 def bench_precompute(p, teachers, batch, store, device) -> tuple[dict, dict]:

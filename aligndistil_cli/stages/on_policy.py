@@ -20,15 +20,15 @@ from .. import checkpoint
 from ..artifacts import finalize, fingerprint_model, input_record, prepare_output
 from ..config import DistillConfig
 from ..data import Encoded, collate, data_input, encode_prompts, encode_rows, load_data, prompt_ids, truncate
-from ..modeling import (bf16_enabled, hub_options, load_model, load_student, load_tokenizer, output_head, pick_device,
+from ..modeling import (bf16_enabled, hub_options, load_model, load_student, load_tokenizer, pick_device,
                         save_model)
 from ..monitor import make_monitor
 from ..packing import collate_for, enable as enable_padding_free
 from ..sampling import generate
-from ..teacher import TeacherSpec, float32_heads
+from ..teacher import TeacherSpec
 from ..training import seed_everything, step_batches, train
 from .distill import FINAL_KL_ROWS, final_teacher_kl, report_final_kl, teacher_loss
-from .precompute import check_same_tokenizers, teacher_for_batch
+from .precompute import check_same_tokenizers, teacher_for_batch, teacher_heads
 
 
 def on_policy_spec(config: DistillConfig) -> TeacherSpec:
@@ -127,7 +127,7 @@ def run(config: DistillConfig) -> Path:
     student = load_student(config.student, device, config)
     out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
     rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], config, off_policy)
-    heads = float32_heads({name: output_head(m) for name, m in teachers.items()})
+    heads = teacher_heads(teachers)
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
     vocab = len(tokenizer)
     pack = collate_for(enable_padding_free(student, config.padding_free, "distill (on-policy)"))
@@ -137,7 +137,7 @@ def run(config: DistillConfig) -> Path:
         examples, stats = rollouts.examples_for(chunk)
         start = time.perf_counter()
         batch = collate(examples, tokenizer.pad_token_id).to(device)
-        fields = teacher_for_batch(teachers, batch, spec, "hidden", vocab, teacher_dtype, host=False)
+        fields = teacher_for_batch(teachers, heads, batch, spec, "hidden", vocab, teacher_dtype, host=False)
         # The teachers run padded; the student's packed row selects the same positions in the same order.
         loss, metrics = teacher_loss(student, pack(batch), fields, heads, "hidden", spec, vocab, config.chunk_size)
         tokens = int(batch.loss_mask.sum())

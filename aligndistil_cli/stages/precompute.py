@@ -66,14 +66,19 @@ def choose_format(config: PrecomputeConfig, vocab: int, hidden: int, n_models: i
 
 
 @torch.no_grad()
-def teacher_for_batch(models: dict, batch, spec: TeacherSpec, fmt: str, vocab: int, store: torch.dtype,
-                      top_k: int = 64, host: bool = True) -> dict[str, torch.Tensor]:
+def teacher_heads(models: dict) -> dict:
+    """Each teacher's output head in float32, converted once per run rather than once per batch."""
+    return float32_heads({name: output_head(m) for name, m in models.items()})
+
+
+def teacher_for_batch(models: dict, heads: dict, batch, spec: TeacherSpec, fmt: str, vocab: int,
+                      store: torch.dtype, top_k: int = 64, host: bool = True) -> dict[str, torch.Tensor]:
     """The teacher's per-position tensors for the batch's response positions, chunk by chunk.
 
-    precompute writes them to shards; on-policy distillation (host=False) uses them at once.
+    heads: teacher_heads(models). precompute writes the result to shards; on-policy distillation
+    (host=False) uses it at once.
     """
     hidden = {name: response_hidden(m, batch) for name, m in models.items()}
-    heads = float32_heads({name: output_head(m) for name, m in models.items()})
     n = next(iter(hidden.values())).shape[0]
     parts = [encode_chunk(fmt, {k: h[s : s + POSITION_CHUNK] for k, h in hidden.items()}, heads, spec, vocab, store,
                           top_k, host)
@@ -141,6 +146,7 @@ def run(config: PrecomputeConfig) -> Path:
     todo = [p for p in mine if not shard_is_done(out / p.name, p, settings_key, record.hashes.get(p.name))]
     # The hidden format is only exact if head(h) is the model's logits: check once, on real data.
     unchecked = {f"{name} model {names[name]}": m for name, m in models.items()} if fmt == "hidden" else {}
+    heads = teacher_heads(models)
     with progress("precompute", sum(p.row_end - p.row_start for p in todo)) as advance:
         for plan in todo:
             parts = []
@@ -150,7 +156,8 @@ def run(config: PrecomputeConfig) -> Path:
                 for label, m in unchecked.items():
                     check_head_reproduces(m, label, batch, response_hidden(m, batch), vocab)
                 unchecked = {}
-                parts.append(teacher_for_batch(models, batch, spec, fmt, vocab, STORE_DTYPES[config.dtype], config.top_k))
+                parts.append(teacher_for_batch(models, heads, batch, spec, fmt, vocab, STORE_DTYPES[config.dtype],
+                                               config.top_k))
                 advance(len(chunk))
             write_shard(out / plan.name, plan, settings_key, shard_tensors(parts, examples[plan.row_start : plan.row_end]),
                         record)

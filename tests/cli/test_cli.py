@@ -18,7 +18,6 @@ import pytest
 from aligndistil_cli import __version__
 from aligndistil_cli.artifacts import MANIFEST, finalize, is_complete, prepare_output, read_manifest
 from aligndistil_cli.cli import main
-from aligndistil_cli.config import field_types
 from aligndistil_cli.errors import UserError
 from aligndistil_cli.stages import STAGES
 

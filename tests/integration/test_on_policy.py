@@ -15,7 +15,7 @@ from aligndistil_cli.sampling import generate
 from aligndistil_cli.stages import distill, precompute
 from aligndistil_cli.stages.distill import teacher_loss
 from aligndistil_cli.stages.on_policy import on_policy_spec
-from aligndistil_cli.stages.precompute import teacher_for_batch
+from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
 
 CPU = torch.device("cpu")
 PAD, EOS = 0, 2
@@ -54,7 +54,7 @@ def test_live_teacher_and_cache_give_the_same_loss(runs, tmp_path):
     config = DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo=values["dpo"], rev=values["rev"])
     spec = on_policy_spec(config)
     teachers = {n: load_model(values[n], CPU).eval() for n in ("dpo", "rev")}
-    live = teacher_for_batch(teachers, batch, spec, "hidden", len(tok), torch.float32, host=False)
+    live = teacher_for_batch(teachers, teacher_heads(teachers), batch, spec, "hidden", len(tok), torch.float32, host=False)
     heads = {n: output_head(m) for n, m in teachers.items()}
     live_loss, _ = teacher_loss(student, batch, live, heads, "hidden", spec, len(tok), 5)
     cached_loss, _ = teacher_loss(student, batch, cache.fetch(list(range(len(samples)))), cache.heads(CPU), "hidden",
