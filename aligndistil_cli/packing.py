@@ -6,9 +6,11 @@ the padded batch. Attention must not cross sequence boundaries. transformers 5 o
 attention_mask=None plus restarting position_ids, from which it builds a block-diagonal [L, L]
 mask for sdpa/eager/flex (dense work and memory in L^2, more than the padded batch does) or runs
 flash-attention's varlen kernel (CUDA, the flash-attn package). Here the attention is an
-implementation registered through transformers' AttentionInterface: it runs sdpa once per
-sequence (causal, no mask) when the call carries cu_seq_lens_q, and is plain sdpa otherwise
-(padded batches, generation). Its cost is sum_i T_i^2, never the L^2 of one dense mask.
+implementation registered through transformers' AttentionInterface: when the call carries
+cu_seq_lens_q it gathers the row's sequences into a padded batch for one masked sdpa call and
+scatters the result back, and is plain sdpa otherwise (padded batches, generation). Attention
+costs S * T_max^2 (length-grouped batches keep T_max close to each T_i), never the L^2 of one
+dense mask; the linear layers, most of a step, run on the real tokens only.
 
 The selected positions keep the padded batch's row-major order, so every loss sees the same
 [N] positions in the same order either way.
@@ -28,19 +30,48 @@ _PACKABLE = ("sdpa", "eager", VARLEN)
 
 def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                         cu_seq_lens_q=None, **kwargs):
-    """transformers attention function: per-sequence causal sdpa over a packed row, else plain sdpa.
+    """transformers attention function: causal attention within each sequence of a packed row, else plain sdpa.
 
     query/key/value [1, heads, L, d]; cu_seq_lens_q [S + 1] (on the host) the sequence bounds.
+    The row's sequences are gathered into one [S, heads, T_max, d] batch for a single masked sdpa
+    call, and the outputs scattered back: one kernel per layer rather than one per sequence,
+    which on small models cost more in calls than packing saved. Only attention sees the
+    padding (S * T_max^2 scores); every linear layer still runs on the L real tokens.
     Returns ([1, L, heads, d], None) like sdpa_attention_forward.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
-    outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout,
-                                   scaling, **kwargs)[0] for s, e in zip(bounds, bounds[1:])]
-    return torch.cat(outs, dim=1), None
+    index, valid, mask = _gather_plan(tuple(cu_seq_lens_q.tolist()), query.device)
+
+    def batched(x: torch.Tensor) -> torch.Tensor:  # [1, h, L, d] -> [S, h, T_max, d]
+        return x[0][:, index].transpose(0, 1)
+
+    out = sdpa_attention_forward(module, batched(query), batched(key), batched(value), mask, dropout, scaling,
+                                 **kwargs)[0]
+    return out[valid].unsqueeze(0), None
+
+
+_plans: dict = {}
+
+
+def _gather_plan(bounds: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For sequence bounds (0, e_1, ..., L): index [S, T_max] into the row (a padded slot repeats the
+    sequence's first token), valid [S, T_max], and the causal mask over valid keys [S, 1, T_max, T_max].
+
+    Every layer of a forward (and its backward) uses the same bounds: the plan is built once per batch."""
+    key = (bounds, str(device))
+    if key not in _plans:
+        starts = torch.tensor(bounds[:-1], device=device)
+        lengths = torch.tensor(bounds[1:], device=device) - starts
+        steps = torch.arange(int(lengths.max()), device=device)
+        valid = steps[None, :] < lengths[:, None]
+        index = starts[:, None] + steps[None, :] * valid
+        causal = steps[:, None] >= steps[None, :]
+        _plans.clear()  # one batch at a time; a dict keeps the lookup cheap
+        _plans[key] = (index, valid, (causal[None] & valid[:, None, :]).unsqueeze(1))
+    return _plans[key]
 
 
 def register() -> None:
