@@ -71,6 +71,7 @@ def teacher_heads(models: dict) -> dict:
     return float32_heads({name: output_head(m) for name, m in models.items()})
 
 
+@torch.no_grad()
 def teacher_for_batch(models: dict, heads: dict, batch, spec: TeacherSpec, fmt: str, vocab: int,
                       store: torch.dtype, top_k: int = 64, host: bool = True) -> dict[str, torch.Tensor]:
     """The teacher's per-position tensors for the batch's response positions, chunk by chunk.

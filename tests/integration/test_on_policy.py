@@ -55,6 +55,9 @@ def test_live_teacher_and_cache_give_the_same_loss(runs, tmp_path):
     spec = on_policy_spec(config)
     teachers = {n: load_model(values[n], CPU).eval() for n in ("dpo", "rev")}
     live = teacher_for_batch(teachers, teacher_heads(teachers), batch, spec, "hidden", len(tok), torch.float32, host=False)
+    # The teachers' parameters require grad here, but no autograd graph may be built over their forwards.
+    assert all(p.requires_grad for p in teachers["dpo"].parameters())
+    assert not any(t.requires_grad for t in live.values())
     heads = {n: output_head(m) for n, m in teachers.items()}
     live_loss, _ = teacher_loss(student, batch, live, heads, "hidden", spec, len(tok), 5)
     cached_loss, _ = teacher_loss(student, batch, cache.fetch(list(range(len(samples)))), cache.heads(CPU), "hidden",
