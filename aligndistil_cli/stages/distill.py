@@ -22,7 +22,7 @@ from ..losses import fused_head_kl_loss, position_weights
 from ..modeling import (autocast, hub_options, load_student, load_tokenizer, num_sequences, output_head, pick_device,
                         response_hidden, save_model, sequence_ids)
 from ..monitor import make_monitor
-from ..packing import collate_for, enable as enable_padding_free
+from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
 from ..teacher import TeacherSpec, float32_heads, logq_fn, realpha
 from ..training import seed_everything, step_batches, total_steps, train
 
@@ -149,7 +149,7 @@ def run(config: DistillConfig) -> Path:
     spec = cache_spec(cache, config)
     model = load_student(config.student, device, config)
     out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
-    pack = collate_for(enable_padding_free(model, config.padding_free, "distill"))
+    pack = collate_for(enable_padding_free(model, config.padding_free, "distill"), MIN_PADDING)
     loss_fn = cached_teacher_loss(model, cache, spec, tokenizer.pad_token_id, len(tokenizer), device, config.chunk_size,
                                   pack)
     items = list(enumerate(examples))

@@ -22,7 +22,7 @@ from ..losses import dpo_loss
 from ..modeling import (head_logps, hub_options, load_student, load_tokenizer, pick_device, reference_mode, save_model,
                         sequence_ids, sequence_logps)
 from ..monitor import make_monitor
-from ..packing import collate_for, enable as enable_padding_free
+from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
 from ..training import progress, seed_everything, step_batches, total_steps, train
 
 REF_CACHE_VERSION = 1
@@ -110,7 +110,7 @@ def run(config: DpoConfig) -> Path:
     # Reverse DPO is DPO on swapped pairs with the same reference: swap the data, not the loop.
     ref_chosen, ref_rejected = (ref["rejected"], ref["chosen"]) if config.reverse else (ref["chosen"], ref["rejected"])
     items = [((r, c) if config.reverse else (c, r), i) for i, (c, r) in enumerate(pairs)]
-    pack = collate_for(enable_padding_free(model, config.padding_free, stage))
+    pack = collate_for(enable_padding_free(model, config.padding_free, stage), MIN_PADDING)
 
     def loss_fn(chunk):
         idx = torch.tensor([i for _, i in chunk])

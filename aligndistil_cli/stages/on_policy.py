@@ -23,7 +23,7 @@ from ..data import Encoded, collate, data_input, encode_prompts, encode_rows, lo
 from ..modeling import (bf16_enabled, hub_options, load_model, load_student, load_tokenizer, pick_device,
                         save_model)
 from ..monitor import make_monitor
-from ..packing import collate_for, enable as enable_padding_free
+from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
 from ..sampling import generate
 from ..teacher import TeacherSpec
 from ..training import seed_everything, step_batches, train
@@ -130,7 +130,7 @@ def run(config: DistillConfig) -> Path:
     heads = teacher_heads(teachers)
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
     vocab = len(tokenizer)
-    pack = collate_for(enable_padding_free(student, config.padding_free, "distill (on-policy)"))
+    pack = collate_for(enable_padding_free(student, config.padding_free, "distill (on-policy)"), MIN_PADDING)
     trained = {"tokens": 0}  # response tokens trained on by this process (a --resume counts from there)
 
     def loss_fn(chunk):

@@ -10,7 +10,7 @@ from ..config import SftConfig
 from ..data import collate, data_input, encode_rows, load_data
 from ..modeling import head_logps, hub_options, load_student, load_tokenizer, pick_device, save_model
 from ..monitor import make_monitor
-from ..packing import collate_for, enable as enable_padding_free
+from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
 from ..training import seed_everything, step_batches, total_steps, train
 
 
@@ -23,7 +23,7 @@ def run(config: SftConfig) -> Path:
     vocab = len(tokenizer)
     examples, truncated = encode_rows(tokenizer, rows, "response", config, data_stats)
     out = prepare_output(Path(config.out), "sft", config.force, checkpoint.scratch(config.resume))
-    pack = collate_for(enable_padding_free(model, config.padding_free, "sft"))
+    pack = collate_for(enable_padding_free(model, config.padding_free, "sft"), MIN_PADDING)
 
     def loss_fn(chunk):
         batch = pack(collate(chunk, tokenizer.pad_token_id).to(device))

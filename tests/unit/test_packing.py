@@ -139,3 +139,16 @@ def test_compile_layers_wraps_each_decoder_layer_and_keeps_names():
     assert compile_layers(model) == 2  # lazy: nothing is compiled until a forward runs
     assert all(m._compiled_call_impl is not None for m in decoder_layers(model))
     assert list(model.state_dict()) == names, "checkpoints and save_pretrained see the same parameter names"
+
+
+def test_only_batches_with_enough_padding_are_packed():
+    from aligndistil_cli.packing import PackedBatch, collate_for, padding_fraction
+
+    even = collate([Encoded([5, 6], [7, 8]), Encoded([9, 10], [11, 12])], pad_id=0)  # no padding
+    uneven = collate([Encoded([5, 6], [7, 8, 9, 10, 11, 12]), Encoded([9], [11])], pad_id=0)  # 6 of 16 slots padded
+    assert padding_fraction(even) == 0.0 and padding_fraction(uneven) == pytest.approx(6 / 16)
+    pick = collate_for(True, 0.1)
+    assert pick(even) is even
+    assert isinstance(pick(uneven), PackedBatch)
+    assert isinstance(collate_for(True)(even), PackedBatch)  # min_padding 0: always packed
+    assert collate_for(False, 0.0)(uneven) is uneven
