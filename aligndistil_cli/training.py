@@ -133,7 +133,8 @@ def accumulate(loss_fn: LossFn, batch: list, n: int, precision: str, device, mod
     """Forward + backward over this rank's micro-batches; each loss is weighted by its share of the global batch.
 
     weight(micro) is what the micro-batch's loss is a mean over (sequences by
-    default, tokens for a token mean); shares are taken of the sum over all
+    default, tokens for a token mean; the number of sequences is up to the
+    stage when loss_fn drops or adds some); shares are taken of the sum over all
     ranks, so N ranks compute the loss and gradient of one process. A metric
     loss_fn returns is a mean over the micro-batch's sequences, or a
     (mean, count) pair for a mean over count other things (tokens, positions);
@@ -144,7 +145,9 @@ def accumulate(loss_fn: LossFn, batch: list, n: int, precision: str, device, mod
     from .modeling import autocast
 
     micros = rank_micro_batches(batch, n)
-    weights = [float(weight(m)) if live else 0.0 for m, live in micros]
+    # weight runs on every micro-batch, padding too, and before any forward: a weight that samples
+    # (on-policy) then runs as many collectives on every rank, all with the step's starting weights.
+    weights = [float(weight(m)) * live for m, live in micros]
     sizes = [float(len(m)) if live else 0.0 for m, live in micros]
     whole, sequences = distributed.all_reduce_sum(torch.tensor([sum(weights), sum(sizes)], dtype=torch.float64)).tolist()
     # FSDP averages gradients over ranks, but each rank's loss is already its share of the global loss.

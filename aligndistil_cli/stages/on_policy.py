@@ -13,14 +13,15 @@ import dataclasses
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, distributed, fsdp
 from ..artifacts import finalize, fingerprint_model, input_record, prepare_output
 from ..config import DistillConfig
 from ..data import Encoded, collate, data_input, encode_prompts, encode_rows, load_data, prompt_ids, truncate
-from ..modeling import (bf16_enabled, hub_options, load_model, load_student, load_tokenizer, pick_device,
+from ..modeling import (autocast, bf16_enabled, hub_options, load_model, load_student, load_tokenizer, pick_device,
                         save_model)
 from ..monitor import make_monitor
 from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
@@ -50,9 +51,43 @@ def load_teachers(config: DistillConfig, spec: TeacherSpec, device, student_toke
     return models
 
 
+class RolloutItem(NamedTuple):
+    """One prompt of one rollout, with its place in the rollout, so that its samples and the off-policy
+    mix are functions of the rollout and not of the micro-batch or rank that draws them."""
+
+    rollout: int  # rollout index (the final-KL probe uses indices past every training rollout)
+    prompt: int  # index into the prompts
+    position: int  # place among the rollout's prompts
+    size: int  # prompts in the rollout
+
+
+def stream_index(item: RolloutItem, sample: int, num_prompts: int, samples_per_prompt: int) -> int:
+    """The random stream (sampling.prompt_keys) of sample k of a rollout's prompt: unique over
+    (rollout, prompt, sample), so a response is the same whichever rank or micro-batch draws it."""
+    return (item.rollout * num_prompts + item.prompt) * samples_per_prompt + sample
+
+
+def off_policy_plan(rollout: int, slots: int, rows: int, mix: float, seed: int) -> dict[int, int]:
+    """{sample slot: off-policy row} for a rollout of `slots` samples (prompt position x samples_per_prompt + k).
+
+    round(mix * slots) slots, at most one per row (no row twice), drawn from (seed, rollout) alone:
+    every rank and micro-batch computes the same plan and takes the slots of its own prompts.
+    """
+    n = min(int(round(mix * slots)), rows)
+    rng = random.Random(seed * 100_003 + rollout)
+    return dict(zip(rng.sample(range(slots), n), rng.sample(range(rows), n)))
+
+
 class Rollouts:
     """Samples for a step's prompts, drawn with the student's current weights, reused across the
-    --updates-per-rollout steps that share them."""
+    --updates-per-rollout steps that share them.
+
+    Each micro-batch is sampled once per rollout (train's weight function asks first, before
+    any forward of the step, so every micro-batch of a step sees the same weights) and kept
+    until the rollout changes. Under FSDP every decode step is a collective: ranks agree on
+    each request whether anyone samples, and a rank with nothing to sample decodes one
+    throwaway row, so the ranks' forwards pair up.
+    """
 
     def __init__(self, student, tokenizer, prompts: list, config: DistillConfig, off_policy: list[Encoded]):
         self.student, self.tokenizer, self.config = student, tokenizer, config
@@ -60,46 +95,73 @@ class Rollouts:
         self.ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
                              config.max_prompt_length)[0].prompt for p in prompts]
         self.off_policy = off_policy
-        self.key, self.examples, self.stats = None, [], {}
+        self.rollout, self.plan, self.cache = None, {}, {}
 
-    def examples_for(self, chunk: list[tuple[int, int]]) -> tuple[list[Encoded], dict]:
+    def examples_for(self, chunk: list[RolloutItem]) -> tuple[list[Encoded], dict]:
+        if chunk[0].rollout != self.rollout:
+            cfg = self.config
+            self.rollout, self.cache = chunk[0].rollout, {}
+            self.plan = off_policy_plan(self.rollout, chunk[0].size * cfg.samples_per_prompt, len(self.off_policy),
+                                        cfg.mix_off_policy, cfg.seed)
         key = tuple(chunk)
-        if key != self.key:
-            self.key = key
-            self.examples, self.stats = self._sample(chunk)
-        return self.examples, self.stats
+        missing = key not in self.cache
+        synced = fsdp.is_sharded(self.student) and distributed.world_size() > 1
+        if synced and distributed.all_reduce_max(float(missing)) and not missing:
+            self._generate([(chunk[0].prompt, 0)])  # another rank samples: decode alongside it, discard
+        if missing:
+            self.cache[key] = self._sample(chunk, synced)
+        return self.cache[key]
 
-    def _sample(self, chunk: list[tuple[int, int]]) -> tuple[list[Encoded], dict]:
+    def sequences(self, chunk: list[RolloutItem]) -> int:
+        """The number of sequences the chunk's loss is a mean over (losses.position_weights): those with a response."""
+        return sum(1 for e in self.examples_for(chunk)[0] if e.response)
+
+    def _generate(self, rows: list[tuple[int, int]]) -> list:
+        """One decode batch: a sample of each (prompt index, stream index) with the student's current weights."""
         cfg = self.config
-        picked = [i for _, i in chunk for _ in range(cfg.samples_per_prompt)]
-        n_off = int(round(cfg.mix_off_policy * len(picked))) if self.off_policy else 0
-        rng = random.Random(cfg.seed * 100_003 + chunk[0][0])
-        on = picked[: len(picked) - n_off]
         self.student.eval()
-        start = time.perf_counter()
-        samples = generate(self.student, self.tokenizer, [self.prompts[i] for i in on], [self.ids[i] for i in on],
-                           max_new_tokens=min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length),
-                           temperature=cfg.temperature, top_p=cfg.top_p, batch_size=len(on),
-                           seed=cfg.seed + chunk[0][0], desc="rollout")
-        seconds = time.perf_counter() - start
+        with autocast(cfg.precision, next(self.student.parameters()).device):
+            samples = generate(self.student, self.tokenizer, [self.prompts[i] for i, _ in rows],
+                               [self.ids[i] for i, _ in rows],
+                               max_new_tokens=min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length),
+                               temperature=cfg.temperature, top_p=cfg.top_p, batch_size=max(1, len(rows)),
+                               seed=cfg.seed, indices=[k for _, k in rows], desc="rollout")
         self.student.train()
-        examples = [Encoded(s.prompt_ids, s.response_ids) for s in samples if s.response_ids]
-        examples += [self.off_policy[j] for j in rng.sample(range(len(self.off_policy)), min(n_off, len(self.off_policy)))]
+        return samples
+
+    def _sample(self, chunk: list[RolloutItem], synced: bool) -> tuple[list[Encoded], dict]:
+        k_max = self.config.samples_per_prompt
+        on, off = [], []
+        for item in chunk:
+            for k in range(k_max):
+                row = self.plan.get(item.position * k_max + k)
+                if row is None:
+                    on.append((item.prompt, stream_index(item, k, len(self.prompts), k_max)))
+                else:
+                    off.append(self.off_policy[row])
+        start = time.perf_counter()
+        samples = self._generate(on) if on else []
+        if synced and not on:  # every slot is off-policy, but the other ranks' decode batches need a partner
+            self._generate([(chunk[0].prompt, 0)])
+        seconds = time.perf_counter() - start
+        examples = [Encoded(s.prompt_ids, s.response_ids) for s in samples if s.response_ids] + off
         tokens = sum(len(s.response_ids) for s in samples)
+        # (mean, count) pairs: training.accumulate averages them over the step's samples, whatever the split.
         return examples, {"rollout_tokens_per_s": tokens / max(seconds, 1e-9),
-                          "response_length_mean": tokens / max(1, len(samples)),
-                          "eos_rate": sum(s.finished for s in samples) / max(1, len(samples)),
-                          "off_policy_sequences": n_off}
+                          "response_length_mean": (tokens / max(1, len(samples)), len(samples)),
+                          "eos_rate": (sum(s.finished for s in samples) / max(1, len(samples)), len(samples)),
+                          "off_policy_sequences": len(self.plan)}
 
 
 def rollout_steps(num_prompts: int, config: DistillConfig):
-    """(rollout index, prompt index) lists: each rollout's prompts, repeated --updates-per-rollout times."""
+    """Lists of RolloutItem: each rollout's prompts, repeated --updates-per-rollout times."""
     batch = max(1, config.batch_size // config.samples_per_prompt)
     rollouts = step_batches(list(range(num_prompts)), batch, config.epochs, config.seed,
                             -(-config.max_steps // config.updates_per_rollout) if config.max_steps else None)
     for r, prompts in enumerate(rollouts):
+        items = [RolloutItem(r, i, p, len(prompts)) for p, i in enumerate(prompts)]
         for _ in range(config.updates_per_rollout):
-            yield [(r, i) for i in prompts]
+            yield items
 
 
 def at_rollout_boundaries(config: DistillConfig) -> DistillConfig:
@@ -149,11 +211,11 @@ def run(config: DistillConfig) -> Path:
     n_steps = min(per_epoch * config.epochs * config.updates_per_rollout, config.max_steps or 10**12)
     monitor = make_monitor(config, tokenizer, config.student, device)
     summary = train(student, rollout_steps(len(rows), config), n_steps, loss_fn, at_rollout_boundaries(config), out,
-                    "distill (on-policy)", monitor)
+                    "distill (on-policy)", monitor, weight=rollouts.sequences)
     # Fresh rollouts of the trained student on the first prompts, keyed past every training rollout.
     probe = list(range(min(FINAL_KL_ROWS, len(rows))))
-    chunks = [[(n_steps + 1 + s, i) for i in probe[s : s + config.batch_size]]
-              for s in range(0, len(probe), config.batch_size)]
+    parts = [probe[s : s + config.batch_size] for s in range(0, len(probe), config.batch_size)]
+    chunks = [[RolloutItem(n_steps + 1 + s, i, p, len(part)) for p, i in enumerate(part)] for s, part in enumerate(parts)]
     final_kl = final_teacher_kl(student, loss_fn, chunks, config.precision, device)
     report_final_kl(out, summary["steps"], final_kl, trained["tokens"])
     save_model(student, tokenizer, out)

@@ -88,3 +88,35 @@ def test_on_policy_mixes_off_policy_sequences(runs, tmp_path):
                            mix_off_policy=0.5, max_new_tokens=8, max_length=64, max_prompt_length=32)
     out = distill.run(config)
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["off_policy_sequences"] == 2
+
+
+def timing_free(out) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (elapsed_s, *_tokens_per_s), which no two runs share."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "elapsed_s" and not k.endswith("_tokens_per_s")} for r in rows]
+
+
+def test_on_policy_does_not_depend_on_grad_accum(runs, tmp_path):
+    """The same global batch split into 2 micro-batches samples the same responses, mixes in the same
+    off-policy rows and normalises over the same sequences as 1 micro-batch: same losses, same weights."""
+    from safetensors.torch import load_file
+
+    values = dict(student=str(runs / "sft"), data=str(runs / "prefs" / "pairs.jsonl"), mode="on-policy",
+                  dpo=str(runs / "dpo"), rev=str(runs / "rev"), batch_size=8, samples_per_prompt=2, max_steps=3,
+                  updates_per_rollout=1, mix_off_policy=0.25, max_new_tokens=8, max_length=64, max_prompt_length=32,
+                  lr=1e-2)
+    one = distill.run(DistillConfig(out=str(tmp_path / "one"), grad_accum=1, **values))
+    two = distill.run(DistillConfig(out=str(tmp_path / "two"), grad_accum=2, **values))
+    a, b = timing_free(one), timing_free(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 3]  # 3 steps, then the final KL
+    # 4 prompts x 2 samples a step: round(0.25 * 8) = 2 slots hold off-policy rows, whatever the split.
+    assert [r["off_policy_sequences"] for r in a[:3]] == [2, 2, 2]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-5), (x["step"], k)
+    wa, wb = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    start = load_model(runs / "sft", CPU).state_dict()
+    assert any(not torch.equal(wa[k], start[k]) for k in wa), "training moved the weights"
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=k)
