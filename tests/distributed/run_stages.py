@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node 2 tests/distributed/run_stages.py STAGE=CONFIG.yaml ... [mismatch=OUT.json]
 
-Each STAGE=CONFIG runs like `aligndistil STAGE --config CONFIG` does (distributed.session, then the stage).
+Each STAGE=CONFIG runs like `aligndistil STAGE --config CONFIG` does (distributed.session, then the stage);
+STAGE/NAME=CONFIG names a second run of a stage (distill/on-policy=CONFIG runs distill).
 mismatch=OUT.json gives rank 1 a different seed than rank 0 and records, per rank, the refusal it got.
 """
 
@@ -36,6 +37,7 @@ def main(args: list[str]) -> None:
                 with open(path, "w", encoding="utf-8") as f:
                     json.dump(refusals, f)
             continue
+        stage = stage.split("/")[0]
         config = load_config(STAGES[stage].config, path, {"reverse": True} if stage == "train-reverse-dpo" else {})
         with distributed.session(config):
             STAGES[stage].run(config)

@@ -38,7 +38,9 @@ def torchrun(*args: str, nproc: int = 2) -> list[str]:
 
 def run_in_process(stage: str, values: dict) -> Path:
     """One process, with the ranks' thread count (OMP_NUM_THREADS=1): float sums reduced over another
-    number of threads round differently, and precompute's shards are compared byte for byte."""
+    number of threads round differently, and precompute's shards are compared byte for byte.
+    STAGE/NAME is another run of STAGE (as in run_stages.py)."""
+    stage = stage.split("/")[0]
     fixed = {"reverse": True} if stage == "train-reverse-dpo" else {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -76,6 +78,11 @@ def stage_values(w: Path, run: str) -> dict[str, dict]:
         "train-dpo": {**TRAIN, "model": str(toy / "model"), "data": pairs, "out": str(w / run / "dpo")},
         "distill": {**TRAIN, "student": str(toy / "model"), "cache": str(w / "one" / "teacher"), "data": pairs,
                     "out": str(w / run / "student")},
+        # 4 prompts x 2 samples a step, a quarter of them off-policy rows: 1 prompt per micro-batch on 2 ranks.
+        "distill/on-policy": {**TRAIN, "mode": "on-policy", "student": str(toy / "model"), "dpo": str(toy / "model"),
+                              "rev": str(tied), "data": pairs, "samples_per_prompt": 2, "max_new_tokens": 8,
+                              "mix_off_policy": 0.25, "grad_accum": 2, "updates_per_rollout": 2,
+                              "out": str(w / run / "on-policy")},
         "precompute": {"dpo": str(toy / "model"), "rev": str(tied), "data": pairs, "max_length": 64,
                        "max_prompt_length": 32, "shard_mb": 0.02, "batch_size": 4, "out": str(w / run / "teacher")},
         "make-prefs": {"model": str(toy / "model"), "data": str(toy / "prompts.jsonl"), "num_samples": 2,
@@ -98,7 +105,7 @@ def world(tmp_path_factory) -> Path:
     run_in_process("precompute", one["precompute"])
     args = []
     for stage, values in two.items():
-        path = w / f"{stage}.yaml"
+        path = w / f"{stage.replace('/', '-')}.yaml"
         path.write_text(yaml.safe_dump(values))
         args.append(f"{stage}={path}")
     args.append(f"mismatch={w / 'mismatch.json'}")
@@ -111,8 +118,9 @@ def world(tmp_path_factory) -> Path:
 
 
 def metrics(out: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (elapsed_s, on-policy's *_tokens_per_s)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k != "elapsed_s" and not k.endswith("_tokens_per_s")} for r in rows]
 
 
 def assert_same_weights(a: Path, b: Path, atol: float) -> None:
@@ -122,7 +130,7 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "student"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "student", "on-policy"])
 def test_two_ranks_train_like_one_process(world, name):
     # distill's last record, the final KL to the teacher, is measured on one process only
     one, two = ([r for r in metrics(world / w / name) if "final_kl_teacher" not in r] for w in ("one", "two"))
