@@ -78,9 +78,11 @@ def stage_values(w: Path, run: str) -> dict[str, dict]:
         "train-dpo": {**TRAIN, "model": str(toy / "model"), "data": pairs, "out": str(w / run / "dpo")},
         "distill": {**TRAIN, "student": str(toy / "model"), "cache": str(w / "one" / "teacher"), "data": pairs,
                     "out": str(w / run / "student")},
-        # 4 prompts x 2 samples a step, a quarter of them off-policy rows: 1 prompt per micro-batch on 2 ranks.
+        # Rollouts of 4 prompts, then the epoch's last 2, each x 2 samples, a quarter of the samples off-policy
+        # rows; 2 micro-batches a rank, so in the last rollout rank 0 pads with a micro-batch it already sampled
+        # while rank 1 samples its second one (their decode steps must still pair up).
         "distill/on-policy": {**TRAIN, "mode": "on-policy", "student": str(toy / "model"), "dpo": str(toy / "model"),
-                              "rev": str(tied), "data": pairs, "samples_per_prompt": 2, "max_new_tokens": 8,
+                              "rev": str(tied), "data": str(w / "pairs-6.jsonl"), "samples_per_prompt": 2, "max_new_tokens": 8,
                               "mix_off_policy": 0.25, "grad_accum": 2, "updates_per_rollout": 2,
                               "out": str(w / run / "on-policy")},
         "precompute": {"dpo": str(toy / "model"), "rev": str(tied), "data": pairs, "max_length": 64,
@@ -101,6 +103,7 @@ def world(tmp_path_factory) -> Path:
                                 "num_heads": 2, "intermediate_size": 64})
     write_tied_model(w / "toy" / "model", w / "tied")
     write_pairs(w / "toy" / "sft.jsonl", w / "pairs.jsonl")
+    (w / "pairs-6.jsonl").write_text("".join((w / "pairs.jsonl").read_text().splitlines(keepends=True)[:6]))
     one, two = stage_values(w, "one"), stage_values(w, "two")
     run_in_process("precompute", one["precompute"])
     args = []
