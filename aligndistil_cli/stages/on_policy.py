@@ -73,7 +73,7 @@ def off_policy_plan(rollout: int, slots: int, rows: int, mix: float, seed: int) 
     round(mix * slots) slots, at most one per row (no row twice), drawn from (seed, rollout) alone:
     every rank and micro-batch computes the same plan and takes the slots of its own prompts.
     """
-    n = min(int(round(mix * slots)), rows)
+    n = min(round(mix * slots), rows)
     rng = random.Random(seed * 100_003 + rollout)
     return dict(zip(rng.sample(range(slots), n), rng.sample(range(rows), n)))
 

@@ -101,10 +101,10 @@ def test_on_policy_does_not_depend_on_grad_accum(runs, tmp_path):
     off-policy rows and normalises over the same sequences as 1 micro-batch: same losses, same weights."""
     from safetensors.torch import load_file
 
-    values = dict(student=str(runs / "sft"), data=str(runs / "prefs" / "pairs.jsonl"), mode="on-policy",
-                  dpo=str(runs / "dpo"), rev=str(runs / "rev"), batch_size=8, samples_per_prompt=2, max_steps=3,
-                  updates_per_rollout=1, mix_off_policy=0.25, max_new_tokens=8, max_length=64, max_prompt_length=32,
-                  lr=1e-2)
+    values = {"student": str(runs / "sft"), "data": str(runs / "prefs" / "pairs.jsonl"), "mode": "on-policy",
+              "dpo": str(runs / "dpo"), "rev": str(runs / "rev"), "batch_size": 8, "samples_per_prompt": 2,
+              "max_steps": 3, "mix_off_policy": 0.25, "max_new_tokens": 8, "max_length": 64,
+              "max_prompt_length": 32, "lr": 1e-2}
     one = distill.run(DistillConfig(out=str(tmp_path / "one"), grad_accum=1, **values))
     two = distill.run(DistillConfig(out=str(tmp_path / "two"), grad_accum=2, **values))
     a, b = timing_free(one), timing_free(two)
