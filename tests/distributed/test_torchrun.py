@@ -143,7 +143,10 @@ def test_two_ranks_train_like_one_process(world, name):
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (a["step"], k)
     # The weights moved (so equal weights are not just the shared initialisation) and moved alike.
-    assert_same_weights(world / "one" / name, world / "two" / name, atol=1e-5)
+    # 2e-5: each rank's micro-batches are padded (or packed) differently from one process's, so attention
+    # kernels block their sums differently, and AdamW's normalised update turns those 1e-7 rounding
+    # differences in small gradients into ~1e-5 in the weights after 4 steps at lr 1e-3.
+    assert_same_weights(world / "one" / name, world / "two" / name, atol=2e-5)
     manifest = json.loads((world / "two" / name / "manifest.json").read_text())
     assert manifest["launch"]["world_size"] == 2 and manifest["launch"]["command"].startswith("torchrun")
     assert json.loads((world / "one" / name / "manifest.json").read_text())["launch"]["world_size"] == 1
