@@ -112,7 +112,7 @@ class PackedBatch:
         return {"input_ids": self.input_ids, "attention_mask": torch.ones_like(self.input_ids),
                 "position_ids": self.position_ids, "cu_seq_lens_q": self.cu_seqlens}
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         moved = (t.to(device) for t in (self.input_ids, self.position_ids, self.loss_mask, self.targets,
                                          self.seq_index))
         return PackedBatch(*moved, self.cu_seqlens)

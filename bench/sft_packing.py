@@ -11,6 +11,7 @@ Usage: OMP_NUM_THREADS=1 python -m bench.sft_packing [--steps 20] [--warmup 2]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
@@ -39,7 +40,7 @@ def per_sequence_sdpa(module, query, key, value, attention_mask, dropout=0.0, sc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     bounds = cu_seq_lens_q.tolist()
     outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout,
-                                   scaling, **kwargs)[0] for s, e in zip(bounds, bounds[1:])]
+                                   scaling, **kwargs)[0] for s, e in itertools.pairwise(bounds)]
     return torch.cat(outs, dim=1), None
 
 
