@@ -10,6 +10,7 @@ mismatch=OUT.json gives rank 1 a different seed than rank 0 and records, per ran
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch.distributed as dist
@@ -41,7 +42,14 @@ def main(args: list[str]) -> None:
         config = load_config(STAGES[stage].config, path, {"reverse": True} if stage == "train-reverse-dpo" else {})
         with distributed.session(config):
             STAGES[stage].run(config)
-    dist.destroy_process_group()
+    dist.barrier()
+    # Every output is on disk and every collective done: leave without the process group's and the
+    # interpreter's teardown. After this many stages in one process group (FSDP2-sharded models, synced
+    # on-policy decoding), that teardown aborted rank 0 twice in full-suite runs under load ("terminate
+    # called without an active exception", exit -6), after mismatch.json, the last output, was written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
