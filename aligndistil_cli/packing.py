@@ -18,6 +18,7 @@ The selected positions keep the padded batch's row-major order, so every loss se
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -53,25 +54,19 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     return out[valid].unsqueeze(0), None
 
 
-_plans: dict = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _gather_plan(bounds: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For sequence bounds (0, e_1, ..., L): index [S, T_max] into the row (a padded slot repeats the
     sequence's first token), valid [S, T_max], and the causal mask over valid keys [S, 1, T_max, T_max].
 
     Every layer of a forward (and its backward) uses the same bounds: the plan is built once per batch."""
-    key = (bounds, str(device))
-    if key not in _plans:
-        starts = torch.tensor(bounds[:-1], device=device)
-        lengths = torch.tensor(bounds[1:], device=device) - starts
-        steps = torch.arange(int(lengths.max()), device=device)
-        valid = steps[None, :] < lengths[:, None]
-        index = starts[:, None] + steps[None, :] * valid
-        causal = steps[:, None] >= steps[None, :]
-        _plans.clear()  # one batch at a time; a dict keeps the lookup cheap
-        _plans[key] = (index, valid, (causal[None] & valid[:, None, :]).unsqueeze(1))
-    return _plans[key]
+    starts = torch.tensor(bounds[:-1], device=device)
+    lengths = torch.tensor(bounds[1:], device=device) - starts
+    steps = torch.arange(int(lengths.max()), device=device)
+    valid = steps[None, :] < lengths[:, None]
+    index = starts[:, None] + steps[None, :] * valid
+    causal = steps[:, None] >= steps[None, :]
+    return index, valid, (causal[None] & valid[:, None, :]).unsqueeze(1)
 
 
 def register() -> None:
