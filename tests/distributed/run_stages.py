@@ -43,10 +43,14 @@ def main(args: list[str]) -> None:
         with distributed.session(config):
             STAGES[stage].run(config)
     dist.barrier()
-    # Every output is on disk and every collective done: leave without the process group's and the
-    # interpreter's teardown. After this many stages in one process group (FSDP2-sharded models, synced
-    # on-policy decoding), that teardown aborted rank 0 twice in full-suite runs under load ("terminate
-    # called without an active exception", exit -6), after mismatch.json, the last output, was written.
+    # Every output is on disk and every collective done. A process that exits with its gloo group still
+    # alive can abort in the interpreter's teardown: gloo's worker threads still hold work objects whose
+    # tensors need the GIL (pytorch/pytorch#179291). Rank 0 of this harness, which used to leave without
+    # destroying its group, aborted so in two full-suite runs ("terminate called without an active
+    # exception", exit -6) after mismatch.json, the last output, was written. The CLI's own path
+    # (distributed.session) destroys its group; here it is destroyed too, and os._exit then skips the
+    # remaining teardown, which has nothing left to do.
+    dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
