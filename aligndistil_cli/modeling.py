@@ -216,7 +216,7 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **packed) -> torch.Tensor:
     """[B, T, H] inputs to the output head (the base model's last hidden state).
 
-    packed: position_ids and cu_seq_lens_q of a packed row (packing.PackedBatch.model_inputs).
+    packed: position_ids and attention_plan of a packed row (packing.PackedBatch.model_inputs).
     """
     model = unwrap(model)
     base = getattr(model, model.base_model_prefix)

@@ -1,8 +1,9 @@
 """train-dpo steps with padded vs padding-free (packed) batches, side by side on bench.trl_dpo's model and data.
 
-Two copies of one random-init model (same weights), the same length-grouped batches in the same order, each
-step timed in wall and process CPU seconds, the two sides alternating. Prints time per real token of each and
-their ratio. Usage: python -m bench.padding_free [--steps 8] [--warmup 2]
+Three copies of one random-init model (same weights), the same length-grouped batches in the same order, each
+step timed in wall and process CPU seconds, the sides alternating: padded, padding-free (each sequence packed
+whole) and padding-free with each pair's prompt stored once (what train-dpo runs). Prints the time per real
+token of each packed side over the padded one. Usage: python -m bench.padding_free [--steps 8] [--warmup 2]
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def main() -> None:
     lengths = [max(len(c.prompt) + len(c.response), len(r.prompt) + len(r.response)) for c, r in pairs]
     batches = list(step_batches(pairs, HP["batch"], 1, HP["seed"], args.warmup + args.steps, lengths))
     sides = {}
-    for name, packed in (("padded", False), ("padding-free", True)):
+    for name, packed, shared in (("padded", False, False), ("padding-free", True, False),
+                                 ("padding-free, shared prompts", True, True)):
         model = build_model()
         model.train()
         assert enable(model, packed, "bench") == packed
-        sides[name] = (model, collate_for(packed), torch.optim.AdamW(model.parameters(), lr=HP["lr"]))
+        sides[name] = (model, collate_for(packed, pairs=shared), torch.optim.AdamW(model.parameters(), lr=HP["lr"]))
     zeros = torch.zeros(HP["batch"])
     wall = {k: [] for k in sides}
     cpu = {k: [] for k in sides}
@@ -61,12 +63,13 @@ def main() -> None:
         if i >= args.warmup:
             real += int(collate([c for c, _ in batch] + [r for _, r in batch], tok.pad_token_id).attention_mask.sum())
     res = {"steps": args.steps, "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "wall_s": wall,
-           "cpu_s": cpu, "real_tokens": real,
-           "padding-free / padded, wall": sum(wall["padding-free"]) / sum(wall["padded"]),
-           "padding-free / padded, CPU time": sum(cpu["padding-free"]) / sum(cpu["padded"])}
-    print(f"train-dpo step, {args.steps} timed steps, {real} real tokens: time per real token padding-free / padded: "
-          f"wall {res['padding-free / padded, wall']:.3f}, CPU time {res['padding-free / padded, CPU time']:.3f} "
-          f"(load average {res['load_average'][0]:.1f})")
+           "cpu_s": cpu, "real_tokens": real}
+    print(f"train-dpo step, {args.steps} timed steps, {real} real tokens (load average {res['load_average'][0]:.1f}):")
+    for name in list(sides)[1:]:
+        res[f"{name} / padded, wall"] = sum(wall[name]) / sum(wall["padded"])
+        res[f"{name} / padded, CPU time"] = sum(cpu[name]) / sum(cpu["padded"])
+        print(f"  time per real token, {name} / padded: wall {res[f'{name} / padded, wall']:.3f}, "
+              f"CPU time {res[f'{name} / padded, CPU time']:.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
 

@@ -31,14 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_SEQUENCE = "bench_per_sequence_sdpa"
 
 
-def per_sequence_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
+def per_sequence_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, attention_plan=None,
                       **kwargs):
     """The replaced attention: causal sdpa once per packed sequence (plain sdpa on padded batches)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if cu_seq_lens_q is None:
+    if attention_plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
+    index, valid, _ = attention_plan
+    starts = index[:, 0].tolist()
+    bounds = [*starts, starts[-1] + int(valid[-1].sum())]
     outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, dropout,
                                    scaling, **kwargs)[0] for s, e in itertools.pairwise(bounds)]
     return torch.cat(outs, dim=1), None

@@ -32,7 +32,7 @@ import torch
 from aligndistil_cli.data import collate, encode
 from aligndistil_cli.losses import dpo_loss
 from aligndistil_cli.modeling import quiet_transformers
-from aligndistil_cli.packing import collate_for, enable as enable_padding_free, pack
+from aligndistil_cli.packing import MIN_PADDING, collate_for, enable as enable_padding_free
 from aligndistil_cli.stages.dpo import policy_logps, reference_logps
 from aligndistil_cli.training import accumulate, lr_lambda, step_batches
 
@@ -77,12 +77,13 @@ def ours(model, tokenizer, pairs, ref, n_steps, device, padding_free: bool):
     """(one_step(), per-step batch stats): the train-dpo step, batches in step_batches order."""
     pad, vocab = tokenizer.pad_token_id, len(tokenizer)
     packed = enable_padding_free(model, padding_free, "bench train-dpo")
+    pack = collate_for(packed, MIN_PADDING, pairs=True)  # as dpo.run packs
     items = [((c, r), i) for i, (c, r) in enumerate(pairs)]
     stats: list[tuple[int, int, int]] = []  # (tokens through the body: padded or packed, real tokens, positions through the head)
 
     def loss_fn(chunk):  # dpo.run's loss_fn
         idx = torch.tensor([i for _, i in chunk])
-        pc, pr = policy_logps(model, [p for p, _ in chunk], pad, vocab, HP["chunk_size"], device, collate_for(packed))
+        pc, pr = policy_logps(model, [p for p, _ in chunk], pad, vocab, HP["chunk_size"], device, pack)
         rc, rr = ref["chosen"][idx].to(device), ref["rejected"][idx].to(device)
         loss = dpo_loss(pc, pr, rc, rr, beta=HP["beta"])
         with torch.no_grad():
@@ -101,7 +102,7 @@ def ours(model, tokenizer, pairs, ref, n_steps, device, padding_free: bool):
     def one_step():  # training.train's step body (minus the metrics.jsonl line and the progress bar)
         batch = next(batches)
         b = collate([p for (p, _), _ in batch] + [q for (_, q), _ in batch], pad)  # for the stats only, untimed
-        body = b.input_ids.numel() if not packed else pack(b).input_ids.numel()
+        body = pack(b).input_ids.numel()
         t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         loss, _extra = accumulate(loss_fn, batch, 1, "auto", device)

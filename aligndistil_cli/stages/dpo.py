@@ -28,9 +28,12 @@ from ..training import progress, seed_everything, step_batches, total_steps, tra
 REF_CACHE_VERSION = 1
 
 
-def pair_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B], [B] summed response log-probs of chosen and rejected, in one forward pass."""
-    batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device)
+def pair_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device,
+               pack=collate_for(False)) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B], [B] summed response log-probs of chosen and rejected, in one forward pass.
+
+    pack: collate_for(..., pairs=True) or the padded batch as it is."""
+    batch = pack(collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device))
     logps = sequence_logps(model, batch, vocab, chunk_size)
     return logps[: len(pairs)], logps[len(pairs) :]
 
@@ -54,18 +57,20 @@ def policy_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device,
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, vocab, chunk_size, batch_size, device) -> dict[str, torch.Tensor]:
+def reference_logps(model, pairs, pad_id, vocab, chunk_size, batch_size, device,
+                    pack=collate_for(False)) -> dict[str, torch.Tensor]:
     chosen, rejected = [], []
     with progress("reference log-probs", len(pairs)) as advance:
         for start in range(0, len(pairs), batch_size):
-            c, r = pair_logps(model, pairs[start : start + batch_size], pad_id, vocab, chunk_size, device)
+            c, r = pair_logps(model, pairs[start : start + batch_size], pad_id, vocab, chunk_size, device, pack)
             chosen.append(c.cpu())
             rejected.append(r.cpu())
             advance(len(c))
     return {"chosen": torch.cat(chosen or [torch.zeros(0)]), "rejected": torch.cat(rejected or [torch.zeros(0)])}
 
 
-def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device) -> tuple[dict, Path]:
+def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device,
+                           pack=collate_for(False)) -> tuple[dict, Path]:
     """Load the reference log-probs for these pairs, computing and caching them once.
 
     Under torchrun each rank scores its share of the pairs, the shares are
@@ -82,7 +87,7 @@ def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device) -
     if cached is not None and cached["chosen"].shape[0] == len(pairs):
         return cached, path
     mine = reference_logps(model, distributed.share(pairs), tokenizer.pad_token_id, len(tokenizer),
-                           config.chunk_size, config.batch_size, device)
+                           config.chunk_size, config.batch_size, device, pack)
     parts = distributed.gather_objects(mine)
     logps = {k: torch.cat([part[k] for part in parts]) for k in mine}
     if distributed.is_main():
@@ -104,13 +109,14 @@ def run(config: DpoConfig) -> Path:
     vocab = len(tokenizer)
     pairs, truncated = encode_pairs(tokenizer, rows, config, data_stats)
     out = prepare_output(Path(config.out), stage, config.force, checkpoint.scratch(config.resume))
+    # Each pair's prompt once, where packing removes enough work (packing.pack_shared).
+    pack = collate_for(enable_padding_free(model, config.padding_free, stage), MIN_PADDING, pairs=True)
     model.eval()
     with reference_mode(model):
-        ref, ref_path = cached_reference_logps(config, model, tokenizer, pairs, device)
+        ref, ref_path = cached_reference_logps(config, model, tokenizer, pairs, device, pack)
     # Reverse DPO is DPO on swapped pairs with the same reference: swap the data, not the loop.
     ref_chosen, ref_rejected = (ref["rejected"], ref["chosen"]) if config.reverse else (ref["chosen"], ref["rejected"])
     items = [((r, c) if config.reverse else (c, r), i) for i, (c, r) in enumerate(pairs)]
-    pack = collate_for(enable_padding_free(model, config.padding_free, stage), MIN_PADDING)
 
     def loss_fn(chunk):
         idx = torch.tensor([i for _, i in chunk])

@@ -52,10 +52,39 @@ def assert_same(loss_a, grads_a, loss_b, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_pack_shared_by_hand():
+    from aligndistil_cli.packing import pack_shared, pair_groups
+
+    # Pair 0 shares the prompt [5, 6, 7]; pair 1's prompts differ from their second token on.
+    chosen = [Encoded([5, 6, 7], [8, 2]), Encoded([4, 3], [9, 2])]
+    rejected = [Encoded([5, 6, 7], [9, 9, 2]), Encoded([4, 1, 1], [2])]
+    batch = collate(chosen + rejected, pad_id=0)
+    packed = pack_shared(batch, pair_groups(batch))
+    # Pair 0 stores [5, 6] once (the last prompt token 7 predicts each response's first token, so it
+    # stays in both); pair 1 shares [4].
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 2, 7, 9, 9, 2, 4, 3, 9, 2, 1, 1, 2]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 4, 5, 0, 1, 2, 3, 1, 2, 3]]
+    assert packed.cu_seqlens.tolist() == [0, 9, 16]
+    assert packed.num_seqs == 4
+    loss = packed.loss_mask[0]
+    assert packed.targets[0][loss].tolist() == [8, 2, 9, 9, 2, 9, 2, 2]
+    assert packed.seq_index[0][loss].tolist() == [0, 0, 2, 2, 2, 1, 1, 3]
+    assert packed.num_positions.tolist() == [2, 2, 3, 1]
+    index, take, mask = packed.attention_plan()
+    # Each sequence gathers its pair's shared prefix and its own tokens, never the other response's;
+    # a shared token takes its output from its group's first sequence.
+    assert index.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 5, 6, 7, 8], [9, 10, 11, 12, 9, 9], [9, 13, 14, 15, 9, 9]]
+    assert take.tolist() == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 14, 15, 19, 20, 21]
+    assert mask[1, 0].tolist()[3] == [True, True, True, True, False, False]
+    assert mask[2, 0].tolist()[5] == [True, True, True, True, False, False]  # a padded slot: no empty row
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_dpo_loss_and_gradients_equal_padded(checkpointing):
+@pytest.mark.parametrize("prompts", ["same", "different"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_dpo_loss_and_gradients_equal_padded(checkpointing, prompts, shared):
     from aligndistil_cli.losses import dpo_loss
-    from aligndistil_cli.packing import collate_for
+    from aligndistil_cli.packing import PackedBatch, collate_for
     from aligndistil_cli.stages.dpo import policy_logps
 
     model = tiny_model()
@@ -63,17 +92,45 @@ def test_dpo_loss_and_gradients_equal_padded(checkpointing):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     chosen, rejected = examples(1, 4), examples(2, 4)
-    pairs = [(c, Encoded(c.prompt, r.response)) for c, r in zip(chosen, rejected)]
+    # "different": prompts that share only their first token, or nothing (truncated pairs can differ so).
+    pairs = [(c, Encoded(c.prompt if prompts == "same" else c.prompt[:i % 2] + r.prompt, r.response))
+             for i, (c, r) in enumerate(zip(chosen, rejected))]
     ref_c, ref_r = torch.tensor([-20.0, -15.0, -30.0, -9.0]), torch.tensor([-18.0, -16.0, -25.0, -12.0])
 
     def loss(packed: bool):
-        pc, pr = policy_logps(model, pairs, 0, VOCAB, 5, torch.device("cpu"), collate_for(packed))
+        pack = collate_for(packed, pairs=shared)
+        if packed:
+            assert isinstance(pack(collate([c for c, _ in pairs] + [r for _, r in pairs], 0)), PackedBatch)
+        pc, pr = policy_logps(model, pairs, 0, VOCAB, 5, torch.device("cpu"), pack)
         value = dpo_loss(pc, pr, ref_c, ref_r, beta=0.3)
         return value, grads_of(model, value)
 
     padded = loss(False)
     assert enable(model, True, "test")
     assert_same(*padded, *loss(True))
+
+
+def test_shared_prompt_reference_logps_equal_padded():
+    """dpo.pair_logps (the reference cache) through pack_shared gives each sequence's own log-prob,
+    computed here as a float64 forward of that sequence alone."""
+    from aligndistil_cli.packing import collate_for
+    from aligndistil_cli.stages.dpo import pair_logps
+
+    model = tiny_model().eval()
+    chosen, rejected = examples(3, 5), examples(4, 5)
+    pairs = [(c, Encoded(c.prompt, r.response)) for c, r in zip(chosen, rejected)]
+    assert enable(model, True, "test")
+    with torch.no_grad():
+        got_c, got_r = pair_logps(model, pairs, 0, VOCAB, 3, torch.device("cpu"), collate_for(True, pairs=True))
+        alone = tiny_model().double().eval()
+        want = []
+        for e in [c for c, _ in pairs] + [r for _, r in pairs]:
+            ids = torch.tensor([e.prompt + e.response])
+            logits = alone(input_ids=ids).logits[0, :, :VOCAB].log_softmax(-1)
+            p = len(e.prompt)
+            want.append(sum(logits[p - 1 + j, t].item() for j, t in enumerate(e.response)))
+    torch.testing.assert_close(torch.cat([got_c, got_r]).double(), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_distill_loss_and_gradients_equal_padded():
@@ -152,3 +209,9 @@ def test_only_batches_with_enough_padding_are_packed():
     assert isinstance(pick(uneven), PackedBatch)
     assert isinstance(collate_for(True)(even), PackedBatch)  # min_padding 0: always packed
     assert collate_for(False, 0.0)(uneven) is uneven
+    # Pairs: storing a shared prompt once counts as removed work, as padding does.
+    long_prompt = collate([Encoded([5, 6, 7, 8], [9, 2]), Encoded([5, 6, 7, 8], [10, 2])], pad_id=0)
+    other_prompt = collate([Encoded([5, 6, 7, 8], [9, 2]), Encoded([4, 6, 7, 8], [10, 2])], pad_id=0)
+    assert padding_fraction(long_prompt) == 0.0
+    assert isinstance(collate_for(True, 0.1, pairs=True)(long_prompt), PackedBatch)  # 3 of 12 slots shared
+    assert collate_for(True, 0.1, pairs=True)(other_prompt) is other_prompt
