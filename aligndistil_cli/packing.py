@@ -281,7 +281,9 @@ def collate_for(packed: bool, min_padding: float = 0.0, pairs: bool = False):
     min_padding of the padded batch's [B, T] slots (0: always). The losses take either, with the same result.
 
     pairs (a batch of n chosen rows, then their n rejected rows): each pair's prompt is stored once
-    (pack_shared), which removes the prompt's tokens as well as the padding.
+    (pack_shared), which removes the prompt's tokens as well as the padding. Its positions come
+    group by group, not in the padded batch's row-major order: only for losses that sum positions
+    by sequence_ids (DPO), never for per-position teacher fields (distill).
     """
     if not packed:
         return lambda batch: batch
