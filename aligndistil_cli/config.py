@@ -236,6 +236,16 @@ class TeacherFields(StageConfig):
             raise ConfigError(f"config field 'alpha_max' caps an adaptive alpha_t; variant {self.variant!r} has a fixed one")
 
 
+@dataclass
+class TeacherShardingFields(StageConfig):
+    """How the inference-only teacher models of precompute and on-policy distill are held under torchrun."""
+
+    shard_teachers: bool = opt(False, "Under torchrun: shard each teacher model (dpo, rev, ref) over the ranks "
+                               "(FSDP2, in its load dtype) instead of holding it whole on every rank: about 1/N of "
+                               "its memory per GPU, for an all-gather of each layer in every forward (README: More "
+                               "than one GPU). The results are the same. Without torchrun it changes nothing.")
+
+
 def require_teacher_models(config, variant: str, context: str = "") -> None:
     """Refuse a config that lacks one of the models (dpo, rev, ref) the teacher variant is built from."""
     from .losses import teacher_models
@@ -246,7 +256,7 @@ def require_teacher_models(config, variant: str, context: str = "") -> None:
 
 
 @dataclass
-class PrecomputeConfig(TeacherFields, DataFields):
+class PrecomputeConfig(TeacherFields, DataFields, TeacherShardingFields):
     dpo: Optional[str] = opt(None, "DPO model directory.", required=True)
     rev: Optional[str] = opt(None, "Reverse-DPO model directory (needed by aligndistil and contrastive).")
     ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).")
@@ -270,7 +280,7 @@ class PrecomputeConfig(TeacherFields, DataFields):
 
 
 @dataclass
-class DistillConfig(TrainingFields):
+class DistillConfig(TrainingFields, TeacherShardingFields):
     student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).", required=True)
     data: Optional[str] = opt(None, "Off-policy: the data the cache was computed on (checked against its fingerprint). "
                               "On-policy: prompts (a prompt-only or a preference set).", required=True)

@@ -46,15 +46,33 @@ def shard(model, bf16: bool, cpu_offload: bool = False):
     bf16: on CUDA, parameters are gathered in bf16 and gradients reduced in
     float32 (the float32 master weights stay sharded).
     """
-    if not distributed.active() or is_sharded(model):
-        return model
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
     options = {}
     if bf16:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
+    return _shard(model, options)
+
+
+def shard_frozen(model):
+    """fully_shard an inference-only model (a teacher) in place when ranks are active, in its load dtype; return it.
+
+    Every group frees its gathered parameters after each forward, the root's
+    too (FSDP keeps a root's gathered for the backward that follows in
+    training, which an inference model never runs), so a forward holds one
+    layer whole at a time, besides the root's. Every forward is then a
+    collective: the ranks must run the same number of them, in the same order.
+    """
+    return _shard(model, {"reshard_after_forward": True})
+
+
+def _shard(model, options: dict):
+    if not distributed.active() or is_sharded(model):
+        return model
+    from torch.distributed.fsdp import fully_shard
+
     for layer in _decoder_layers(model):
         fully_shard(layer, **options)
     inner = _unwrap(model)
@@ -80,6 +98,20 @@ def redirect(model, fn: Callable, *args):
         return model(*args)
     finally:
         model.forward = original
+
+
+def full(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole of a sharded (DTensor) parameter on every rank, else the tensor itself.
+
+    A collective for a DTensor: every rank must call it, for the same tensors in the same order.
+    """
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def local_bytes(model) -> int:
+    """Bytes of the parameters this rank holds: its shards of a sharded model, every parameter otherwise."""
+    return sum(local.numel() * local.element_size()
+               for local in (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()))
 
 
 def _options(**kwargs):

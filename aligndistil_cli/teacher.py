@@ -203,13 +203,17 @@ def realpha(fields: dict[str, torch.Tensor], spec: TeacherSpec) -> dict[str, tor
     return {**fields, "alpha": alpha, "coef": coef}
 
 
-def check_head_reproduces(model, name: str, batch, hidden: torch.Tensor, vocab: int, tol: float = 1e-3) -> None:
-    """Refuse a model whose logits are not head(final hidden): the hidden format would be wrong."""
-    from .modeling import output_head
+def check_head_reproduces(model, name: str, batch, hidden: torch.Tensor, head: tuple, vocab: int,
+                          tol: float = 1e-3) -> None:
+    """Refuse a model whose logits are not head(final hidden): the hidden format would be wrong.
 
+    hidden: the model's response_hidden on batch; head: its output head (weight, bias), whole (a sharded
+    model's is gathered once per run, precompute.teacher_heads). The logits come from the model's own
+    forward, its root forward when it is sharded.
+    """
     with torch.no_grad():
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.loss_mask]
-    rebuilt = head_logits_real(hidden, output_head(model), vocab)
+    rebuilt = head_logits_real(hidden, head, vocab)
     err = (full[:, :vocab].float() - rebuilt).abs().max().item()
     scale = max(1.0, full[:, :vocab].float().abs().max().item())
     # The model's own logits may be rounded to its dtype (bf16 on CUDA); the float32 rebuild is not.

@@ -28,7 +28,7 @@ stderr = Console(stderr=True)
 
 # Fields that may differ between a run and its resumption.
 RESUME_FREE = ("resume", "force", "save_every", "keep_checkpoints", "log_every", "device", "fsdp_cpu_offload",
-               "report_to", "run_name", "project", "push_to_hub", "hub_private")
+               "shard_teachers", "report_to", "run_name", "project", "push_to_hub", "hub_private")
 
 LossFn = Callable[[object], tuple[torch.Tensor, dict]]
 

@@ -5,6 +5,11 @@ prompts, runs the DPO and reverse-DPO models (and the reference where the
 variant needs it) in inference mode on prompt + sample, and trains on the
 same loss as off-policy distillation (distill.teacher_loss) with the teacher
 built by precompute's own function, kept on the device.
+
+Under torchrun the teachers are held whole on every rank, or sharded over
+the ranks with --shard-teachers. Their forwards run in the loss, once per
+micro-batch, and training.accumulate runs as many micro-batches on every rank
+(padding ones included), so the ranks' teacher forwards pair up.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def on_policy_spec(config: DistillConfig) -> TeacherSpec:
 
 
 def load_teachers(config: DistillConfig, spec: TeacherSpec, device, student_tokenizer) -> dict:
+    """The teacher models, in inference mode, bf16 where the precision says so; sharded with --shard-teachers."""
     paths = {"dpo": config.dpo, "rev": config.rev, "ref": config.ref}
     names = {name: paths[name] for name in spec.models}
     tokenizers = {f"{n} ({p})": load_tokenizer(p, **hub_options(config)) for n, p in names.items()}
@@ -48,6 +54,8 @@ def load_teachers(config: DistillConfig, spec: TeacherSpec, device, student_toke
               for n, p in names.items()}
     for m in models.values():
         m.requires_grad_(False)
+        if config.shard_teachers:
+            fsdp.shard_frozen(m)
     return models
 
 
@@ -190,6 +198,7 @@ def run(config: DistillConfig) -> Path:
     out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
     rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], config, off_policy)
     heads = teacher_heads(teachers)
+    teacher_bytes = sum(fsdp.local_bytes(m) for m in teachers.values())  # rank 0's, in the manifest
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
     vocab = len(tokenizer)
     pack = collate_for(enable_padding_free(student, config.padding_free, "distill (on-policy)"), MIN_PADDING)
@@ -224,5 +233,6 @@ def run(config: DistillConfig) -> Path:
                  for name in teachers},
               "data": data_input(config)}
     finalize(out, "distill", config, inputs, {**summary, "mode": "on-policy", "final_kl_teacher": final_kl,
-                                              "train_tokens": trained["tokens"], "data": data_stats})
+                                              "train_tokens": trained["tokens"], "data": data_stats,
+                                              "teacher_param_bytes_per_rank": teacher_bytes})
     return out

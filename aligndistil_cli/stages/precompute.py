@@ -4,20 +4,24 @@ variant needs it) once over prompt + chosen, and store the teacher.
 Only response positions go through the output heads, in chunks of positions;
 the teacher is composed in float32 (teacher.py, losses.compose_teacher_full).
 
-Under torchrun every rank holds the teacher models whole and computes the
-same shard plan; rank r writes every world-size-th shard, and rank 0 writes
-the index and manifest once all shards are in place.
+Under torchrun every rank computes the same shard plan; rank r writes every
+world-size-th shard, and rank 0 writes the index and manifest once all shards
+are in place. The teacher models are held whole on every rank, or sharded
+over the ranks with --shard-teachers; then every forward is a collective, so
+every rank runs as many batches as the busiest one (a rank with fewer runs
+throwaway batches) and the shards are the same either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .. import distributed
+from .. import distributed, fsdp
 from ..artifacts import (content_key, finalize, fingerprint_model, fingerprint_tokenizer, input_record, prepare_output,
                          sha256_json, tokenizer_difference, tokenizer_parts)
 from ..cache import HEADS, STORE_DTYPES, ShardRecord, plan_shards, shard_is_done, write_index, write_shard
@@ -67,8 +71,9 @@ def choose_format(config: PrecomputeConfig, vocab: int, hidden: int, n_models: i
 
 @torch.no_grad()
 def teacher_heads(models: dict) -> dict:
-    """Each teacher's output head in float32, converted once per run rather than once per batch."""
-    return float32_heads({name: output_head(m) for name, m in models.items()})
+    """Each teacher's output head, whole and in float32, gathered (a sharded teacher's) and converted once per run
+    rather than once per batch. Every rank calls it: gathering a sharded head is a collective."""
+    return float32_heads({name: tuple(fsdp.full(t) for t in output_head(m)) for name, m in models.items()})
 
 
 @torch.no_grad()
@@ -79,7 +84,8 @@ def teacher_for_batch(models: dict, heads: dict, batch, spec: TeacherSpec, fmt: 
     heads: teacher_heads(models). precompute writes the result to shards; on-policy distillation
     (host=False) uses it at once.
     """
-    hidden = {name: response_hidden(m, batch) for name, m in models.items()}
+    # Through each teacher's root forward: a sharded teacher's embedding and final norm are gathered only there.
+    hidden = {name: fsdp.redirect(m, response_hidden, m, batch) for name, m in models.items()}
     n = next(iter(hidden.values())).shape[0]
     parts = [encode_chunk(fmt, {k: h[s : s + POSITION_CHUNK] for k, h in hidden.items()}, heads, spec, vocab, store,
                           top_k, host)
@@ -87,11 +93,42 @@ def teacher_for_batch(models: dict, heads: dict, batch, spec: TeacherSpec, fmt: 
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def save_heads(path: Path, models: dict, dtype: torch.dtype) -> None:
-    """Each teacher's output head, once per cache (format "hidden")."""
-    heads = {f"{name}.{part}": t.detach().to(dtype).cpu().contiguous()
-             for name, m in models.items() for part, t in zip(("weight", "bias"), output_head(m)) if t is not None}
-    save_file(heads, str(path))
+def save_heads(path: Path, heads: dict, dtype: torch.dtype) -> None:
+    """Each teacher's output head (teacher_heads; float32 holds the load dtype's values exactly), once per cache
+    (format "hidden")."""
+    tensors = {f"{name}.{part}": t.detach().to(dtype).cpu().contiguous()
+               for name, head in heads.items() for part, t in zip(("weight", "bias"), head) if t is not None}
+    save_file(tensors, str(path))
+
+
+def check_heads(models: dict, heads: dict, labels: dict, batch, vocab: int) -> None:
+    """The hidden format is only exact if head(h) is each model's logits: checked once, on real data."""
+    for name, m in models.items():
+        check_head_reproduces(m, labels[name], batch, fsdp.redirect(m, response_hidden, m, batch), heads[name], vocab)
+
+
+def shard_parts(todo: list, examples: list, batch_size: int, lockstep: bool, teacher: Callable,
+                advance: Callable) -> Iterator[tuple]:
+    """(plan, [teacher(rows, first) of each batch]) for each shard plan of todo, batch_size rows a batch.
+
+    lockstep (sharded teachers, whose every forward is a collective): every
+    rank runs as many batches as the busiest one, whose work may differ (every
+    N-th shard, some already done on a rerun); past its own batches a rank runs
+    throwaway ones. first is True for the rank's first batch, real or throwaway.
+    """
+    batches = [(p, s, min(s + batch_size, p.row_end)) for p in todo for s in range(p.row_start, p.row_end, batch_size)]
+    runs = int(distributed.all_reduce_max(len(batches))) if lockstep else len(batches)
+    parts = []
+    for i in range(runs):
+        if i >= len(batches):
+            teacher(examples[:batch_size], i == 0)  # computed and discarded: pairs up with the others' forwards
+            continue
+        plan, start, end = batches[i]
+        parts.append(teacher(examples[start:end], i == 0))
+        advance(end - start)
+        if end == plan.row_end:
+            yield plan, parts
+            parts = []
 
 
 def shard_tensors(parts: list[dict], examples: list) -> dict[str, torch.Tensor]:
@@ -119,6 +156,11 @@ def run(config: PrecomputeConfig) -> Path:
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
     models = {name: load_model(path, device, dtype, config.attn_implementation, **hub_options(config)).eval()
               for name, path in names.items()}
+    if config.shard_teachers:
+        for m in models.values():
+            fsdp.shard_frozen(m)
+    heads = teacher_heads(models)
+    teacher_bytes = sum(fsdp.local_bytes(m) for m in models.values())  # rank 0's, in the manifest
     hidden_size = output_head(models["dpo"])[0].shape[1]
     fmt = choose_format(config, vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}
@@ -141,27 +183,23 @@ def run(config: PrecomputeConfig) -> Path:
             if stale.name not in planned:
                 stale.unlink()
         if fmt == "hidden":
-            save_heads(out / HEADS, models, STORE_DTYPES[config.dtype])
+            save_heads(out / HEADS, heads, STORE_DTYPES[config.dtype])
     record = ShardRecord(out, {k: v for k, v in recorded.items() if k in planned})
     mine = plans[distributed.rank() :: distributed.world_size()]
     todo = [p for p in mine if not shard_is_done(out / p.name, p, settings_key, record.hashes.get(p.name))]
-    # The hidden format is only exact if head(h) is the model's logits: check once, on real data.
-    unchecked = {f"{name} model {names[name]}": m for name, m in models.items()} if fmt == "hidden" else {}
-    heads = teacher_heads(models)
+    labels = {name: f"{name} model {names[name]}" for name in models}
+
+    def teacher(rows: list, first: bool) -> dict:
+        batch = collate(rows, tokenizer.pad_token_id).to(device)
+        if first and fmt == "hidden":
+            check_heads(models, heads, labels, batch, vocab)
+        return teacher_for_batch(models, heads, batch, spec, fmt, vocab, STORE_DTYPES[config.dtype], config.top_k)
+
+    lockstep = any(fsdp.is_sharded(m) for m in models.values())
     with progress("precompute", sum(p.row_end - p.row_start for p in todo)) as advance:
-        for plan in todo:
-            parts = []
-            for s in range(plan.row_start, plan.row_end, config.batch_size):
-                chunk = examples[s : min(s + config.batch_size, plan.row_end)]
-                batch = collate(chunk, tokenizer.pad_token_id).to(device)
-                for label, m in unchecked.items():
-                    check_head_reproduces(m, label, batch, response_hidden(m, batch), vocab)
-                unchecked = {}
-                parts.append(teacher_for_batch(models, heads, batch, spec, fmt, vocab, STORE_DTYPES[config.dtype],
-                                               config.top_k))
-                advance(len(chunk))
-            write_shard(out / plan.name, plan, settings_key, shard_tensors(parts, examples[plan.row_start : plan.row_end]),
-                        record)
+        for plan, parts in shard_parts(todo, examples, config.batch_size, lockstep, teacher, advance):
+            write_shard(out / plan.name, plan, settings_key,
+                        shard_tensors(parts, examples[plan.row_start : plan.row_end]), record)
 
     reused = len(plans) - int(distributed.all_reduce_sum(torch.tensor(len(todo))).item())
     distributed.barrier()
@@ -173,6 +211,6 @@ def run(config: PrecomputeConfig) -> Path:
                           "settings": settings, "settings_key": settings_key, "shards": shards})
     metrics = {"format": fmt, "rows": len(examples), "positions": positions, "shards": len(plans),
                "shards_reused": reused, "bytes_per_position": per_position, "truncated": truncated,
-               "data": data_stats}
+               "teacher_param_bytes_per_rank": teacher_bytes, "data": data_stats}
     finalize(out, "precompute", config, inputs, metrics)
     return out

@@ -87,6 +87,10 @@ def stage_values(w: Path, run: str) -> dict[str, dict]:
                               "out": str(w / run / "on-policy")},
         "precompute": {"dpo": str(toy / "model"), "rev": str(tied), "data": pairs, "max_length": 64,
                        "max_prompt_length": 32, "shard_mb": 0.02, "batch_size": 4, "out": str(w / run / "teacher")},
+        # Sharded teachers where ranks run 2 ranks; in one process the flag changes nothing.
+        "precompute/hidden": {"dpo": str(toy / "model"), "rev": str(tied), "data": pairs, "max_length": 64,
+                              "max_prompt_length": 32, "shard_mb": 0.01, "batch_size": 4, "format": "hidden",
+                              "shard_teachers": True, "out": str(w / run / "teacher-hidden")},
         "make-prefs": {"model": str(toy / "model"), "data": str(toy / "prompts.jsonl"), "num_samples": 2,
                        "max_prompts": 12, "max_new_tokens": 8, "batch_size": 4, "out": str(w / run / "prefs")},
         "evaluate": {"ref": str(toy / "model"), "models": {"tied": str(tied)},
@@ -105,6 +109,10 @@ def world(tmp_path_factory) -> Path:
     write_pairs(w / "toy" / "sft.jsonl", w / "pairs.jsonl")
     (w / "pairs-6.jsonl").write_text("".join((w / "pairs.jsonl").read_text().splitlines(keepends=True)[:6]))
     one, two = stage_values(w, "one"), stage_values(w, "two")
+    # Only on 2 ranks, compared with the one-process runs of the teachers held whole.
+    two["precompute/sharded"] = {**two["precompute"], "shard_teachers": True, "out": str(w / "two" / "teacher-sharded")}
+    two["distill/on-policy-sharded"] = {**two["distill/on-policy"], "shard_teachers": True,
+                                        "out": str(w / "two" / "on-policy-sharded")}
     run_in_process("precompute", one["precompute"])
     args = []
     for stage, values in two.items():
@@ -133,10 +141,20 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "student", "on-policy"])
-def test_two_ranks_train_like_one_process(world, name):
+def assert_teachers_sharded(one: Path, two: Path, sharded: bool) -> None:
+    """Rank 0 of the 2-rank run held about half the teacher parameter bytes of the one-process run (sharded),
+    or all of them (held whole); the flag is recorded in the config."""
+    held = [json.loads((d / "manifest.json").read_text())["metrics"]["teacher_param_bytes_per_rank"] for d in (one, two)]
+    assert 0.45 < held[1] / held[0] < 0.55 if sharded else held[1] == held[0], held
+    assert json.loads((two / "stage_config.json").read_text())["shard_teachers"] is sharded
+
+
+@pytest.mark.parametrize("name,two_name", [("sft", "sft"), ("dpo", "dpo"), ("student", "student"),
+                                           ("on-policy", "on-policy"), ("on-policy", "on-policy-sharded")])
+def test_two_ranks_train_like_one_process(world, name, two_name):
     # distill's last record, the final KL to the teacher, is measured on one process only
-    one, two = ([r for r in metrics(world / w / name) if "final_kl_teacher" not in r] for w in ("one", "two"))
+    one, two = ([r for r in metrics(world / w / n) if "final_kl_teacher" not in r]
+                for w, n in (("one", name), ("two", two_name)))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
@@ -146,10 +164,12 @@ def test_two_ranks_train_like_one_process(world, name):
     # 2e-5: each rank's micro-batches are padded (or packed) differently from one process's, so attention
     # kernels block their sums differently, and AdamW's normalised update turns those 1e-7 rounding
     # differences in small gradients into ~1e-5 in the weights after 4 steps at lr 1e-3.
-    assert_same_weights(world / "one" / name, world / "two" / name, atol=2e-5)
-    manifest = json.loads((world / "two" / name / "manifest.json").read_text())
+    assert_same_weights(world / "one" / name, world / "two" / two_name, atol=2e-5)
+    manifest = json.loads((world / "two" / two_name / "manifest.json").read_text())
     assert manifest["launch"]["world_size"] == 2 and manifest["launch"]["command"].startswith("torchrun")
     assert json.loads((world / "one" / name / "manifest.json").read_text())["launch"]["world_size"] == 1
+    if name == "on-policy":
+        assert_teachers_sharded(world / "one" / name, world / "two" / two_name, two_name.endswith("sharded"))
 
 
 def test_tied_model_stays_tied_and_loads(world):
@@ -169,14 +189,29 @@ def test_reference_logps_gathered_in_order(world):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
 
 
-def test_precompute_shards_are_byte_identical(world):
-    one, two = world / "one" / "teacher", world / "two" / "teacher"
+def rank_batches(index: dict, batch_size: int, world: int) -> list[int]:
+    """Batches each rank runs on its own shards (rank r takes every world-th shard)."""
+    return [sum(-(-(s["row_end"] - s["row_start"]) // batch_size) for s in index["shards"][r::world])
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("name,two_name,fmt", [("teacher", "teacher", "logits"),
+                                               ("teacher", "teacher-sharded", "logits"),
+                                               ("teacher-hidden", "teacher-hidden", "hidden")])
+def test_precompute_shards_are_byte_identical(world, name, two_name, fmt):
+    one, two = world / "one" / name, world / "two" / two_name
     shards = sorted(p.name for p in one.glob("shard-*.safetensors"))
     assert len(shards) >= 3, "the test needs shards on both ranks"
     assert sorted(p.name for p in two.glob("shard-*.safetensors")) == shards
-    for name in shards:
-        assert sha256_file(one / name) == sha256_file(two / name), name
-    assert json.loads((one / "index.json").read_text()) == json.loads((two / "index.json").read_text())
+    for file in shards + ["heads.safetensors"] * (fmt == "hidden"):
+        assert sha256_file(one / file) == sha256_file(two / file), file
+    index = json.loads((one / "index.json").read_text())
+    assert index == json.loads((two / "index.json").read_text()) and index["format"] == fmt
+    sharded = json.loads((two / "stage_config.json").read_text())["shard_teachers"]
+    assert_teachers_sharded(one, two, sharded)
+    if sharded:  # one rank has fewer batches of its own and pads with throwaway ones
+        counts = rank_batches(index, 4, 2)
+        assert counts[0] != counts[1], counts
 
 
 def test_sampling_stages_do_not_depend_on_world_size(world):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aligndistil_cli.artifacts import read_manifest
+from aligndistil_cli import fsdp
+from aligndistil_cli.artifacts import read_manifest, sha256_file
 from aligndistil_cli.cache import TeacherCache
 from aligndistil_cli.config import DistillConfig, PrecomputeConfig, load_config
 from aligndistil_cli.data import PAIR_FIELDS, collate, encode, load_rows
@@ -96,6 +97,32 @@ def test_compact_formats_are_smaller(caches):
     size = {fmt: read_manifest(d)["metrics"]["bytes_per_position"] for fmt, d in caches.items()}
     assert size["topk"] < size["logits"]
     assert (caches["hidden"] / "heads.safetensors").is_file()
+
+
+def test_shard_teachers_changes_nothing_in_one_process(runs, caches, tmp_path):
+    """--shard-teachers without torchrun: the teachers stay whole, the cache is byte for byte the one built
+    without it, and its settings_key is the same, so either run reuses the other's shards."""
+    base = caches["hidden"]
+    dpo = load_model(json.loads((base / "stage_config.json").read_text())["dpo"], CPU)
+    assert fsdp.shard_frozen(dpo) is dpo and not fsdp.is_sharded(dpo)
+    out = precompute_as(runs, tmp_path / "sharded", format="hidden", top_k=16, shard_teachers=True)
+    assert json.loads((out / "stage_config.json").read_text())["shard_teachers"] is True
+    assert json.loads((base / "stage_config.json").read_text())["shard_teachers"] is False
+    index = json.loads((out / "index.json").read_text())
+    assert index["settings_key"] == json.loads((base / "index.json").read_text())["settings_key"]
+    assert index == json.loads((base / "index.json").read_text())
+    files = sorted(p.name for p in base.glob("*.safetensors"))
+    assert "heads.safetensors" in files and sorted(p.name for p in out.glob("*.safetensors")) == files
+    for name in files:
+        assert sha256_file(out / name) == sha256_file(base / name), name
+    # Both held every teacher parameter (float32 on CPU), counted here from the model files.
+    config = json.loads((base / "stage_config.json").read_text())
+    whole = sum(4 * sum(p.numel() for p in load_model(config[n], CPU).parameters()) for n in ("dpo", "rev"))
+    assert [read_manifest(d)["metrics"]["teacher_param_bytes_per_rank"] for d in (base, out)] == [whole, whole]
+    again = tmp_path / "again"
+    shutil.copytree(base, again)
+    metrics = read_manifest(precompute_as(runs, again, format="hidden", top_k=16, shard_teachers=True))["metrics"]
+    assert metrics["shards_reused"] == metrics["shards"] == len(index["shards"])
 
 
 @pytest.mark.parametrize("fmt", ["hidden", "topk"])
