@@ -61,14 +61,23 @@ def shard_frozen(model):
 
     Every group frees its gathered parameters after each forward, the root's
     too (FSDP keeps a root's gathered for the backward that follows in
-    training, which an inference model never runs), so a forward holds one
-    layer whole at a time, besides the root's. Every forward is then a
-    collective: the ranks must run the same number of them, in the same order.
+    training, which an inference model never runs). An untied embedding and
+    head are groups of their own, so the body's forward (response_hidden)
+    gathers the embedding alone while it runs and never the head: a forward
+    holds about one layer whole at a time (a tied embedding + head, which
+    share a group, stays gathered through the forward). Every forward is then
+    a collective: the ranks must run the same number of them, in the same order.
     """
-    return _shard(model, {"reshard_after_forward": True})
+    return _shard(model, {"reshard_after_forward": True}, own_groups=True)
 
 
-def _shard(model, options: dict):
+def _shard(model, options: dict, own_groups: bool = False):
+    """own_groups: an untied embedding and head each in a group of its own, not in the root's.
+
+    Not for a model being trained: its loss applies the head by hand inside the
+    root's forward, where only the root's parameters (and a tied head's group,
+    through the embedding's forward) are gathered.
+    """
     if not distributed.active() or is_sharded(model):
         return model
     from torch.distributed.fsdp import fully_shard
@@ -79,6 +88,9 @@ def _shard(model, options: dict):
     embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     if head is not None and head.weight is embed.weight:
         fully_shard([embed, head], **options)
+    elif own_groups:
+        for module in filter(None, (embed, head)):
+            fully_shard(module, **options)
     return fully_shard(model, **options)
 
 

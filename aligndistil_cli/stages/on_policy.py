@@ -198,7 +198,6 @@ def run(config: DistillConfig) -> Path:
     out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
     rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], config, off_policy)
     heads = teacher_heads(teachers)
-    teacher_bytes = sum(fsdp.local_bytes(m) for m in teachers.values())  # rank 0's, in the manifest
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
     vocab = len(tokenizer)
     pack = collate_for(enable_padding_free(student, config.padding_free, "distill (on-policy)"), MIN_PADDING)
@@ -226,6 +225,8 @@ def run(config: DistillConfig) -> Path:
     parts = [probe[s : s + config.batch_size] for s in range(0, len(probe), config.batch_size)]
     chunks = [[RolloutItem(n_steps + 1 + s, i, p, len(part)) for p, i in enumerate(part)] for s, part in enumerate(parts)]
     final_kl = final_teacher_kl(student, loss_fn, chunks, config.precision, device)
+    # Held after the last forward (a sharded teacher's gathered layers are freed again); rank 0's, in the manifest.
+    teacher_bytes = sum(fsdp.local_bytes(m) for m in teachers.values())
     report_final_kl(out, summary["steps"], final_kl, trained["tokens"])
     save_model(student, tokenizer, out)
     inputs = {"student": input_record("model", config.student, fingerprint_model(config.student)),

@@ -160,7 +160,6 @@ def run(config: PrecomputeConfig) -> Path:
         for m in models.values():
             fsdp.shard_frozen(m)
     heads = teacher_heads(models)
-    teacher_bytes = sum(fsdp.local_bytes(m) for m in models.values())  # rank 0's, in the manifest
     hidden_size = output_head(models["dpo"])[0].shape[1]
     fmt = choose_format(config, vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}
@@ -201,6 +200,8 @@ def run(config: PrecomputeConfig) -> Path:
             write_shard(out / plan.name, plan, settings_key,
                         shard_tensors(parts, examples[plan.row_start : plan.row_end]), record)
 
+    # Held after the last forward (a sharded teacher's gathered layers are freed again); rank 0's, in the manifest.
+    teacher_bytes = sum(fsdp.local_bytes(m) for m in models.values())
     reused = len(plans) - int(distributed.all_reduce_sum(torch.tensor(len(todo))).item())
     distributed.barrier()
     shards = [{"file": p.name, "row_start": p.row_start, "row_end": p.row_end, "positions": p.positions} for p in plans]
