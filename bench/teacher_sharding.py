@@ -13,10 +13,11 @@ fsdp.shard_frozen (sharded mode only), then times, alternating step by step:
   - a precompute batch: teacher_for_batch on the rank's share, format hidden.
 Per rank it records the teacher parameter bytes it holds (exact, from the
 local shards, after the timed forwards), the bytes of the whole float32 output
-heads both modes keep beside them, and memory: VmRSS before the timed steps
-and the VmHWM high-water over them (reset first; not ru_maxrss, which also
-holds the loading of the full models before sharding, and the agent's
-high-water mark inherited across fork + exec; ru_maxrss is recorded too).
+heads kept beside them (a copy only where the teachers are sharded, on CPU),
+and memory: VmRSS before the timed steps and the VmHWM high-water over them
+(reset first, so it leaves out the loading of the full models before
+sharding; not ru_maxrss, which would hold that and the torchrun agent's
+high-water mark, inherited across fork + exec).
 
 It also writes the teachers' memory per GPU for Qwen2.5-1.5B and -7B at 1, 2,
 4 and 8 GPUs, COMPUTED (not measured) from their configs on the meta device.
@@ -29,7 +30,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -147,8 +147,7 @@ def worker(mode: str, steps: int, quick: bool, out: Path) -> None:
                   "extra_head_bytes": extra_head_bytes(heads, teachers),
                   "teacher_full_param_bytes": sum(p.numel() * p.element_size()
                                                   for m in teachers.values() for p in m.parameters()),
-                  "rss_before_steps_bytes": rss_before * 1024, "peak_rss_steps_bytes": process_kb("VmHWM") * 1024,
-                  "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                  "rss_before_steps_bytes": rss_before * 1024, "peak_rss_steps_bytes": process_kb("VmHWM") * 1024}
         ranks = distributed.gather_objects(record)
         if distributed.is_main():
             out.write_text(json.dumps({"mode": mode, "world_size": distributed.world_size(), "ranks": ranks}))
@@ -195,6 +194,7 @@ def computed_memory() -> dict:
         embed = model.get_input_embeddings().weight.numel() * 2
         row = {"parameters": sum(p.numel() for p in params), "tied": tied,
                "replicated_gb": 2 * (sum(p.numel() for p in params) * 2 + head) / GB,
+               "float32_heads_gb": 2 * head / GB, "layer_gb": layer / GB,
                "gathered_in_a_forward_gb": (embed + layer) / GB}
         row["sharded_gb"] = {n: 2 * (sum(shard_bytes(tuple(p.shape), n, 2) for p in params) + head) / GB
                              for n in (1, 2, 4, 8)}
@@ -227,8 +227,8 @@ def main(argv=None) -> dict | None:
             "extra_head_bytes_per_rank": [r["extra_head_bytes"] for r in runs[0]["ranks"]],
             "peak_rss_steps_bytes_per_rank": [statistics.median(x["ranks"][r]["peak_rss_steps_bytes"] for x in runs)
                                               for r in range(2)],
-            "ru_maxrss_bytes_per_rank": [statistics.median(x["ranks"][r]["ru_maxrss_bytes"] for x in runs)
-                                         for r in range(2)],
+            "rss_before_steps_bytes_per_rank": [statistics.median(x["ranks"][r]["rss_before_steps_bytes"]
+                                                                  for x in runs) for r in range(2)],
             # per launch, the median over its timed steps (rank 0; the ranks wait for each other)
             **{f"{k}_median_s": [statistics.median(r["times_s"][k]) for r in rank0]
                for k in ("distill_step", "precompute_batch")}}
@@ -242,7 +242,8 @@ def main(argv=None) -> dict | None:
     mib = 2**20
     for mode, s in summary.items():
         print(f"{mode:>10}: teacher params {s['teacher_param_bytes_per_rank'][0] / mib:.1f} MiB/rank "
-              f"(+ {s['extra_head_bytes_per_rank'][0] / mib:.1f} MiB whole heads), peak RSS over the steps "
+              f"(+ {s['extra_head_bytes_per_rank'][0] / mib:.1f} MiB whole heads), RSS before the steps "
+              f"{s['rss_before_steps_bytes_per_rank'][0] / mib:.0f} MiB, peak over them "
               f"{s['peak_rss_steps_bytes_per_rank'][0] / mib:.0f} MiB (rank 0), distill step "
               f"{statistics.median(s['distill_step_median_s']):.3f} s, precompute batch "
               f"{statistics.median(s['precompute_batch_median_s']):.3f} s")
