@@ -1,23 +1,28 @@
 """Teachers held whole on every rank (replicated) against sharded over the ranks (--shard-teachers), issue 11.
 
-    python -m bench.teacher_sharding [--rounds 3] [--steps 3] [--quick] [--out bench/results/teacher_sharding.json]
+    python -m bench.teacher_sharding [--rounds 2] [--steps 6] [--quick] [--out bench/results/teacher_sharding.json]
 
-Launches 2 gloo ranks with torchrun (OMP_NUM_THREADS=1) once per mode, the two
-modes alternating, --rounds times each. Each launch builds two random-init
-Llama teachers and a student of the same shape, shards the student with FSDP2
-(as on-policy distill does under torchrun) and the teachers with
-fsdp.shard_frozen (sharded mode only), then times, alternating step by step:
+Every launch runs 2 gloo ranks under torchrun (OMP_NUM_THREADS=1), with a
+random-init Llama student sharded by FSDP2 (as on-policy distill does under
+torchrun) and two random-init teachers of the same shape, held whole or
+sharded by fsdp.shard_frozen.
+
+Time: one launch holds both teacher sets (the same weights) and runs, round
+robin for --steps rounds (so that load from other processes hits all alike),
+for each set:
   - an on-policy distill step: training.accumulate over the rollout batch with
     on_policy's loss (precompute.teacher_for_batch live, distill.teacher_loss),
-    gradient clipping and AdamW, sampling left out (it runs the student alone);
+    gradient clipping and AdamW; sampling is left out (it runs the student alone);
   - a precompute batch: teacher_for_batch on the rank's share, format hidden.
-Per rank it records the teacher parameter bytes it holds (exact, from the
-local shards, after the timed forwards), the bytes of the whole float32 output
-heads kept beside them (a copy only where the teachers are sharded, on CPU),
-and memory: VmRSS before the timed steps and the VmHWM high-water over them
-(reset first, so it leaves out the loading of the full models before
-sharding; not ru_maxrss, which would hold that and the torchrun agent's
-high-water mark, inherited across fork + exec).
+Wall and process CPU time, medians; the ratio sharded / replicated.
+
+Memory: one launch per mode, the modes alternating, --rounds each. Per rank:
+the teacher parameter bytes held (exact, from the local shards, after the
+forwards), the bytes of the whole float32 output heads kept beside them (a
+copy only where the teachers are sharded, on CPU), VmRSS before the timed step
+and the VmHWM high-water over it (reset first, so it leaves out the loading
+of the full models before sharding; not ru_maxrss, which would hold that and
+the torchrun agent's high-water mark, inherited across fork + exec).
 
 It also writes the teachers' memory per GPU for Qwen2.5-1.5B and -7B at 1, 2,
 4 and 8 GPUs, COMPUTED (not measured) from their configs on the meta device.
@@ -39,6 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from aligndistil_cli import distributed, fsdp
+from aligndistil_cli.data import collate
+from aligndistil_cli.stages.distill import teacher_loss
+from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
+from aligndistil_cli.training import accumulate
+from bench.run import SPEC, make_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024, vocab=8192, batch=4, prompt=32, response=96)
@@ -92,65 +104,76 @@ def extra_head_bytes(heads: dict, models: dict) -> int:
 
 
 def worker(mode: str, steps: int, quick: bool, out: Path) -> None:
-    """One rank of one launch (under torchrun): build, shard, time, and (rank 0) write what every rank saw."""
-    from aligndistil_cli import distributed, fsdp
-    from aligndistil_cli.data import collate
-    from aligndistil_cli.stages.distill import teacher_loss
-    from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
-    from aligndistil_cli.training import accumulate
-    from bench.run import SPEC, make_examples
+    """One rank of one launch (under torchrun): build, shard, time, and (rank 0) write what every rank saw.
 
+    mode "both" holds both teacher sets and alternates their steps (timing); "replicated" or "sharded"
+    holds one (memory).
+    """
     p = QUICK if quick else SHAPE
+    modes = ("replicated", "sharded") if mode == "both" else (mode,)
     with distributed.session(WorkerConfig(mode, steps, quick)):
         device = torch.device("cpu")
-        teachers = {"dpo": llama(p, 1), "rev": llama(p, 2)}
-        for m in teachers.values():
-            m.requires_grad_(False)
-            if mode == "sharded":
-                fsdp.shard_frozen(m)
         student = fsdp.shard(llama(p, 0).train(), bf16=False)
-        heads = teacher_heads(teachers)
-        vocab = p["vocab"]
-        examples = make_examples(p)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-
-        def loss_fn(chunk):  # on_policy.run's loss, on a fixed rollout batch
-            batch = collate(chunk, 0).to(device)
-            fields = teacher_for_batch(teachers, heads, batch, SPEC, "hidden", vocab, torch.float32, host=False)
-            return teacher_loss(student, batch, fields, heads, "hidden", SPEC, vocab, 128)
-
-        def distill_step():
-            optimizer.zero_grad(set_to_none=True)
-            accumulate(loss_fn, examples, 1, "fp32", device, student)
-            torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
-            optimizer.step()
-
+        examples = make_examples(p)
         share = collate(distributed.share(examples), 0).to(device)
-
-        def precompute_batch():
-            teacher_for_batch(teachers, heads, share, SPEC, "hidden", vocab, torch.float32, 64)
-
-        distill_step(), precompute_batch()  # warm-up (FSDP's lazy init, allocator)
+        teachers, heads, fns = {}, {}, {}
+        for m in modes:
+            teachers[m] = {"dpo": llama(p, 1), "rev": llama(p, 2)}  # the same weights in both modes
+            for t in teachers[m].values():
+                t.requires_grad_(False)
+                if m == "sharded":
+                    fsdp.shard_frozen(t)
+            heads[m] = teacher_heads(teachers[m])
+            fns[f"distill_step ({m})"] = distill_step(student, optimizer, examples, teachers[m], heads[m], p["vocab"],
+                                                      device)
+            fns[f"precompute_batch ({m})"] = (lambda t=teachers[m], h=heads[m]: teacher_for_batch(
+                t, h, share, SPEC, "hidden", p["vocab"], torch.float32, 64))
+        for fn in fns.values():  # warm-up (FSDP's lazy init, the allocator)
+            fn()
         release_freed_memory()
         rss_before = process_kb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        times: dict[str, list[float]] = {"distill_step": [], "precompute_batch": []}
-        for _ in range(steps):
-            for name, fn in (("distill_step", distill_step), ("precompute_batch", precompute_batch)):
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        cpu: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(steps):  # round-robin: load from other processes hits every variant alike
+            for name, fn in fns.items():
                 distributed.barrier()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - start)
-        record = {"rank": distributed.rank(), "times_s": times,
-                  "teacher_param_bytes": sum(fsdp.local_bytes(m) for m in teachers.values()),
-                  "teacher_sharded": all(fsdp.is_sharded(m) for m in teachers.values()),
-                  "extra_head_bytes": extra_head_bytes(heads, teachers),
-                  "teacher_full_param_bytes": sum(p.numel() * p.element_size()
-                                                  for m in teachers.values() for p in m.parameters()),
-                  "rss_before_steps_bytes": rss_before * 1024, "peak_rss_steps_bytes": process_kb("VmHWM") * 1024}
+                cpu[name].append(time.process_time() - cpu_start)
+        record = {"rank": distributed.rank(), "times_s": times, "cpu_times_s": cpu,
+                  "rss_before_steps_bytes": rss_before * 1024, "peak_rss_steps_bytes": process_kb("VmHWM") * 1024,
+                  **{f"{key} ({m})": value for m in modes for key, value in teacher_memory(teachers[m], heads[m]).items()}}
         ranks = distributed.gather_objects(record)
         if distributed.is_main():
             out.write_text(json.dumps({"mode": mode, "world_size": distributed.world_size(), "ranks": ranks}))
+
+
+def distill_step(student, optimizer, examples: list, teachers: dict, heads: dict, vocab: int, device):
+    """One on-policy distill step on a fixed rollout batch: on_policy.run's loss, accumulate, clipping, AdamW."""
+
+    def loss_fn(chunk):
+        batch = collate(chunk, 0).to(device)
+        fields = teacher_for_batch(teachers, heads, batch, SPEC, "hidden", vocab, torch.float32, host=False)
+        return teacher_loss(student, batch, fields, heads, "hidden", SPEC, vocab, 128)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        accumulate(loss_fn, examples, 1, "fp32", device, student)
+        torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def teacher_memory(teachers: dict, heads: dict) -> dict:
+    return {"teacher_param_bytes": sum(fsdp.local_bytes(m) for m in teachers.values()),
+            "teacher_sharded": all(fsdp.is_sharded(m) for m in teachers.values()),
+            "extra_head_bytes": extra_head_bytes(heads, teachers),
+            "teacher_full_param_bytes": sum(p.numel() * p.element_size() for m in teachers.values()
+                                            for p in m.parameters())}
 
 
 def launch(mode: str, steps: int, quick: bool) -> dict:
@@ -204,52 +227,59 @@ def computed_memory() -> dict:
 
 def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="Launches of each mode, alternating.")
-    parser.add_argument("--steps", type=int, default=3, help="Timed distill steps and precompute batches per launch.")
+    parser.add_argument("--rounds", type=int, default=2, help="Memory launches of each mode, alternating.")
+    parser.add_argument("--steps", type=int, default=6, help="Timed rounds of the four variants in the timing launch.")
     parser.add_argument("--quick", action="store_true", help="A tiny model (a smoke test, not a measurement).")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "teacher_sharding.json")
-    parser.add_argument("--worker", choices=("replicated", "sharded"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("replicated", "sharded", "both"), help=argparse.SUPPRESS)
     parser.add_argument("--launch-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.steps, args.quick, args.launch_out)
         return None
-    launches = [launch(mode, args.steps, args.quick) for _ in range(args.rounds) for mode in ("replicated", "sharded")]
-    result = {"device": "cpu, 2 gloo ranks, OMP_NUM_THREADS=1", "cores": os.cpu_count(), "torch": torch.__version__,
+    memory = [launch(mode, 1, args.quick) for _ in range(args.rounds) for mode in ("replicated", "sharded")]
+    timing = launch("both", args.steps, args.quick)
+    result = {"device": f"cpu ({os.cpu_count()} cores), 2 gloo ranks, OMP_NUM_THREADS=1", "torch": torch.__version__,
               "shape": QUICK if args.quick else SHAPE, "rounds": args.rounds, "steps": args.steps, "quick": args.quick,
-              "launches": launches, "computed_qwen_teachers": computed_memory()}
-    summary = {}
-    for mode in ("replicated", "sharded"):
-        runs = [x for x in launches if x["mode"] == mode]
-        rank0 = [x["ranks"][0] for x in runs]
-        summary[mode] = {
-            "teacher_param_bytes_per_rank": [r["teacher_param_bytes"] for r in runs[0]["ranks"]],
-            "extra_head_bytes_per_rank": [r["extra_head_bytes"] for r in runs[0]["ranks"]],
-            "peak_rss_steps_bytes_per_rank": [statistics.median(x["ranks"][r]["peak_rss_steps_bytes"] for x in runs)
-                                              for r in range(2)],
-            "rss_before_steps_bytes_per_rank": [statistics.median(x["ranks"][r]["rss_before_steps_bytes"]
-                                                                  for x in runs) for r in range(2)],
-            # per launch, the median over its timed steps (rank 0; the ranks wait for each other)
-            **{f"{k}_median_s": [statistics.median(r["times_s"][k]) for r in rank0]
-               for k in ("distill_step", "precompute_batch")}}
-    rep, sh = summary["replicated"], summary["sharded"]
-    ratios = {k: statistics.median(s / r for s, r in zip(sh[f"{k}_median_s"], rep[f"{k}_median_s"]))
-              for k in ("distill_step", "precompute_batch")}
-    result.update(summary=summary, ratio_sharded_over_replicated=ratios,
-                  teacher_bytes_ratio=sh["teacher_param_bytes_per_rank"][0] / rep["teacher_param_bytes_per_rank"][0])
+              "memory_launches": memory, "timing_launch": timing, "computed_qwen_teachers": computed_memory(),
+              "memory": memory_summary(memory), "timing": timing_summary(timing)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     mib = 2**20
-    for mode, s in summary.items():
+    for mode, s in result["memory"].items():
         print(f"{mode:>10}: teacher params {s['teacher_param_bytes_per_rank'][0] / mib:.1f} MiB/rank "
               f"(+ {s['extra_head_bytes_per_rank'][0] / mib:.1f} MiB whole heads), RSS before the steps "
               f"{s['rss_before_steps_bytes_per_rank'][0] / mib:.0f} MiB, peak over them "
-              f"{s['peak_rss_steps_bytes_per_rank'][0] / mib:.0f} MiB (rank 0), distill step "
-              f"{statistics.median(s['distill_step_median_s']):.3f} s, precompute batch "
-              f"{statistics.median(s['precompute_batch_median_s']):.3f} s")
-    print(f"sharded / replicated: teacher bytes {result['teacher_bytes_ratio']:.3f}, distill step "
-          f"{ratios['distill_step']:.3f}, precompute batch {ratios['precompute_batch']:.3f}")
+              f"{s['peak_rss_steps_bytes_per_rank'][0] / mib:.0f} MiB (rank 0)")
+    for name, s in result["timing"].items():
+        print(f"{name}: replicated {s['replicated_wall_s']:.3f} s, sharded {s['sharded_wall_s']:.3f} s (wall, median); "
+              f"sharded / replicated {s['ratio_wall']:.3f} wall, {s['ratio_cpu']:.3f} process CPU time")
     return result
+
+
+def memory_summary(launches: list[dict]) -> dict:
+    """Per mode and rank: teacher bytes (exact, the same every launch) and the medians of the RSS figures."""
+    out = {}
+    for mode in ("replicated", "sharded"):
+        runs = [x["ranks"] for x in launches if x["mode"] == mode]
+        out[mode] = {
+            **{f"{k}_per_rank": [r[f"{k} ({mode})"] for r in runs[0]] for k in ("teacher_param_bytes", "extra_head_bytes")},
+            **{f"{k}_per_rank": [statistics.median(ranks[r][k] for ranks in runs) for r in range(len(runs[0]))]
+               for k in ("rss_before_steps_bytes", "peak_rss_steps_bytes")}}
+    return out
+
+
+def timing_summary(launch_: dict) -> dict:
+    """distill step and precompute batch: rank 0's medians (the ranks wait for each other) and sharded / replicated."""
+    rank0 = launch_["ranks"][0]
+    out = {}
+    for name in ("distill_step", "precompute_batch"):
+        wall = {m: statistics.median(rank0["times_s"][f"{name} ({m})"]) for m in ("replicated", "sharded")}
+        cpu = {m: statistics.median(rank0["cpu_times_s"][f"{name} ({m})"]) for m in ("replicated", "sharded")}
+        out[name] = {"replicated_wall_s": wall["replicated"], "sharded_wall_s": wall["sharded"],
+                     "replicated_cpu_s": cpu["replicated"], "sharded_cpu_s": cpu["sharded"],
+                     "ratio_wall": wall["sharded"] / wall["replicated"], "ratio_cpu": cpu["sharded"] / cpu["replicated"]}
+    return out
 
 
 if __name__ == "__main__":
