@@ -85,3 +85,27 @@ def test_summarise_diagnostics_by_hand():
     assert out["p_eos_elsewhere"] == pytest.approx({"ref": 0.1, "dpo": 0.2, "rev": 0.3, "teacher": 0.0})
     assert out["mirror_cosine_median"] == pytest.approx(0.5)
     assert out["mirror_cosine_median_at_end"] == pytest.approx(0.3)  # median of 0.1 and 0.5
+
+
+def test_head_check_uses_the_head_it_is_given():
+    """precompute's hidden-format check compares the model's own logits with the head it is handed (the whole,
+    gathered head of a sharded teacher): the model's head passes, any other is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aligndistil_cli.data import Encoded, collate
+    from aligndistil_cli.errors import UserError
+    from aligndistil_cli.modeling import output_head, response_hidden
+    from aligndistil_cli.teacher import check_head_reproduces
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    batch = collate([Encoded([3, 4, 5], [6, 7, 2]), Encoded([8], [9, 2])], 0)
+    with torch.no_grad():
+        hidden = response_hidden(model, batch)
+    weight, bias = output_head(model)
+    check_head_reproduces(model, "m", batch, hidden, (weight.detach().clone(), bias), 40)
+    other = weight.detach().clone()
+    other[5] += 0.5
+    with pytest.raises(UserError, match="m: the output head applied to the final hidden states"):
+        check_head_reproduces(model, "m", batch, hidden, (other, bias), 40)
