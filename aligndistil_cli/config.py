@@ -240,11 +240,11 @@ class TeacherFields(StageConfig):
 class TeacherShardingFields(StageConfig):
     """How the inference-only teacher models of precompute and on-policy distill are held under torchrun."""
 
-    shard_teachers: bool = opt(False, "Under torchrun, in precompute and on-policy distill: shard each teacher "
-                               "model (dpo, rev, ref) over the ranks "
-                               "(FSDP2, in its load dtype) instead of holding it whole on every rank: about 1/N of "
-                               "its memory per GPU, for an all-gather of each layer in every forward (README: More "
-                               "than one GPU). The results are the same. Without torchrun it changes nothing.")
+    shard_teachers: bool = opt(False, "Under torchrun, in precompute and on-policy distill: shard each teacher model "
+                               "(dpo, rev, ref) over the ranks (FSDP2, in its load dtype) instead of holding it whole "
+                               "on every rank: about 1/N of its memory per GPU, for an all-gather of each layer in "
+                               "every forward (README: More than one GPU). The results are the same. Without torchrun "
+                               "it changes nothing.")
 
 
 def require_teacher_models(config, variant: str, context: str = "") -> None:
