@@ -23,6 +23,7 @@ import torch
 
 from . import distributed, fsdp
 from .data import Encoded, collate
+from .kv_cache import make as make_cache, resolve as resolve_kv_cache, select as select_cache_rows
 from .modeling import sequence_logps, unwrap
 from .training import progress
 
@@ -113,40 +114,24 @@ class Decoder(Protocol):
     def select(self, state, rows: torch.Tensor): ...
 
 
-KV_CACHES = ("auto", "dynamic", "static")
-
-
-def resolve_kv_cache(choice: str, device) -> str:
-    """The KV cache `choice` means on `device`: auto is dynamic everywhere (bench.kv_cache: static
-    was slower on CPU; on CUDA it is not measured yet, so auto does not guess)."""
-    if choice not in KV_CACHES:
-        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}; got {choice!r}")
-    return "dynamic" if choice == "auto" else choice
-
-
 class ModelDecoder:
-    """A causal LM with its KV cache; the head runs on the last position only.
-
-    kv_cache "dynamic": transformers' DynamicCache, which grows by concatenation each step.
-    "static": a StaticCache preallocated on the first step for the prompt length plus
-    max_new_tokens and written in place; slots not yet written are masked by the causal mask
-    (keys past the query's cache position), the left padding by the attention mask."""
+    """A causal LM with its KV cache (kv_cache.py: dynamic, static or preallocated); the head runs
+    on the last position only. Static and preallocated caches are sized on the first step for the
+    prompt length plus max_new_tokens."""
 
     def __init__(self, model, vocab: int | None, kv_cache: str = "dynamic", max_new_tokens: int | None = None):
-        if kv_cache == "static" and max_new_tokens is None:
-            raise ValueError("a static KV cache needs max_new_tokens to size it")
+        if kv_cache != "dynamic" and max_new_tokens is None:
+            raise ValueError(f"a {kv_cache} KV cache needs max_new_tokens to size it")
         self.model, self.vocab = model, vocab
         self.kv_cache, self.max_new_tokens = kv_cache, max_new_tokens
         # transformers 5.x calls the cache `cache`; 4.x called it `past_key_values` (argument and output).
         self.cache_name = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
     def step(self, input_ids, attention_mask, position_ids, state):
-        if state is None and self.kv_cache == "static":
-            from transformers import StaticCache
-
+        if state is None:
             # The loop's last forward feeds the token drawn at step max_new_tokens - 2.
-            state = StaticCache(config=unwrap(self.model).config,
-                                max_cache_len=input_ids.shape[1] + self.max_new_tokens - 1)
+            state = make_cache(self.kv_cache, unwrap(self.model).config,
+                               input_ids.shape[1] + (self.max_new_tokens or 0) - 1)
         cache = {self.cache_name: state} if state is not None else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1, **cache)
@@ -156,15 +141,7 @@ class ModelDecoder:
         return logits, getattr(out, self.cache_name)
 
     def select(self, state, rows):
-        if self.kv_cache == "dynamic":
-            state.batch_select_indices(rows)
-            return state
-        # A smaller static cache: each layer's preallocated keys and values, copied for the kept rows.
-        for layer in state.layers:
-            if layer.is_initialized:
-                layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
-                layer.batch_size = len(rows)
-        return state
+        return select_cache_rows(state, rows)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,7 +224,7 @@ def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, ma
 
     prompts are carried into the samples as given; prompt_ids are what the model sees.
     indices (default 0..n-1) name each prompt's random stream; decoder (default: model
-    itself, over the KV cache kv_cache names: resolve_kv_cache) supplies the next-token logits.
+    itself, over the KV cache kv_cache names: kv_cache.resolve) supplies the next-token logits.
     Samples come back in the order of prompts.
     split (a model every rank holds whole): under torchrun each rank samples every
     world-size-th batch and all get every sample; the samples do not depend on the world size.

@@ -1,4 +1,4 @@
-"""Decode with a dynamic vs a static KV cache, side by side, on the embedded task's shapes and a bigger one.
+"""Decode with a dynamic vs a static (or preallocated) KV cache, side by side, on the embedded task's shapes and a bigger one.
 
 Each variant samples the same prompts with the same per-prompt random streams through
 sampling.decode; every variant must return the same tokens (checked). Variants run in turn,
@@ -115,6 +115,7 @@ def variants(model, shape: dict, against, compile_step: bool) -> dict:
     out = {
         "dynamic": ours("dynamic"),
         "static": ours("static"),
+        "preallocated": ours("preallocated"),
         "static, rows kept": ours("static", drop_finished=False),
         "dynamic, host check every 8 steps": ours("dynamic", check_every=8),
     }
