@@ -23,7 +23,9 @@ import torch
 
 from . import distributed, fsdp
 from .data import Encoded, collate
-from .kv_cache import make as make_cache, resolve as resolve_kv_cache, select as select_cache_rows
+from .kv_cache import make as make_cache
+from .kv_cache import resolve as resolve_kv_cache
+from .kv_cache import select as select_cache_rows
 from .modeling import sequence_logps, unwrap
 from .training import progress
 

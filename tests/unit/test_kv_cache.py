@@ -12,10 +12,15 @@ import pytest
 import torch
 
 from aligndistil_cli import kv_cache
-from aligndistil_cli.sampling import ModelDecoder, decode, generate, left_pad, prompt_keys, step_uniforms
-
+from aligndistil_cli.sampling import (
+    ModelDecoder,
+    decode,
+    generate,
+    left_pad,
+    prompt_keys,
+    step_uniforms,
+)
 from tests.unit.test_sampling import EOS, PAD, prompt_rows, reference_sample
-from tests.unit.test_sampling import tiny  # noqa: F401  (the module-scoped tiny Llama fixture)
 
 CACHES = ("dynamic", "static", "preallocated")
 PROMPTS = [[5, 9, 11], [7, 8, 9, 10, 12, 13, 14], [20, 21, 22, 23, 24], [30]]
@@ -76,7 +81,7 @@ def test_the_check_fails_on_a_cache_written_one_slot_off(tiny, monkeypatch):
     update = layer_class.update
 
     def shifted(self, key_states, value_states, *args, **kwargs):
-        keys, values = update(self, key_states, value_states)
+        keys, _ = update(self, key_states, value_states)
         if keys.shape[-2] > len(PROMPTS[1]):  # after the prefill: the newest key lands one slot early
             self.key_buffer[:, :, keys.shape[-2] - 2] = key_states[:, :, -1]
         return self.keys, self.values
