@@ -7,7 +7,7 @@ each variant's time over the dynamic cache's (ratio of summed wall times), and w
 bench/results/kv_cache.json.
 
 Usage: python -m bench.kv_cache [--device cpu|cuda] [--reps 3] [--shapes tiny-prefs,tiny-eval,cpu-512]
-       [--against OLD_SAMPLING_PY] [--compile]
+       [--against OLD_SAMPLING_PY] [--compile] [--variants NAME,...]
 
 --against times another sampling.py's decode loop (e.g. `git show BASE:aligndistil_cli/sampling.py`)
 with its own dynamic-cache decoder beside ours, to measure the loop's own per-token work.
@@ -134,10 +134,12 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_shape(name: str, shape: dict, device, reps: int, against, compile_step: bool) -> dict:
+def run_shape(name: str, shape: dict, device, reps: int, against, compile_step: bool, only) -> dict:
     model, prompts = build(shape, device)
     keys = prompt_keys(0, range(len(prompts)))
     fns = variants(model, shape, against, compile_step)
+    if only:
+        fns = {k: f for k, f in fns.items() if k == "dynamic" or k in only}
     names = list(fns)
     outputs, wall, cpu = {}, {k: [] for k in names}, {k: [] for k in names}
     warmup_s = {}
@@ -178,6 +180,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--against", default=None, help="Another sampling.py whose decode loop to time beside ours.")
     ap.add_argument("--compile", action="store_true", help="Also time a torch.compile'd static-cache step.")
+    ap.add_argument("--variants", default=None, help="Comma-separated variant names to time (default: all); "
+                    "dynamic is always timed, as the reference.")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kv_cache.json"))
     args = ap.parse_args()
     quiet_transformers()
@@ -187,7 +191,8 @@ def main() -> None:
            "torch": torch.__version__, "threads": torch.get_num_threads(), "reps": args.reps,
            "against": args.against, "load_average": list(os.getloadavg()), "shapes": {}}
     for name in args.shapes.split(","):
-        r = run_shape(name, SHAPES[name], device, args.reps, against, args.compile)
+        r = run_shape(name, SHAPES[name], device, args.reps, against, args.compile,
+                      args.variants.split(",") if args.variants else None)
         res["shapes"][name] = r
         print(f"{name}: batch {r['shape']['batch']}, {r['generated_tokens']} tokens "
               f"(mean length {r['mean_response_length']:.1f})")
