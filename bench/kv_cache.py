@@ -7,12 +7,10 @@ each variant's time over the dynamic cache's (ratio of summed wall times), and w
 bench/results/kv_cache.json.
 
 Usage: python -m bench.kv_cache [--device cpu|cuda] [--reps 3] [--shapes tiny-prefs,tiny-eval,cpu-512]
-       [--against OLD_SAMPLING_PY] [--compile] [--variants NAME,...]
+       [--against OLD_SAMPLING_PY] [--variants NAME,...]
 
 --against times another sampling.py's decode loop (e.g. `git show BASE:aligndistil_cli/sampling.py`)
 with its own dynamic-cache decoder beside ours, to measure the loop's own per-token work.
---compile adds a variant whose static-cache single-token forward is torch.compile'd (rows kept,
-so its shapes never change).
 """
 
 from __future__ import annotations
@@ -81,30 +79,7 @@ def load_sampling(path: str):
     return module
 
 
-class CompiledStatic(ModelDecoder):
-    """The static-cache decoder with its single-token forward under torch.compile (the prefill stays eager)."""
-
-    def __init__(self, model, vocab, max_new_tokens):
-        super().__init__(model, vocab, "static", max_new_tokens)
-        self.compiled = torch.compile(model, dynamic=False)
-
-    def step(self, input_ids, attention_mask, position_ids, state):
-        if state is None:
-            return super().step(input_ids, attention_mask, position_ids, state)
-        # The full-width mask keeps the step's shapes fixed: slots not written yet are masked causally.
-        out = self.compiled(input_ids=input_ids, attention_mask=self.full_mask(attention_mask, state),
-                            position_ids=position_ids, cache=state, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
-        logits[:, self.vocab :] = float("-inf")
-        return logits, out.cache
-
-    @staticmethod
-    def full_mask(mask, state):
-        width = state.layers[0].max_cache_len
-        return torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=1)
-
-
-def variants(model, shape: dict, against, compile_step: bool) -> dict:
+def variants(model, shape: dict, against) -> dict:
     """name -> a function that decodes the shape's prompts once and returns decode's output."""
     vocab, new = shape["vocab"], shape["new"]
     common = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=new, device=next(model.parameters()).device)
@@ -122,10 +97,6 @@ def variants(model, shape: dict, against, compile_step: bool) -> dict:
     if against is not None:
         out["base loop, dynamic"] = lambda prompts, keys: against.decode(against.ModelDecoder(model, vocab), prompts,
                                                                          keys, **common)
-    if compile_step:
-        decoder = CompiledStatic(model, vocab, new)
-        out["static, rows kept, compiled step"] = lambda prompts, keys: decode(decoder, prompts, keys, **common,
-                                                                               drop_finished=False)
     return out
 
 
@@ -134,10 +105,10 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_shape(name: str, shape: dict, device, reps: int, against, compile_step: bool, only) -> dict:
+def run_shape(name: str, shape: dict, device, reps: int, against, only) -> dict:
     model, prompts = build(shape, device)
     keys = prompt_keys(0, range(len(prompts)))
-    fns = variants(model, shape, against, compile_step)
+    fns = variants(model, shape, against)
     if only:
         fns = {k: f for k, f in fns.items() if k == "dynamic" or k in only}
     names = list(fns)
@@ -179,7 +150,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--against", default=None, help="Another sampling.py whose decode loop to time beside ours.")
-    ap.add_argument("--compile", action="store_true", help="Also time a torch.compile'd static-cache step.")
     ap.add_argument("--variants", default=None, help="Comma-separated variant names to time (default: all); "
                     "dynamic is always timed, as the reference.")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kv_cache.json"))
@@ -191,7 +161,7 @@ def main() -> None:
            "torch": torch.__version__, "threads": torch.get_num_threads(), "reps": args.reps,
            "against": args.against, "load_average": list(os.getloadavg()), "shapes": {}}
     for name in args.shapes.split(","):
-        r = run_shape(name, SHAPES[name], device, args.reps, against, args.compile,
+        r = run_shape(name, SHAPES[name], device, args.reps, against,
                       args.variants.split(",") if args.variants else None)
         res["shapes"][name] = r
         print(f"{name}: batch {r['shape']['batch']}, {r['generated_tokens']} tokens "
