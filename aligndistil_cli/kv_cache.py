@@ -10,7 +10,7 @@
   preallocated for prompt + max_new_tokens and hand attention a view of the written prefix:
   no concatenation, and no attention over slots not written yet.
 
-Dropping finished rows copies the kept rows of every layer in each (bench.kv_cache measures it).
+Dropping finished rows copies the kept rows of every layer in each. bench.kv_cache times them all.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ import functools
 KV_CACHES = ("auto", "dynamic", "static", "preallocated")
 KV_CACHE_HELP = ("KV cache of the sampler: dynamic (grows by concatenation), static (preallocated, attention "
                  "over its full length; fixed shapes), preallocated (written in place, attention over the "
-                 "written part), or auto (preallocated: the fastest measured on CPU, bench.kv_cache; CUDA "
-                 "not measured).")
+                 "written part), or auto (dynamic: no other was faster on CPU, bench.kv_cache; CUDA not "
+                 "measured). All draw the same tokens.")
 
 
-def resolve(choice: str, device) -> str:
-    """The cache `choice` means on `device` (device kept for a measured CUDA choice)."""
+def resolve(choice: str) -> str:
+    """The cache `choice` names. auto is dynamic on every device: on CPU neither the static
+    nor the preallocated cache was reliably faster (bench.kv_cache, README "Sampling speed"); on CUDA
+    nothing is measured yet, and auto does not guess."""
     if choice not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}; got {choice!r}")
-    return "preallocated" if choice == "auto" else choice
+    return "dynamic" if choice == "auto" else choice
 
 
 def make(kind: str, config, capacity: int):

@@ -231,10 +231,10 @@ def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, ma
     split (a model every rank holds whole): under torchrun each rank samples every
     world-size-th batch and all get every sample; the samples do not depend on the world size.
     """
-    device = next(model.parameters()).device
     if decoder is None:
         model.eval()
-        decoder = ModelDecoder(model, len(tokenizer), resolve_kv_cache(kv_cache, device), max_new_tokens)
+        decoder = ModelDecoder(model, len(tokenizer), resolve_kv_cache(kv_cache), max_new_tokens)
+    device = next(model.parameters()).device
     keys = prompt_keys(seed, list(range(len(prompts))) if indices is None else indices)
     batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
     if split:

@@ -63,15 +63,15 @@ def teacher_logps(models: dict, spec: TeacherSpec, samples: list[Sample], pad_id
 @torch.no_grad()
 def generate_teacher(models: dict, spec: TeacherSpec, tokenizer, prompts: list, prompt_ids: list[list[int]], *,
                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
-                     seed: int = 0, desc: str = "sample teacher", kv_cache: str = "auto") -> tuple[list[Sample], list[float]]:
+                     seed: int = 0, desc: str = "sample teacher",
+                     kv_cache: str = "auto") -> tuple[list[Sample], list[float]]:
     """One response per prompt sampled from softmax(z* / tau) (then / temperature, within top_p).
 
     models: name -> model for every name in spec.models. Returns the samples and each response's
     log-prob under the teacher softmax(z* / tau) itself, EOS included.
     """
     vocab = len(tokenizer)
-    device = next(models["dpo"].parameters()).device
     samples = generate(models["dpo"], tokenizer, prompts, prompt_ids, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, desc=desc,
-                       decoder=TeacherDecoder(models, spec, vocab, resolve_kv_cache(kv_cache, device), max_new_tokens))
+                       decoder=TeacherDecoder(models, spec, vocab, resolve_kv_cache(kv_cache), max_new_tokens))
     return samples, teacher_logps(models, spec, samples, tokenizer.pad_token_id, vocab, batch_size)

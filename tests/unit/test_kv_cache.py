@@ -113,7 +113,7 @@ def test_caches_preallocate_what_the_loop_needs(tiny):
     with pytest.raises(ValueError, match="max_new_tokens"):
         ModelDecoder(tiny, None, "static")
     with pytest.raises(ValueError, match="kv_cache must be one of"):
-        kv_cache.resolve("paged", torch.device("cpu"))
+        kv_cache.resolve("paged")
 
 
 def test_all_draws_at_once_equal_draws_one_step_at_a_time():
@@ -164,3 +164,19 @@ def test_rows_kept_or_checked_late_draw_the_same_tokens(tiny, toy_tokenizer, kin
     base = run()
     assert run(drop_finished=False) == base and run(check_every=7) == base
     assert any(done for _, done in base) and any(not done for _, done in base)
+
+
+def test_kv_cache_option_is_the_same_in_every_sampling_stage():
+    import dataclasses
+
+    from aligndistil_cli.config import DistillConfig, EvaluateConfig, MakePrefsConfig
+    from aligndistil_cli.errors import ConfigError
+
+    fields = {cls: {f.name: f for f in dataclasses.fields(cls)}["kv_cache"]
+              for cls in (MakePrefsConfig, EvaluateConfig, DistillConfig)}
+    assert {f.default for f in fields.values()} == {"auto"}
+    assert {f.metadata["choices"] for f in fields.values()} == {kv_cache.KV_CACHES}
+    assert fields[DistillConfig].metadata["help"] == "On-policy: " + fields[MakePrefsConfig].metadata["help"]
+    with pytest.raises(ConfigError, match="'kv_cache' must be one of auto, dynamic, static, preallocated"):
+        MakePrefsConfig(out="o", model="m", data="d", kv_cache="paged")
+    assert kv_cache.resolve("auto") == "dynamic"
