@@ -11,7 +11,7 @@
 #   fsdp   (75)  1-GPU FSDP2 / plain SFT step under torchrun (issue 11, target <= 1.05)
 #   gpu    (110) bench.run --preset gpu: distill / SFT, distill / live teacher (issue 14)
 #   kv     (45)  bench.kv_cache on CUDA: dynamic / static / preallocated KV-cache decode, rows kept, host
-#                check every 8 steps (decides what --kv-cache auto should be on CUDA)
+#                check every 8 steps (to decide what --kv-cache auto picks on CUDA)
 #   prec   (30)  bench.teacher_precision --device cuda: the float32 heads' step-time cost (issue 10)
 # Every result lands under $OUT (default /tmp/gpu-out), which the device tool brings back.
 set -uo pipefail

@@ -170,10 +170,11 @@ def main() -> None:
             print(f"  {k:36s} {r['tokens_per_s'][k]:9.0f} tok/s   ÷ dynamic {ratio:.3f} wall, "
                   f"{r['cpu_ratio_to_dynamic'][k]:.3f} CPU   same tokens: {r['same_tokens_as_dynamic'][k]}")
         if "dynamic_over_base_loop" in r:
-            print(f"  dynamic ÷ base loop: {r['dynamic_over_base_loop']:.3f}")
-    res["load_average_end"] = list(os.getloadavg())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+            print(f"  dynamic ÷ base loop: {r['dynamic_over_base_loop']:.3f}", flush=True)
+        # After every shape, so that a run cut short by a time limit keeps the shapes it finished.
+        res["load_average_end"] = list(os.getloadavg())
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
