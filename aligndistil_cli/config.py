@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import ConfigError
+from .kv_cache import KV_CACHE_HELP, KV_CACHES
 from .variants import VARIANTS
 from .sources import FORMATS as SOURCE_FORMATS
 
@@ -29,6 +30,11 @@ def opt(default: Any = None, help: str = "", *, required: bool = False, choices:
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def kv_cache_opt(prefix: str = ""):
+    """The sampler's --kv-cache, worded the same in every stage that samples."""
+    return opt("auto", prefix + KV_CACHE_HELP, choices=KV_CACHES)
 
 
 @dataclass
@@ -201,6 +207,7 @@ class MakePrefsConfig(DataFields):
     top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True)
     max_new_tokens: int = opt(48, "Longest response in tokens.", positive=True)
     batch_size: int = opt(128, "Prompts per generation batch.", positive=True)
+    kv_cache: str = kv_cache_opt()
 
     def validate(self) -> None:
         if self.num_samples < 2:
@@ -305,6 +312,7 @@ class DistillConfig(TrainingFields, TeacherShardingFields):
     temperature: float = opt(1.0, "On-policy: sampling temperature.", positive=True)
     top_p: float = opt(1.0, "On-policy: nucleus sampling mass.", positive=True)
     max_new_tokens: int = opt(64, "On-policy: longest sampled response.", positive=True)
+    kv_cache: str = kv_cache_opt("On-policy: ")
     samples_per_prompt: int = opt(1, "On-policy: responses sampled per prompt.", positive=True)
     updates_per_rollout: int = opt(1, "On-policy: optimizer steps on each rollout batch before sampling again.",
                                    positive=True)
@@ -338,6 +346,7 @@ class EvaluateConfig(DataFields, TrackingFields):
     top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True)
     max_new_tokens: int = opt(48, "Longest response in tokens.", positive=True)
     batch_size: int = opt(128, "Prompts per generation batch.", positive=True)
+    kv_cache: str = kv_cache_opt()
     max_length: int = opt(512, "Maximum tokens of a held-out pair (prompt + response).", positive=True)
     max_prompt_length: int = opt(384, "Maximum prompt tokens of a held-out pair or prompt.", positive=True)
     teacher: Optional[str] = opt(None, "Also sample the composed teacher softmax(z*) (the upper bound of distillation) "

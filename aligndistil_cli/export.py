@@ -229,7 +229,7 @@ def _check_benchmark(benchmark: str) -> None:
 
 
 def make_generate_fn(model, tokenizer, *, chat_template: bool, max_new_tokens: int, temperature: float,
-                     top_p: float, batch_size: int, seed: int) -> Callable[[list[list[dict]]], list[str]]:
+                     top_p: float, batch_size: int, seed: int, kv_cache: str = "auto") -> Callable[[list[list[dict]]], list[str]]:
     """A generate_fn for export(): conversations -> the model's sampled replies (stripped text)."""
     from .data import prompt_ids
     from .sampling import generate
@@ -244,7 +244,7 @@ def make_generate_fn(model, tokenizer, *, chat_template: bool, max_new_tokens: i
         ids = [prompt_ids(tokenizer, conv, chat_template) for conv in conversations]
         samples = generate(model, tokenizer, conversations, ids, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, batch_size=batch_size, seed=call_seed,
-                           desc=f"export turn {calls[0]}")
+                           desc=f"export turn {calls[0]}", kv_cache=kv_cache)
         # Stripped as FastChat and arena-hard strip theirs: stray edge whitespace would
         # otherwise be fed back into turn 2 and shown to the judge.
         return [s.text.strip() for s in samples]

@@ -23,6 +23,9 @@ import torch
 
 from . import distributed, fsdp
 from .data import Encoded, collate
+from .kv_cache import make as make_cache
+from .kv_cache import resolve as resolve_kv_cache
+from .kv_cache import select as select_cache_rows
 from .modeling import sequence_logps, unwrap
 from .training import progress
 
@@ -62,9 +65,14 @@ def prompt_keys(seed: int, indices: Sequence[int] | torch.Tensor) -> torch.Tenso
     return _mix32(seed_key ^ _mix32((idx & _M32) ^ 0x5BD1E995) ^ _mix32(idx >> 32))
 
 
-def step_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
-    """[B] float64 uniforms in (0, 1), 52 random bits each, for each key's draw number `step`."""
-    t = torch.tensor(2 * step, dtype=torch.int64)
+def step_uniforms(keys: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in (0, 1), 52 random bits each: each key's draw number `step`.
+
+    step an int: [B]. step a [S] tensor of draw numbers: [B, S], all of a row's draws at once
+    (the decode loop computes them before its first step, not one small hash per token)."""
+    t = 2 * torch.as_tensor(step, dtype=torch.int64)
+    if t.ndim:
+        keys = keys.unsqueeze(-1)
     a = _mix32(keys ^ _mix32(t & _M32))
     b = _mix32(a ^ _mix32((t + 1) & _M32))
     n = ((a >> 6) << 26) | (b >> 6)  # 26 + 26 bits: exact in float64
@@ -109,14 +117,23 @@ class Decoder(Protocol):
 
 
 class ModelDecoder:
-    """A causal LM with its DynamicCache; the head runs on the last position only."""
+    """A causal LM with its KV cache (kv_cache.py: dynamic, static or preallocated); the head runs
+    on the last position only. Static and preallocated caches are sized on the first step for the
+    prompt length plus max_new_tokens."""
 
-    def __init__(self, model, vocab: int | None):
+    def __init__(self, model, vocab: int | None, kv_cache: str = "dynamic", max_new_tokens: int | None = None):
+        if kv_cache != "dynamic" and max_new_tokens is None:
+            raise ValueError(f"a {kv_cache} KV cache needs max_new_tokens to size it")
         self.model, self.vocab = model, vocab
+        self.kv_cache, self.max_new_tokens = kv_cache, max_new_tokens
         # transformers 5.x calls the cache `cache`; 4.x called it `past_key_values` (argument and output).
         self.cache_name = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
     def step(self, input_ids, attention_mask, position_ids, state):
+        if state is None:
+            # The loop's last forward feeds the token drawn at step max_new_tokens - 2.
+            state = make_cache(self.kv_cache, unwrap(self.model).config,
+                               input_ids.shape[1] + (self.max_new_tokens or 0) - 1)
         cache = {self.cache_name: state} if state is not None else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, logits_to_keep=1, **cache)
@@ -126,8 +143,7 @@ class ModelDecoder:
         return logits, getattr(out, self.cache_name)
 
     def select(self, state, rows):
-        state.batch_select_indices(rows)
-        return state
+        return select_cache_rows(state, rows)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,48 +160,54 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def decode(decoder: Decoder, prompt_ids: list[list[int]], keys: torch.Tensor, *, eos_id: int, pad_id: int,
            max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           device=None, synced: bool = False) -> list[tuple[list[int], bool]]:
+           device=None, synced: bool = False, check_every: int = 1,
+           drop_finished: bool = True) -> list[tuple[list[int], bool]]:
     """Sample one response per prompt (one batch): (ids up to and including the first EOS, finished).
 
-    Row b draws its token at step t from step_uniforms(keys[b], t). Rows that sampled EOS
-    are dropped from the batch, and from the decoder's cache, once they are a quarter
-    of it: dropping copies the cache, so it is not worth doing for every row. synced (a model
-    sharded over ranks): every rank keeps stepping until all ranks' rows have finished, since
-    each forward is a collective."""
+    Row b draws its token at step t from step_uniforms(keys[b], t). Tokens stay on the device;
+    a row's response ends at its first EOS, whatever it drew after. Every check_every steps the
+    host reads how many rows have sampled EOS (the loop's only host sync): it stops once all
+    have, and (drop_finished) drops finished rows from the batch, and from the decoder's cache,
+    once they are a quarter of it (dropping copies the cache, so it is not worth doing for every
+    row). Without drop_finished the batch keeps its shape to the end (what CUDA graphs need).
+    synced (a model sharded over ranks): every rank keeps stepping until all ranks' rows have
+    finished, since each forward is a collective."""
     device = device or torch.device("cpu")
-    ids, mask = left_pad(prompt_ids, pad_id, device)
-    position = (mask.cumsum(-1) - 1).clamp_(min=0)
-    batch = len(prompt_ids)
-    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
-    lengths = torch.full((batch,), max_new_tokens, dtype=torch.long)
-    finished = torch.zeros(batch, dtype=torch.bool)
-    live = torch.arange(batch)  # original row of each row still in the batch
-    running = torch.ones(batch, dtype=torch.bool)  # rows in the batch that have not sampled EOS
-    keys = keys.to(torch.int64)
-    logits, state = decoder.step(ids, mask, position, None)
+    ids, prompt_mask = left_pad(prompt_ids, pad_id, device)
+    batch, length = ids.shape
+    # The mask over prompt and response, filled once: step t sees its first length + t + 1 columns.
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
+    position = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)
+    uniforms = step_uniforms(keys.to(torch.int64), torch.arange(max_new_tokens)).to(device)
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    live = torch.arange(batch, device=device)  # original row of each row still in the batch
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)  # rows in the batch that have sampled EOS
+    logits, state = decoder.step(ids, prompt_mask, position, None)
     position = position[:, -1:]
-    for t in range(max_new_tokens):
-        new = sample_tokens(logits, step_uniforms(keys, t), temperature, top_p)
-        new_cpu = new.cpu()
-        tokens[live[running], t] = new_cpu[running]
-        done = running & (new_cpu == eos_id)
-        if bool(done.any()):
-            lengths[live[done]] = t + 1
-            finished[live[done]] = True
-            running &= ~done
-            if not bool(running.any()) and not synced:
+    for t in range(max_new_tokens - 1):
+        new = sample_tokens(logits, uniforms[:, t], temperature, top_p)
+        tokens[live, t] = new
+        ended |= new == eos_id
+        if (t + 1) % check_every == 0:
+            n_ended = int(ended.sum())
+            if synced:
+                if distributed.all_reduce_max(float(n_ended < len(ended))) == 0:
+                    break
+            elif n_ended == len(ended):
                 break
-            if bool(running.any()) and 4 * int((~running).sum()) >= len(running) and t + 1 < max_new_tokens:
-                rows = running.nonzero().squeeze(1)
-                live, keys, running = live[rows], keys[rows], running[rows]
-                rows = rows.to(device)
-                new, mask, position = new[rows], mask[rows], position[rows]
+            if drop_finished and 0 < n_ended < len(ended) and 4 * n_ended >= len(ended):
+                rows = (~ended).nonzero().squeeze(1)
+                live, ended, uniforms, new, mask, position = (
+                    live[rows], ended[rows], uniforms[rows], new[rows], mask[rows], position[rows])
                 state = decoder.select(state, rows)
-        if t + 1 == max_new_tokens or (synced and distributed.all_reduce_max(float(running.any())) == 0):
-            break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         position = position + 1
-        logits, state = decoder.step(new.unsqueeze(1), mask, position, state)
+        logits, state = decoder.step(new.unsqueeze(1), mask[:, : length + t + 1], position, state)
+    else:  # the cap: one last draw, no forward after it
+        tokens[live, max_new_tokens - 1] = sample_tokens(logits, uniforms[:, -1], temperature, top_p)
+    tokens = tokens.cpu()
+    is_eos = tokens == eos_id
+    finished = is_eos.any(-1)
+    lengths = torch.where(finished, is_eos.int().argmax(-1) + 1, max_new_tokens).tolist()
     return [(tokens[b, : lengths[b]].tolist(), bool(finished[b])) for b in range(batch)]
 
 
@@ -199,18 +221,19 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
 def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
              desc: str = "sample", indices: Sequence[int] | None = None,
-             decoder: Decoder | None = None, split: bool = False) -> list[Sample]:
+             decoder: Decoder | None = None, split: bool = False, kv_cache: str = "auto") -> list[Sample]:
     """Sample one response per prompt (pure sampling: no top-k, so KL estimates stay unbiased).
 
     prompts are carried into the samples as given; prompt_ids are what the model sees.
     indices (default 0..n-1) name each prompt's random stream; decoder (default: model
-    itself) supplies the next-token logits. Samples come back in the order of prompts.
+    itself, over the KV cache kv_cache names: kv_cache.resolve) supplies the next-token logits.
+    Samples come back in the order of prompts.
     split (a model every rank holds whole): under torchrun each rank samples every
     world-size-th batch and all get every sample; the samples do not depend on the world size.
     """
     if decoder is None:
         model.eval()
-        decoder = ModelDecoder(model, len(tokenizer))
+        decoder = ModelDecoder(model, len(tokenizer), resolve_kv_cache(kv_cache), max_new_tokens)
     device = next(model.parameters()).device
     keys = prompt_keys(seed, list(range(len(prompts))) if indices is None else indices)
     batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)

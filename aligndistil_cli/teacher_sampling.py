@@ -16,15 +16,18 @@ from __future__ import annotations
 import torch
 
 from .data import Encoded, collate
+from .kv_cache import resolve as resolve_kv_cache
 from .sampling import ModelDecoder, Sample, generate
 from .teacher import TeacherSpec, compose
 
 
 class TeacherDecoder:
-    """sampling.Decoder over softmax(z*/tau): one cache per teacher model, logits composed in float32."""
+    """sampling.Decoder over softmax(z*/tau): one cache per teacher model (of kind kv_cache), logits composed
+    in float32."""
 
-    def __init__(self, models: dict, spec: TeacherSpec, vocab: int):
-        self.parts = {name: ModelDecoder(model, None) for name, model in models.items()}
+    def __init__(self, models: dict, spec: TeacherSpec, vocab: int, kv_cache: str = "dynamic",
+                 max_new_tokens: int | None = None):
+        self.parts = {name: ModelDecoder(model, None, kv_cache, max_new_tokens) for name, model in models.items()}
         self.spec, self.vocab = spec, vocab
 
     def step(self, input_ids, attention_mask, position_ids, state):
@@ -60,7 +63,8 @@ def teacher_logps(models: dict, spec: TeacherSpec, samples: list[Sample], pad_id
 @torch.no_grad()
 def generate_teacher(models: dict, spec: TeacherSpec, tokenizer, prompts: list, prompt_ids: list[list[int]], *,
                      max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
-                     seed: int = 0, desc: str = "sample teacher") -> tuple[list[Sample], list[float]]:
+                     seed: int = 0, desc: str = "sample teacher",
+                     kv_cache: str = "auto") -> tuple[list[Sample], list[float]]:
     """One response per prompt sampled from softmax(z* / tau) (then / temperature, within top_p).
 
     models: name -> model for every name in spec.models. Returns the samples and each response's
@@ -69,5 +73,5 @@ def generate_teacher(models: dict, spec: TeacherSpec, tokenizer, prompts: list, 
     vocab = len(tokenizer)
     samples = generate(models["dpo"], tokenizer, prompts, prompt_ids, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, desc=desc,
-                       decoder=TeacherDecoder(models, spec, vocab))
+                       decoder=TeacherDecoder(models, spec, vocab, resolve_kv_cache(kv_cache), max_new_tokens))
     return samples, teacher_logps(models, spec, samples, tokenizer.pad_token_id, vocab, batch_size)

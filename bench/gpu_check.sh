@@ -10,7 +10,8 @@
 #   1.5b   (190) bench.run --preset 1.5b: tokens/s and MFU of each step, distill / SFT (issue 14)
 #   fsdp   (75)  1-GPU FSDP2 / plain SFT step under torchrun (issue 11, target <= 1.05)
 #   gpu    (110) bench.run --preset gpu: distill / SFT, distill / live teacher (issue 14)
-#   kv     (45)  bench.kv_cache on CUDA: static / dynamic KV-cache decode, where the bench exists
+#   kv     (45)  bench.kv_cache on CUDA: dynamic / static / preallocated KV-cache decode, rows kept, host
+#                check every 8 steps (to decide what --kv-cache auto picks on CUDA)
 #   prec   (30)  bench.teacher_precision --device cuda: the float32 heads' step-time cost (issue 10)
 # Every result lands under $OUT (default /tmp/gpu-out), which the device tool brings back.
 set -uo pipefail
@@ -44,7 +45,5 @@ step tests 75 python3 -m pytest -p no:cacheprovider tests/unit/test_cuda.py test
 step 1.5b 190 python3 -m bench.run --preset 1.5b --out "$OUT/bench-1.5b.json"
 step fsdp 75 torchrun --nproc-per-node 1 -m bench.fsdp_step --preset gpu --out "$OUT/fsdp.json"
 step gpu 110 python3 -m bench.run --preset gpu --out "$OUT/bench-gpu.json"
-if [[ -f bench/kv_cache.py ]]; then
-  step kv 45 python3 -m bench.kv_cache --device cuda --out "$OUT/kv_cache.json"
-fi
+step kv 45 python3 -m bench.kv_cache --device cuda --out "$OUT/kv_cache.json"
 step prec 30 python3 -m bench.teacher_precision --device cuda

@@ -57,12 +57,13 @@ def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, sc
     ids = held_out_ids(tokenizer, prompts, config)
     samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
-                       seed=config.seed, desc=f"evaluate {name}", split=True)
+                       seed=config.seed, desc=f"evaluate {name}", split=True, kv_cache=config.kv_cache)
     rewards = distributed.split_map(scorer.score, samples)
     if config.export and distributed.is_main():
         generate_fn = make_generate_fn(model, tokenizer, chat_template=config.chat_template,
                                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                       top_p=config.top_p, batch_size=config.batch_size, seed=config.seed)
+                                       top_p=config.top_p, batch_size=config.batch_size, seed=config.seed,
+                                       kv_cache=config.kv_cache)
         export(config.export, read_questions(config.export, Path(config.export_questions)), name, generate_fn,
                Path(config.out) / "exports")
     own = score_samples(model, tokenizer, samples, config.batch_size, split=True)
@@ -78,7 +79,8 @@ def evaluate_teacher(teacher: LoadedTeacher, ref_model, tokenizer, prompts, conf
     samples, own = generate_teacher(teacher.models, teacher.spec, tokenizer, prompts,
                                     held_out_ids(tokenizer, prompts, config), max_new_tokens=config.max_new_tokens,
                                     temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
-                                    seed=config.seed, desc=f"evaluate {config.teacher_name}")
+                                    seed=config.seed, desc=f"evaluate {config.teacher_name}",
+                                    kv_cache=config.kv_cache)
     ref = score_samples(ref_model, tokenizer, samples, config.batch_size)
     result = summarise(teacher.source, samples, scorer.score(samples), own, ref, config, ref_rewards)
     return {**result, "teacher_spec": dataclasses.asdict(teacher.spec)}

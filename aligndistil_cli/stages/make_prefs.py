@@ -51,7 +51,8 @@ def run(config: MakePrefsConfig) -> Path:
     repeated_ids = [p for p in ids for _ in range(config.num_samples)]
     samples = generate(model, tokenizer, repeated, repeated_ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
-                       seed=config.seed, desc="make-prefs", split=True)
+                       seed=config.seed, desc="make-prefs", split=True,
+                       kv_cache=config.kv_cache)
     scorer = make_scorer(config, device)
     scores = distributed.split_map(scorer.score, samples)
     pairs, skipped = [], 0

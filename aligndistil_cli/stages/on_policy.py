@@ -133,7 +133,7 @@ class Rollouts:
                                [self.ids[i] for i, _ in rows],
                                max_new_tokens=min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length),
                                temperature=cfg.temperature, top_p=cfg.top_p, batch_size=max(1, len(rows)),
-                               seed=cfg.seed, indices=[k for _, k in rows], desc="rollout")
+                               seed=cfg.seed, indices=[k for _, k in rows], desc="rollout", kv_cache=cfg.kv_cache)
         self.student.train()
         return samples
 

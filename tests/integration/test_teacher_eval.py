@@ -77,10 +77,12 @@ def test_teacher_samples_carry_their_teacher_log_probs(runs):
     rows = torch.arange(len(samples)).unsqueeze(1).expand_as(batch.loss_mask)[batch.loss_mask]
     expected = torch.zeros(len(samples), dtype=torch.float64).index_add(0, rows, per_token)
     torch.testing.assert_close(torch.tensor(logps, dtype=torch.float64), expected, rtol=1e-4, atol=1e-4)
-    # The same seed draws the same responses.
-    again, _ = generate_teacher({"dpo": dpo, "rev": rev}, spec, tok, prompts, ids, max_new_tokens=10, batch_size=4,
-                                seed=5)
-    assert [s.response_ids for s in again] == [s.response_ids for s in samples]
+    # The same seed draws the same responses, over every KV cache (one per teacher model).
+    for kv_cache in ("dynamic", "static", "preallocated"):
+        again, again_logps = generate_teacher({"dpo": dpo, "rev": rev}, spec, tok, prompts, ids, max_new_tokens=10,
+                                              batch_size=4, seed=5, kv_cache=kv_cache)
+        assert [s.response_ids for s in again] == [s.response_ids for s in samples], kv_cache
+        assert again_logps == pytest.approx(logps, abs=1e-5), kv_cache
 
 
 def test_evaluate_reports_the_teacher_row_and_diagnostics(runs, tmp_path):
