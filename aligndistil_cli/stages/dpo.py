@@ -32,8 +32,9 @@ def pair_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device,
                pack=collate_for(False)) -> tuple[torch.Tensor, torch.Tensor]:
     """[B], [B] summed response log-probs of chosen and rejected, in one forward pass.
 
-    pack: collate_for(..., pairs=True) or the padded batch as it is."""
-    batch = pack(collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device))
+    pack: collate_for(..., pairs=True) or the padded batch as it is. Packed on the host, then moved:
+    pack_shared's plan is built from Python lists, which would sync a device once per tensor read."""
+    batch = pack(collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)).to(device)
     logps = sequence_logps(model, batch, vocab, chunk_size)
     return logps[: len(pairs)], logps[len(pairs) :]
 
@@ -46,7 +47,7 @@ def policy_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device,
     one per sequence. chosen is rebuilt as that margin plus the detached rejected sum: its value is
     exact, and only chosen - rejected carries a gradient, so use it in losses of the margin only.
     """
-    batch = pack(collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id).to(device))
+    batch = pack(collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)).to(device)
     seq = sequence_ids(batch)
     n = len(pairs)
     coefs = torch.where(seq < n, 1.0, -1.0)
