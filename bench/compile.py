@@ -9,17 +9,16 @@ Usage: python -m bench.compile [--preset cpu|gpu|1.5b] [--device auto|cpu|cuda] 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from aligndistil_cli.modeling import compile_layers, quiet_transformers
 
 from .run import PRESETS, QUICK, ROOT, autocast, build_model, make_batch, pick, sft_loss, sync
+from . import write_result
 
 
 def step_fn(model, batch, vocab, device):
@@ -84,8 +83,7 @@ def main() -> None:
           f"median of {args.steps}: eager {med['eager'] * 1e3:.0f} ms, compiled {med['compiled'] * 1e3:.0f} ms; "
           f"compiled / eager {res['compiled / eager']:.3f} (CPU time {res['compiled / eager, CPU time']:.3f}); "
           f"load average {res['load_average'][0]:.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    write_result(args.out, res)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ and AdamW, timed round-robin. Reports the median step times and their ratio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from aligndistil_cli import distributed, fsdp
 from aligndistil_cli.modeling import sequence_logps
 from aligndistil_cli.training import accumulate
 from bench.run import CHUNK, PRESETS, QUICK, build_model, device_name, make_batch, time_interleaved
+from bench import write_result
 
 TARGET = 1.05
 
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
               "times_s": times, "median_s": median, "ratio_fsdp2_over_plain": median["fsdp2"] / median["plain"],
               "target": TARGET}
     if distributed.is_main():
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.out, result)
         print(f"{result['device']}: plain {median['plain']:.4f} s, FSDP2 {median['fsdp2']:.4f} s per step, "
               f"ratio {result['ratio_fsdp2_over_plain']:.3f} (target <= {TARGET})")
     return result

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ import torch
 
 from aligndistil_cli.modeling import quiet_transformers
 from aligndistil_cli.sampling import ModelDecoder, decode, prompt_keys
+from bench import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 EOS, PAD = 2, 0
@@ -173,8 +173,7 @@ def main() -> None:
             print(f"  dynamic ÷ base loop: {r['dynamic_over_base_loop']:.3f}", flush=True)
         # After every shape, so that a run cut short by a time limit keeps the shapes it finished.
         res["load_average_end"] = list(os.getloadavg())
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        write_result(args.out, res)
     print(f"wrote {args.out}")
 
 

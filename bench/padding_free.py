@@ -9,10 +9,8 @@ token of each packed side over the padded one. Usage: python -m bench.padding_fr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,6 +22,7 @@ from aligndistil_cli.stages.dpo import policy_logps
 from aligndistil_cli.training import step_batches
 
 from .trl_dpo import HP, ROOT, SHAPE, build_model, build_tokenizer, synthetic_pairs
+from . import write_result
 
 
 def main() -> None:
@@ -70,8 +69,7 @@ def main() -> None:
         res[f"{name} / padded, CPU time"] = sum(cpu[name]) / sum(cpu["padded"])
         print(f"  time per real token, {name} / padded: wall {res[f'{name} / padded, wall']:.3f}, "
               f"CPU time {res[f'{name} / padded, CPU time']:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    write_result(args.out, res)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from aligndistil_cli.modeling import (final_hidden, head_logps, output_head, qui
 from aligndistil_cli.stages.dpo import policy_logps
 from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
 from aligndistil_cli.teacher import TeacherSpec, bytes_per_position, logq_fn
+from bench import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -440,8 +441,7 @@ def main(argv=None) -> dict | None:
     quiet_transformers()
     r = run(args)
     print_table(r)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(r, indent=2) + "\n")
+    write_result(args.out, r)
     print(f"wall time {r['wall_s']} s; results written to {args.out}")
     return r
 

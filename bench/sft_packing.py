@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import tempfile
 import time
@@ -26,6 +25,7 @@ from aligndistil_cli.modeling import head_logps, load_model, load_tokenizer, qui
 from aligndistil_cli.packing import collate_for, enable
 from aligndistil_cli.stages import init_toy
 from aligndistil_cli.training import step_batches
+from bench import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_SEQUENCE = "bench_per_sequence_sdpa"
@@ -96,8 +96,7 @@ def main() -> None:
     print(f"toy SFT step, {args.steps} timed steps, {res['padding_share']:.1%} padding: CPU time packed / padded "
           f"{res['packed / padded, CPU time']:.3f}, per-sequence sdpa / padded "
           f"{res['packed, per-sequence sdpa / padded, CPU time']:.3f} (load average {res['load_average'][0]:.1f})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    write_result(args.out, res)
 
 
 if __name__ == "__main__":

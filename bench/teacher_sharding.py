@@ -51,6 +51,7 @@ from aligndistil_cli.stages.distill import teacher_loss
 from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
 from aligndistil_cli.training import accumulate
 from bench.run import SPEC, make_examples
+from bench import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024, vocab=8192, batch=4, prompt=32, response=96)
@@ -243,8 +244,7 @@ def main(argv=None) -> dict | None:
               "shape": QUICK if args.quick else SHAPE, "rounds": args.rounds, "steps": args.steps, "quick": args.quick,
               "memory_launches": memory, "timing_launch": timing, "computed_qwen_teachers": computed_memory(),
               "memory": memory_summary(memory), "timing": timing_summary(timing)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     mib = 2**20
     for mode, s in result["memory"].items():
         print(f"{mode:>10}: teacher params {s['teacher_param_bytes_per_rank'][0] / mib:.1f} MiB/rank "

@@ -17,7 +17,6 @@ Usage: python -m bench.trl_dpo [--pairs 200] [--warmup 3] [--steps 22] [--trl-gr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -35,6 +34,7 @@ from aligndistil_cli.modeling import quiet_transformers
 from aligndistil_cli.packing import MIN_PADDING, collate_for, enable as enable_padding_free
 from aligndistil_cli.stages.dpo import policy_logps, reference_logps
 from aligndistil_cli.training import accumulate, lr_lambda, step_batches
+from bench import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=320, num_hidden_layers=4, num_attention_heads=5, num_key_value_heads=5,
@@ -274,8 +274,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trl-dpo-bench-") as out_dir:
         res = run(args, out_dir)
     print_table(res)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, res)
     print(f"wrote {args.out}")
 
 
