@@ -168,13 +168,13 @@ def pack_shared(batch: Batch, groups: list[list[int]]) -> PackedBatch:
     sequence_ids.
     """
     lengths = batch.attention_mask.sum(dim=1).tolist()
-    first_loss = [int(i) for i in batch.loss_mask.int().argmax(dim=1).tolist()]
+    first_loss = batch.loss_mask.int().argmax(dim=1).tolist()  # within each row's length (0: no loss position)
     ids = batch.input_ids.tolist()
     rows, cols, bounds = [], [], [0]
     members: list[list[int]] = []  # per sequence slot: the places of its tokens in the row, prefix included
     owner: list[tuple[int, int]] = []  # per token of the row: the (sequence slot, step) its attention output is
     for group in groups:
-        shared = shared_prefix([ids[r] for r in group], [min(first_loss[r], lengths[r]) for r in group])
+        shared = shared_prefix([ids[r] for r in group], [first_loss[r] for r in group])
         prefix = list(range(len(rows), len(rows) + shared))
         rows += [group[0]] * shared
         cols += range(shared)

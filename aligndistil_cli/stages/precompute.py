@@ -160,7 +160,7 @@ def run(config: PrecomputeConfig) -> Path:
         for m in models.values():
             fsdp.shard_frozen(m)
     heads = teacher_heads(models)
-    hidden_size = output_head(models["dpo"])[0].shape[1]
+    hidden_size = heads["dpo"][0].shape[1]
     fmt = choose_format(config, vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}
     inputs["data"] = data_input(config)
