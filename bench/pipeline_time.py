@@ -67,7 +67,8 @@ def one_run(tree: Path, pipeline: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trees", nargs="+", type=Path, help="source trees; the first is the baseline")
-    ap.add_argument("--pipeline", default="pipelines/tiny.yaml", help="pipeline file, relative to each tree")
+    ap.add_argument("--pipeline", default="pipelines/tiny.yaml",
+                    help="pipeline file, relative to each tree (an absolute path: the same file for every tree)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pipeline_time.json"))
     args = ap.parse_args()
