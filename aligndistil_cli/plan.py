@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .artifacts import MANIFEST, config_dict, stale_inputs
+from .config import parse_yaml
 from .errors import ConfigError, UsageError
 
 _PLACEHOLDER = re.compile(r"\{[A-Za-z0-9_-]+\}")
@@ -39,7 +38,7 @@ def parse_sets(values: list[str]) -> dict[str, dict[str, Any]]:
         stage, dot, key = target.partition(".")
         if not sep or not dot or not stage or not key:
             raise UsageError(f"--set expects STAGE.KEY=VALUE, got {item!r}")
-        value = raw if _PLACEHOLDER.search(raw) else yaml.safe_load(raw) if raw else ""
+        value = raw if _PLACEHOLDER.search(raw) else parse_yaml(raw, f"--set {target}") if raw else ""
         node = sets.setdefault(stage, {})
         *parents, last = key.split(".")
         for part in parents:  # STAGE.FIELD.NAME=VALUE sets one entry of a NAME=PATH field (evaluate's models)

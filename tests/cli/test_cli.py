@@ -205,6 +205,17 @@ def test_config_bad_value_flag(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag, value, rule", [("--lr", "inf", "a finite number"), ("--lr", "1e30", "<= 1"),
+                                              ("--min-lr-ratio", "2", "<= 1"), ("--adam-beta2", "1", "< 1"),
+                                              ("--weight-decay", "-inf", "a finite number")])
+def test_float_options_must_be_finite_and_in_their_range(capsys, tmp_path, flag, value, rule):
+    code, _, err = cli(capsys, "sft", *_sft_args(tmp_path), flag, value)
+    assert_one_line_error(err)
+    assert code == 2
+    assert f"config field {flag[2:].replace('-', '_')!r} must be {rule}" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_bad_value_yaml(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("batch_size: 0\n")
