@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -49,8 +50,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def finite_json(obj: Any) -> Any:
+    """obj with every non-finite float as None: JSON has no Infinity or NaN, and strict readers refuse them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_line(obj: Any) -> str:
+    """One strict JSON line (a metrics.jsonl record)."""
+    return json.dumps(finite_json(obj), sort_keys=True, allow_nan=False) + "\n"
+
+
 def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n").encode())
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=sort_keys, default=str, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def sha256_json(obj: Any) -> str:

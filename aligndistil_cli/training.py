@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import checkpoint, distributed, fsdp, tracking
-from .artifacts import config_dict, portable_config, sha256_json
+from .artifacts import config_dict, json_line, portable_config, sha256_json
 from .errors import UserError
 
 stderr = Console(stderr=True)
@@ -221,7 +221,7 @@ class MetricsWriter:
         self.f.writelines(kept)
 
     def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record, sort_keys=True) + "\n")
+        self.f.write(json_line(record))
         self.f.flush()
         if self.sink is not None:
             self.sink(record)
@@ -238,6 +238,19 @@ class _Discard:
 
     def close(self) -> None:
         pass
+
+
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every weight is finite, on every rank (a sharded parameter is checked by the rank holding each part)."""
+    bad = torch.stack([~torch.isfinite(getattr(p, "to_local", lambda: p)()).all() for p in params]).any()
+    return distributed.all_reduce_max(float(bad.item())) == 0
+
+
+def _nonfinite(what: str, out: Path, hint: str) -> UserError:
+    """The one line a run stopped by a non-finite loss, gradient or weight ends with; nothing is finalised."""
+    saved = checkpoint.latest(out)
+    return UserError(f"{what}; stopping. " + (f"The last good checkpoint, {saved}, is intact (--resume). " if saved
+                                              else "No checkpoint was written yet. ") + hint)
 
 
 def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, desc: str) -> int:
@@ -297,16 +310,16 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                     skipped += 1
                     what = "loss" if not torch.isfinite(loss) else "gradient"
                     if skipped > cfg.skip_nonfinite:
-                        saved = checkpoint.latest(out)
-                        raise UserError(f"{desc}: non-finite {what} at step {step}; stopping. "
-                                        + (f"The last good checkpoint, {saved}, is intact (--resume)." if saved
-                                           else "No checkpoint was written yet.")
-                                        + " --skip-nonfinite N tolerates N such steps.")
+                        raise _nonfinite(f"{desc}: non-finite {what} at step {step}", out,
+                                         "--skip-nonfinite N tolerates N such steps.")
                     optimizer.zero_grad(set_to_none=True)
                     schedule.step()
                     advance(info=f"skipped non-finite {what} ({skipped})")
                     continue
                 optimizer.step()
+                if not weights_finite(params):
+                    raise _nonfinite(f"{desc}: the weights became non-finite at step {step} (loss {loss.item():.4g}, "
+                                     f"lr {schedule.get_last_lr()[0]:.3g})", out, "Try a lower --lr.")
                 schedule.step()
                 recent = (recent + [loss.item()])[-20:]
                 last = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],

@@ -7,13 +7,13 @@ tokenizer, the data and the sequence lengths before any step runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint
-from ..artifacts import finalize, fingerprint_model, input_record, prepare_output, tokenizer_difference, tokenizer_parts
+from ..artifacts import (finalize, fingerprint_model, input_record, json_line, prepare_output, tokenizer_difference,
+                         tokenizer_parts)
 from ..cache import TeacherCache
 from ..config import DistillConfig
 from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
@@ -128,7 +128,7 @@ def report_final_kl(out: Path, step: int, kl: float | None, tokens: int) -> None
         return
 
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, "final_kl_teacher": kl}, sort_keys=True) + "\n")
+        f.write(json_line({"step": step, "final_kl_teacher": kl}))
     Console(stderr=True).print(f"distill: final KL to the teacher {kl:.4f} nats/token (trained on {tokens:,} tokens)")
 
 
