@@ -247,3 +247,24 @@ def test_verify_fails_a_directory_with_files_its_stage_does_not_write(runs, tmp_
     shutil.copytree(runs / "sft", extra)
     (extra / "notes.txt").write_text("added later\n")
     assert verify_full(extra) == ["notes.txt: not listed in the manifest"]
+
+
+# Issue 22, 5 and 6: --force never deletes (or writes into) one of the stage's own inputs.
+@pytest.mark.parametrize("relation", ["is", "contains", "is inside"])
+def test_force_refuses_an_out_that_overlaps_an_input(runs, tmp_path, relation):
+    shutil.copytree(runs / "sft", tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    shutil.copy(runs / "toy" / "sft.jsonl", tmp_path / "data" / "sft.jsonl")
+    stage, flag, out = {"is": ("train-dpo", "--model", tmp_path / "model"),
+                        "contains": ("sft", "--data", tmp_path / "data"),
+                        "is inside": ("sft", "--model", tmp_path / "model" / "sub")}[relation]
+    values = values_of(runs, "dpo" if stage == "train-dpo" else "sft", model=str(tmp_path / "model"),
+                       out=str(out), force=True, max_steps=1)
+    if stage == "sft":
+        values["data"] = str(tmp_path / "data" / "sft.jsonl")
+    with pytest.raises(UserError, match=f"--out {out} {relation} the stage's input {flag} ") as caught:
+        STAGES[stage].run(build_config(STAGES[stage].config, values))
+    assert "\n" not in str(caught.value)
+    assert verify_full(tmp_path / "model") == []
+    assert (tmp_path / "data" / "sft.jsonl").read_bytes() == (runs / "toy" / "sft.jsonl").read_bytes()
+    assert not (tmp_path / "model" / "sub").exists()
