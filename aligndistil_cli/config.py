@@ -25,10 +25,11 @@ from .sources import FORMATS as SOURCE_FORMATS
 
 def opt(default: Any = None, help: str = "", *, required: bool = False, choices: tuple | None = None,
         positive: bool = False, nonneg: bool = False, at_most: float | None = None, below: float | None = None,
-        flag: str | None = None, input: bool = False, factory=None):
+        flag: str | None = None, input: str | None = None, factory=None):
     """A config field. positive/nonneg/at_most/below/choices/required are checked in __post_init__, and a float
-    must be finite. input marks a path the stage reads (a file, a directory or a hub id): --out may not
-    overlap it (stages.preflight)."""
+    must be finite. input marks a path the stage reads, and what it is: "model", "cache" (a teacher cache) or
+    "data" (a file, a directory or a hub data set). --out may not overlap an input (stages.preflight), and a
+    checkpoint records what each one was (checkpoint.input_fingerprints)."""
     meta = {"help": help, "required": required, "choices": choices, "positive": positive, "nonneg": nonneg,
             "at_most": at_most, "below": below, "flag": flag, "input": input}
     if factory is not None:
@@ -165,10 +166,10 @@ class TrainingFields(DataFields, TrackingFields, HubFields):
                         "eager); the first steps pay for compilation (README: where it helps).")
     eval_every: int = opt(0, "Every N steps, sample --eval-prompts and log eval_reward and eval_kl (0: never).",
                           nonneg=True)
-    eval_prompts: Optional[str] = opt(None, "Prompts for --eval-every (a held-out prompt set).", input=True)
+    eval_prompts: Optional[str] = opt(None, "Prompts for --eval-every (a held-out prompt set).", input="data")
     eval_num_prompts: int = opt(64, "How many of --eval-prompts to sample.", positive=True)
     eval_max_new_tokens: int = opt(48, "Longest response sampled by --eval-every.", positive=True)
-    reward_model: Optional[str] = opt(None, "Reward model for --eval-every (default: the embedded task's gold reward).", input=True)
+    reward_model: Optional[str] = opt(None, "Reward model for --eval-every (default: the embedded task's gold reward).", input="model")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning). Needs the optional peft extra: pip install 'aligndistil[lora]'.",
                       nonneg=True)
     lora_alpha: float = opt(16.0, "LoRA alpha (the adapter is scaled by alpha / r).", positive=True)
@@ -206,16 +207,16 @@ class InitToyConfig(StageConfig):
 
 @dataclass
 class SftConfig(TrainingFields):
-    model: Optional[str] = opt(None, "Model to fine-tune: a Hugging Face model directory or hub id.", required=True, input=True)
-    data: Optional[str] = opt(None, "Prompt/response data (JSONL with 'prompt' and 'response').", required=True, input=True)
+    model: Optional[str] = opt(None, "Model to fine-tune: a Hugging Face model directory or hub id.", required=True, input="model")
+    data: Optional[str] = opt(None, "Prompt/response data (JSONL with 'prompt' and 'response').", required=True, input="data")
 
 
 @dataclass
 class MakePrefsConfig(DataFields):
-    model: Optional[str] = opt(None, "Model to sample from.", required=True, input=True)
-    data: Optional[str] = opt(None, "Prompts (JSONL with 'prompt').", required=True, input=True)
+    model: Optional[str] = opt(None, "Model to sample from.", required=True, input="model")
+    data: Optional[str] = opt(None, "Prompts (JSONL with 'prompt').", required=True, input="data")
     reward_model: Optional[str] = opt(None, "Score responses with this AutoModelForSequenceClassification "
-                                      "(default: the embedded task's gold reward).", input=True)
+                                      "(default: the embedded task's gold reward).", input="model")
     num_samples: int = opt(2, "Responses sampled per prompt; the best and worst form a pair.", positive=True)
     max_prompts: Optional[int] = opt(None, "Use only the first N prompts.", positive=True)
     temperature: float = opt(1.0, "Sampling temperature.", positive=True)
@@ -231,8 +232,8 @@ class MakePrefsConfig(DataFields):
 
 @dataclass
 class DpoConfig(TrainingFields):
-    model: Optional[str] = opt(None, "Reference model, also the policy's initialisation.", required=True, input=True)
-    data: Optional[str] = opt(None, "Preference pairs (JSONL with 'prompt', 'chosen', 'rejected').", required=True, input=True)
+    model: Optional[str] = opt(None, "Reference model, also the policy's initialisation.", required=True, input="model")
+    data: Optional[str] = opt(None, "Preference pairs (JSONL with 'prompt', 'chosen', 'rejected').", required=True, input="data")
     reverse: bool = opt(False, "Train reverse DPO: chosen and rejected swapped, same beta and reference.")
     beta: float = opt(0.1, "DPO beta.", positive=True)
     ref_cache: Optional[str] = opt(None, "Directory for cached reference log-probs (default: OUT/../ref-cache).")
@@ -280,10 +281,10 @@ def require_teacher_models(config, variant: str, context: str = "") -> None:
 
 @dataclass
 class PrecomputeConfig(TeacherFields, DataFields, TeacherShardingFields):
-    dpo: Optional[str] = opt(None, "DPO model directory.", required=True, input=True)
-    rev: Optional[str] = opt(None, "Reverse-DPO model directory (needed by aligndistil and contrastive).", input=True)
-    ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).", input=True)
-    data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).", required=True, input=True)
+    dpo: Optional[str] = opt(None, "DPO model directory.", required=True, input="model")
+    rev: Optional[str] = opt(None, "Reverse-DPO model directory (needed by aligndistil and contrastive).", input="model")
+    ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).", input="model")
+    data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).", required=True, input="data")
     format: str = opt("auto", "Cache format: logits (full vocabulary), hidden (exact, compact), topk (truncated); "
                       "auto picks logits for small vocabularies and hidden otherwise.",
                       choices=("auto", "logits", "hidden", "topk"))
@@ -304,22 +305,22 @@ class PrecomputeConfig(TeacherFields, DataFields, TeacherShardingFields):
 
 @dataclass
 class DistillConfig(TrainingFields, TeacherShardingFields):
-    student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).", required=True, input=True)
+    student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).", required=True, input="model")
     data: Optional[str] = opt(None, "Off-policy: the data the cache was computed on (checked against its fingerprint). "
-                              "On-policy: prompts (a prompt-only or a preference set).", required=True, input=True)
+                              "On-policy: prompts (a prompt-only or a preference set).", required=True, input="data")
     mode: str = opt("off-policy", "off-policy (train on the cached teacher over the data's chosen responses) or "
                     "on-policy (sample from the student, teach with live teachers).", choices=("off-policy", "on-policy"))
-    cache: Optional[str] = opt(None, "Off-policy: the teacher cache directory written by precompute.", input=True)
+    cache: Optional[str] = opt(None, "Off-policy: the teacher cache directory written by precompute.", input="cache")
     alpha_scale: Optional[float] = opt(None, "r of alpha_t = r TVD_t + eps. Off-policy: overrides the cache's (needs a "
                                        "--format hidden cache). On-policy: default 20.", nonneg=True)
     alpha_eps: Optional[float] = opt(None, "eps of alpha_t. Off-policy: overrides the cache's (hidden cache). "
                                      "On-policy: default 1e-3.", positive=True)
     dpo: Optional[str] = opt(None, "On-policy: the DPO model (run live). Off-policy, optional: the cache must "
-                             "have been built from this model.", input=True)
+                             "have been built from this model.", input="model")
     rev: Optional[str] = opt(None, "On-policy: the reverse-DPO model (run live). Off-policy, optional: checked "
-                             "against the cache like --dpo.", input=True)
+                             "against the cache like --dpo.", input="model")
     ref: Optional[str] = opt(None, "On-policy: the reference model (theorem1 and adaptive only). Off-policy, "
-                             "optional: checked against the cache like --dpo.", input=True)
+                             "optional: checked against the cache like --dpo.", input="model")
     variant: str = opt("aligndistil", "On-policy: teacher variant.", choices=VARIANTS)
     beta: float = opt(0.1, "On-policy: the DPO beta of the teachers.", positive=True)
     kl_coef: float = opt(0.1, "On-policy: beta_kl of contrastive/theorem1.", positive=True)
@@ -344,16 +345,16 @@ class DistillConfig(TrainingFields, TeacherShardingFields):
 
 @dataclass
 class EvaluateConfig(DataFields, TrackingFields):
-    ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.", required=True, input=True)
+    ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.", required=True, input="model")
     ref_name: str = opt("reference", "Name of the reference model in the report.")
-    models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).", factory=dict, flag="model", input=True)
-    prompts: Optional[str] = opt(None, "Held-out prompts (JSONL with 'prompt').", required=True, input=True)
-    pairs: Optional[str] = opt(None, "Held-out preference pairs for implicit-reward accuracy.", input=True)
-    dpo: Optional[str] = opt(None, "DPO model, for implicit-reward accuracy on --pairs.", input=True)
-    rev: Optional[str] = opt(None, "Reverse-DPO model, for the contrastive reward's accuracy on --pairs.", input=True)
+    models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).", factory=dict, flag="model", input="model")
+    prompts: Optional[str] = opt(None, "Held-out prompts (JSONL with 'prompt').", required=True, input="data")
+    pairs: Optional[str] = opt(None, "Held-out preference pairs for implicit-reward accuracy.", input="data")
+    dpo: Optional[str] = opt(None, "DPO model, for implicit-reward accuracy on --pairs.", input="model")
+    rev: Optional[str] = opt(None, "Reverse-DPO model, for the contrastive reward's accuracy on --pairs.", input="model")
     beta: float = opt(0.1, "beta of the implicit rewards.", positive=True)
     reward_model: Optional[str] = opt(None, "Score responses with this AutoModelForSequenceClassification "
-                                      "(default: the embedded task's gold reward).", input=True)
+                                      "(default: the embedded task's gold reward).", input="model")
     num_prompts: int = opt(600, "Held-out prompts to sample (first N).", positive=True)
     temperature: float = opt(1.0, "Sampling temperature.", positive=True)
     top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True, at_most=1.0)
@@ -365,7 +366,7 @@ class EvaluateConfig(DataFields, TrackingFields):
     teacher: Optional[str] = opt(None, "Also sample the composed teacher softmax(z*) (the upper bound of distillation) "
                                  "and report it as a row: a precompute cache directory (its recorded teacher settings "
                                  "and models are used), or 'models' to compose --dpo and --rev (and --ref where the "
-                                 "variant needs it) with --variant and the settings below.", input=True)
+                                 "variant needs it) with --variant and the settings below.", input="cache")
     teacher_name: str = opt("teacher", "Name of the teacher's row in the report.")
     variant: str = opt("aligndistil", "--teacher models: teacher variant.", choices=VARIANTS)
     kl_coef: float = opt(0.1, "--teacher models: beta_kl of contrastive/theorem1 (w = beta / kl_coef).", positive=True)
@@ -380,7 +381,7 @@ class EvaluateConfig(DataFields, TrackingFields):
                                 "own format: alpaca-eval, mt-bench or arena-hard.",
                                 choices=("alpaca-eval", "mt-bench", "arena-hard"))
     export_questions: Optional[str] = opt(None, "The benchmark's question file (AlpacaEval eval set, MT-Bench or "
-                                          "arena-hard question.jsonl).", input=True)
+                                          "arena-hard question.jsonl).", input="data")
 
     def validate(self) -> None:
         if self.teacher == "models" and not (self.dpo and self.rev):
@@ -545,8 +546,15 @@ def load_config(cls: type, config_file: str | Path | None, overrides: dict) -> A
     return cls(**values)
 
 
-def input_paths(config) -> list[tuple[str, str]]:
-    """(as given on the command line, path) of every input a config names: one per entry of a NAME=PATH field."""
+class Input(typing.NamedTuple):
+    name: str  # the field, or FIELD.NAME for an entry of a NAME=PATH field
+    given_as: str  # as on the command line: "--data runs/toy/sft.jsonl"
+    path: str
+    kind: str  # opt's input: model, cache or data
+
+
+def config_inputs(config) -> list[Input]:
+    """Every input a config names: one per entry of a NAME=PATH field."""
     found = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -554,7 +562,8 @@ def input_paths(config) -> list[tuple[str, str]]:
             continue
         flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
         entries = value.items() if isinstance(value, dict) else [(None, value)]
-        found += [(f"{flag} {k}={v}" if k else f"{flag} {v}", str(v)) for k, v in entries]
+        found += [Input(f"{f.name}.{k}" if k else f.name, f"{flag} {k}={v}" if k else f"{flag} {v}", str(v),
+                        f.metadata["input"]) for k, v in entries]
     return found
 
 

@@ -14,8 +14,9 @@ A stage is skipped when its directory has a complete manifest recording the
 same resolved config (paths under the root compared relative to it, so a moved
 root is still up to date), its files still match their manifest, and its
 model/data inputs still have the recorded fingerprints. A training stage that
-left a checkpoint behind (a killed run) resumes from it; --force reruns
-everything from scratch, discarding such checkpoints.
+left a checkpoint behind (a killed run) resumes from it, unless one of its
+inputs changed since (then it starts over); --force reruns everything from
+scratch, discarding such checkpoints.
 
 With nproc_per_node > 1 (or --nproc-per-node) each stage that can use several
 processes is launched through torch.distributed.run, as `tune run` does, with
@@ -146,12 +147,19 @@ def is_up_to_date(config, root: Path | None = None) -> bool:
 
 def for_rerun(config, force: bool):
     """config as `run` executes it: --force starts over (checkpoints discarded); otherwise a
-    training stage that left a checkpoint behind resumes from it."""
+    training stage that left a checkpoint behind resumes from it, unless one of its inputs changed
+    since (an upstream stage reran): then it starts over, and its checkpoints are discarded."""
     if force:
         return dataclasses.replace(config, force=True, **({"resume": False} if hasattr(config, "resume") else {}))
-    if hasattr(config, "resume") and checkpoint.latest(config.out) is not None:
-        return dataclasses.replace(config, resume=True)
-    return config
+    if not hasattr(config, "resume"):
+        return config
+    found, changed = checkpoint.stale(config)
+    if found is None:
+        return config
+    if changed:
+        console.print(f"{config.out}: input {', '.join(changed)} changed since its checkpoint at step "
+                      f"{checkpoint.step_of(found)}; starting over", highlight=False)
+    return dataclasses.replace(config, resume=not changed)
 
 
 def nproc_per_node(path: Path, given: int | None = None) -> int:

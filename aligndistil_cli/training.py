@@ -253,14 +253,14 @@ def _nonfinite(what: str, out: Path, hint: str) -> UserError:
                                               else "No checkpoint was written yet. ") + hint)
 
 
-def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, desc: str) -> int:
+def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, inputs: dict, desc: str) -> int:
     if not cfg.resume:
         return 0
     found = checkpoint.latest(out)
     if found is None:
         stderr.print(f"{desc}: --resume given but {out}/checkpoints has no complete checkpoint; starting at step 0")
         return 0
-    step = checkpoint.load(found, model, optimizer, schedule, config_hash)
+    step = checkpoint.load(found, model, optimizer, schedule, config_hash, inputs)
     stderr.print(f"{desc}: resuming from {found} (step {step})")
     return step
 
@@ -289,7 +289,8 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     # Paths relative to OUT's parent (the run root), so that a moved run directory still resumes.
     config_hash = sha256_json(portable_config({k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE},
                                               Path(out).parent))
-    first = _resume_point(cfg, out, model, optimizer, schedule, config_hash, desc)
+    inputs = checkpoint.input_fingerprints(cfg)
+    first = _resume_point(cfg, out, model, optimizer, schedule, config_hash, inputs, desc)
     writer = MetricsWriter(out / "metrics.jsonl", first) if distributed.is_main() else _Discard()
     trackers = tracking.start(cfg, out, config_dict(cfg), first, getattr(writer, "previous_last_step", 0))
     writer.sink = trackers.log
@@ -329,7 +330,8 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                 if step % cfg.log_every == 0 or step == n_steps or "eval_reward" in last:
                     writer.write(last)
                 if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
-                    checkpoint.save(out, step, model, optimizer, schedule, config_hash, cfg.keep_checkpoints)
+                    checkpoint.save(out, step, model, optimizer, schedule, config_hash, cfg.keep_checkpoints,
+                                    inputs)
                 # Throughputs a stage reports (on-policy: rollout and training tokens/s) show beside the loss.
                 rates = "".join(f"  {k.removesuffix('_tokens_per_s')} {v:,.0f} tok/s"
                                 for k, v in extra.items() if k.endswith("_tokens_per_s"))

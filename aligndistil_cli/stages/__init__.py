@@ -69,16 +69,15 @@ def check_apart_from_inputs(config) -> None:
     """Refuse, whatever --force says, an --out that is, contains or is inside one of the stage's inputs: OUT is
     emptied (with --force, of anything) before the stage writes, and what it writes would change the input."""
     out = os.path.realpath(Path(config.out).expanduser())
-    for given_as, value in C.input_paths(config):
-        path = Path(value).expanduser()
+    for given in C.config_inputs(config):
+        path = Path(given.path).expanduser()
         if not path.exists():  # a hub id, or a missing file that the stage names when it reads it
             continue
-        given = os.path.realpath(path)
-        common = os.path.commonpath([given, out])
-        relation = ("is" if given == out else "contains" if common == out else "is inside" if common == given
-                    else None)
+        real = os.path.realpath(path)
+        common = os.path.commonpath([real, out])
+        relation = "is" if real == out else "contains" if common == out else "is inside" if common == real else None
         if relation:
-            raise UserError(f"--out {config.out} {relation} the stage's input {given_as}; the output directory "
+            raise UserError(f"--out {config.out} {relation} the stage's input {given.given_as}; the output directory "
                             "must be apart from every input (it is emptied before the stage writes, whatever "
                             "--force says)")
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -171,18 +173,23 @@ def test_second_run_on_the_same_root_is_refused(runs, tmp_path):
 # 6 is in test_resume.py (on-policy resume at a rollout boundary).
 
 
-# 7. After a kill, a changed pipeline: a one-line way out, and --force starts over.
-def test_force_discards_a_stale_checkpoint(runs, tmp_path):
-    root = tmp_path / "root"
-    pipe = sft_pipeline(runs, tmp_path / "p.yaml", root, max_steps=None, epochs=1000, save_every=2)
+def kill_when_checkpointed(pipe: Path, out: Path) -> None:
+    """Start `aligndistil run pipe` and SIGKILL it once the stage writing out has a complete checkpoint."""
     proc = subprocess.Popen([sys.executable, "-m", "aligndistil_cli", "run", str(pipe)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while not any((p / "state.json").is_file() for p in (root / "sft" / "checkpoints").glob("step-*")):
+    while not any((p / "state.json").is_file() for p in (out / "checkpoints").glob("step-*")):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# 7. After a kill, a changed pipeline: a one-line way out, and --force starts over.
+def test_force_discards_a_stale_checkpoint(runs, tmp_path):
+    root = tmp_path / "root"
+    pipe = sft_pipeline(runs, tmp_path / "p.yaml", root, max_steps=None, epochs=1000, save_every=2)
+    kill_when_checkpointed(pipe, root / "sft")
     changed = sft_pipeline(runs, tmp_path / "p2.yaml", root, max_steps=4, lr=1e-3)
     with pytest.raises(UserError) as refused:
         run_file(changed)
@@ -268,3 +275,51 @@ def test_force_refuses_an_out_that_overlaps_an_input(runs, tmp_path, relation):
     assert verify_full(tmp_path / "model") == []
     assert (tmp_path / "data" / "sft.jsonl").read_bytes() == (runs / "toy" / "sft.jsonl").read_bytes()
     assert not (tmp_path / "model" / "sub").exists()
+
+
+def dry_run_reasons(pipe: Path, capsys) -> str:
+    capsys.readouterr()
+    run_file(pipe, dry_run=True)
+    return " ".join(capsys.readouterr().err.split())
+
+
+# Issue 22, 3: after a kill, a stage whose input changed starts over instead of resuming on the old one.
+def test_run_starts_over_a_stage_whose_input_changed_since_its_checkpoint(runs, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    shutil.copy(runs / "toy" / "sft.jsonl", data)
+    root = tmp_path / "root"
+    pipe = sft_pipeline(runs, tmp_path / "p.yaml", root, data=str(data), max_steps=40, save_every=2)
+    kill_when_checkpointed(pipe, root / "sft")
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))
+    assert re.search(r"run sft \(sft\): unfinished \(no manifest\); input data changed since its checkpoint at "
+                     r"step \d+: starts over", dry_run_reasons(pipe, capsys))
+    run_file(pipe)
+    assert read_manifest(root / "sft")["metrics"]["resumed_from"] == 0
+    run_file(sft_pipeline(runs, tmp_path / "clean.yaml", tmp_path / "clean", data=str(data), max_steps=40, save_every=2))
+    assert (root / "sft" / "model.safetensors").read_bytes() == (tmp_path / "clean" / "sft" / "model.safetensors").read_bytes()
+
+
+def prefs_dpo_pipeline(runs: Path, path: Path, root: Path, max_prompts: int) -> Path:
+    path.write_text(yaml.safe_dump({"root": str(root), "seed": 0, "stages": [
+        {"name": "prefs", "stage": "make-prefs",
+         "with": {"model": str(runs / "sft"), "data": str(runs / "toy" / "prompts.jsonl"), "num_samples": 3,
+                  "max_prompts": max_prompts, "max_new_tokens": 16}},
+        {"name": "dpo", "stage": "train-dpo",
+         "with": {"model": str(runs / "sft"), "data": "{prefs}/pairs.jsonl", "max_steps": 40, "save_every": 2,
+                  "batch_size": 4, "lr": 1e-3, "max_length": 64, "max_prompt_length": 32}}]}))
+    return path
+
+
+def test_run_starts_over_a_stage_whose_upstream_reran_since_its_checkpoint(runs, tmp_path, capsys):
+    root = tmp_path / "root"
+    kill_when_checkpointed(prefs_dpo_pipeline(runs, tmp_path / "p.yaml", root, max_prompts=16), root / "dpo")
+    pairs = (root / "prefs" / "pairs.jsonl").read_bytes()
+    changed = prefs_dpo_pipeline(runs, tmp_path / "p2.yaml", root, max_prompts=24)
+    assert re.search(r"run dpo \(train-dpo\): unfinished \(no manifest\); resumes from its checkpoint at step \d+, "
+                     r"or starts over if prefs changes its inputs", dry_run_reasons(changed, capsys))
+    run_file(changed)
+    assert (root / "prefs" / "pairs.jsonl").read_bytes() != pairs
+    assert read_manifest(root / "dpo")["metrics"]["resumed_from"] == 0
+    _, _, config = load_pipeline(changed)[1]
+    clean = STAGES["train-dpo"].run(dataclasses.replace(config, out=str(tmp_path / "clean")))
+    assert (root / "dpo" / "model.safetensors").read_bytes() == (clean / "model.safetensors").read_bytes()

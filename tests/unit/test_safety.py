@@ -71,7 +71,7 @@ def test_full_disk_removes_the_half_written_checkpoint_and_says_so(monkeypatch, 
 
     monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(OSError) as caught:
-        checkpoint.save(tmp_path, 1, model, optimizer, scheduler, "h", keep=2)
+        checkpoint.save(tmp_path, 1, model, optimizer, scheduler, "h", keep=2, inputs={})
     assert list((tmp_path / "checkpoints").iterdir()) == [], "the temporary checkpoint is cleaned up"
     line = cli.internal_error_line(caught.value)
     assert line.startswith("no space left on device (writing ") and "internal error" not in line
