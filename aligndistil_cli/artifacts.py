@@ -8,13 +8,16 @@ rename), so a crash at any point leaves a directory no stage will consume.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_OS_ERROR = re.compile(r"I/O error: (.*?) \(os error (\d+)\)")
+
+
+@contextmanager
+def writing(path: Path):
+    """safetensors' write errors (its own exception type, not OSError) as one line naming path."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        found = _OS_ERROR.search(str(e))
+        if not found:
+            raise
+        if int(found.group(2)) == errno.ENOSPC:
+            raise UserError(f"no space left on device (writing {path})") from None
+        raise UserError(f"cannot write {path}: {found.group(1)}") from None
 
 
 def finite_json(obj: Any) -> Any:

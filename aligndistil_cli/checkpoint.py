@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import distributed, fsdp
-from .artifacts import atomic_write_json
+from .artifacts import atomic_write_json, writing
 from .errors import UserError
 
 DIRNAME = "checkpoints"
@@ -86,13 +86,16 @@ def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, ke
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_model(_Full(model_state) if sharded else model, str(tmp / "model.safetensors"))
+        with writing(tmp / "model.safetensors"):
+            save_model(_Full(model_state) if sharded else model, str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        with writing(tmp / "optimizer.safetensors"):
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / "rng.safetensors"))
+        with writing(tmp / "rng.safetensors"):
+            save_file(rng, str(tmp / "rng.safetensors"))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         atomic_write_json(tmp / STATE, {"step": step, "optimizer": opt_meta, "scheduler": sched,
                                         "python_random": _jsonable(random.getstate()), "config_hash": config_hash,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, fsdp
-from .artifacts import check_model_input
+from .artifacts import check_model_input, writing
 from .data import Batch
 from .errors import UserError
 from .hub import hub_offline, hub_reachable, looks_like_path
@@ -193,13 +193,15 @@ def save_model(model, tokenizer, out: Path) -> None:
     if fsdp.is_sharded(model):
         state = fsdp.full_model_state(model)
         if distributed.is_main():
-            model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+            with writing(Path(out) / "model.safetensors"):
+                model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(str(out))
         distributed.barrier()
         return
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(str(out), safe_serialization=True)
+    with writing(Path(out) / "model.safetensors"):
+        model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
 
 

@@ -323,3 +323,33 @@ def test_run_starts_over_a_stage_whose_upstream_reran_since_its_checkpoint(runs,
     _, _, config = load_pipeline(changed)[1]
     clean = STAGES["train-dpo"].run(dataclasses.replace(config, out=str(tmp_path / "clean")))
     assert (root / "dpo" / "model.safetensors").read_bytes() == (clean / "model.safetensors").read_bytes()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 48 KiB tmpfs: room for a stage's small files but not for its weights. Skipped where mounting is refused."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    # Lazily: the failed stage's process (this one) still holds its lock on the output directory's marker.
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+# Issue 22, 8: safetensors' own write error on a full disk is the README's one line, not an internal error.
+def test_full_disk_names_the_weights_file(runs, tmp_path, tiny_disk, capsys):
+    from aligndistil_cli.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(values_of(runs, "sft", out=str(tiny_disk / "sft"), max_steps=1, save_every=0)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft", "--config", str(config)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 1
+    assert errors == [f"error: no space left on device (writing {tiny_disk / 'sft' / 'model.safetensors'})"]
+    assert not (tiny_disk / "sft" / "manifest.json").exists()
