@@ -353,3 +353,19 @@ def test_full_disk_names_the_weights_file(runs, tmp_path, tiny_disk, capsys):
     assert exit_.value.code == 1
     assert errors == [f"error: no space left on device (writing {tiny_disk / 'sft' / 'model.safetensors'})"]
     assert not (tiny_disk / "sft" / "manifest.json").exists()
+
+
+# Issue 22, 9: a plain Hugging Face directory whose config.json contradicts its weights is one line naming both.
+def test_plain_model_dir_whose_config_contradicts_its_weights_is_one_line(runs, tmp_path, capsys):
+    from aligndistil_cli.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(runs / "toy" / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft", "--model", str(model), "--data", str(runs / "toy" / "sft.jsonl"), "--out", str(tmp_path / "o")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 1
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot load a model from {model}: {model}/model.safetensors "
+                                                     f"holds ") and f"but {model}/config.json gives it" in errors[0]
