@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -36,6 +37,15 @@ def _umask() -> int:
     return mask
 
 
+def default_mode(path: Path) -> None:
+    """Give a file we wrote the mode any other tool would: 0666 less the umask. mkstemp, and the libraries that
+    write through temporary files (safetensors, transformers' model.safetensors), leave 0600, which other users
+    of a shared machine cannot read."""
+    mode = 0o666 & ~_umask()
+    if stat.S_IMODE(Path(path).stat().st_mode) != mode:  # a chmod changes the ctime, which voids remembered hashes
+        os.chmod(path, mode)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +55,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600; a result file gets the mode any other tool would give it (0666 less the umask).
-        os.chmod(tmp, 0o666 & ~_umask())
+        default_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -183,9 +192,10 @@ def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics
 
     if is_model_dir(out):
         write_card(out, stage, config_dict(config), metrics or {})
-    outputs = {
-        str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_cached(p)} for p in _output_files(out)
-    }
+    files = _output_files(out)
+    for p in files:
+        default_mode(p)
+    outputs = {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_cached(p)} for p in files}
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "complete": True,

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import distributed, fsdp
-from .artifacts import atomic_write_json, writing
+from .artifacts import atomic_write_json, default_mode, writing
 from .errors import UserError
 
 DIRNAME = "checkpoints"
@@ -97,6 +97,8 @@ def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, ke
         with writing(tmp / "rng.safetensors"):
             save_file(rng, str(tmp / "rng.safetensors"))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        for written in tmp.iterdir():
+            default_mode(written)
         atomic_write_json(tmp / STATE, {"step": step, "optimizer": opt_meta, "scheduler": sched,
                                         "python_random": _jsonable(random.getstate()), "config_hash": config_hash,
                                         "inputs": inputs})

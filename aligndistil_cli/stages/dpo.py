@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoint, distributed
-from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, input_record,
+from ..artifacts import (default_mode, fingerprint_model, fingerprint_tokenizer, finalize, input_record,
                          prepare_output, sha256_json, writing)
 from ..config import DpoConfig
 from ..data import collate, data_fingerprint, data_input, encode_pairs, load_data
@@ -96,6 +96,7 @@ def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device,
         tmp = path.with_suffix(".tmp")
         with writing(path):
             save_file(logps, str(tmp), metadata={"key": key})
+        default_mode(tmp)
         tmp.replace(path)
     distributed.barrier()
     return logps, path

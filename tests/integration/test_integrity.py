@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -369,3 +370,18 @@ def test_plain_model_dir_whose_config_contradicts_its_weights_is_one_line(runs, 
     assert exit_.value.code == 1
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot load a model from {model}: {model}/model.safetensors "
                                                      f"holds ") and f"but {model}/config.json gives it" in errors[0]
+
+
+# Issue 22, 10: every output is 0666 less the umask, model.safetensors too.
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_outputs_get_0666_less_the_umask(runs, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = STAGES["sft"].run(build_config(SftConfig, values_of(runs, "sft", out=str(tmp_path / "sft"), max_steps=1)))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode)) for p in out.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    # The smoke pipeline ran under the test's own umask: every stage's outputs follow it.
+    every = {str(p.relative_to(runs)): oct(stat.S_IMODE(p.stat().st_mode)) for p in runs.rglob("*") if p.is_file()}
+    assert {mode for mode in every.values()} == {oct(0o666 & ~old)}, every
