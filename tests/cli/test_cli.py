@@ -237,7 +237,8 @@ def test_missing_required_flag(capsys, tmp_path):
 
 def test_missing_data_file(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, "sft", "--model", ".", "--data", "nope.jsonl", "--out", "o")
+    Path("m").mkdir()  # a model directory apart from --out, which may not be inside an input
+    code, _, err = cli(capsys, "sft", "--model", "m", "--data", "nope.jsonl", "--out", "o")
     assert_one_line_error(err)
     assert code == 1
     assert "nope.jsonl" in err
@@ -246,12 +247,14 @@ def test_missing_data_file(capsys, tmp_path, monkeypatch):
 
 def test_missing_data_file_debug_raises(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    Path("m").mkdir()
     with pytest.raises(UserError, match="nope.jsonl"):
-        main(["--debug", "sft", "--model", ".", "--data", "nope.jsonl", "--out", "o"])
+        main(["--debug", "sft", "--model", "m", "--data", "nope.jsonl", "--out", "o"])
 
 
 def test_missing_data_file_via_console_script(tmp_path):
-    proc = script("sft", "--model", ".", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
+    (tmp_path / "m").mkdir()
+    proc = script("sft", "--model", "m", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
     assert proc.returncode == 1
     assert_one_line_error(proc.stderr)
     assert "nope.jsonl" in proc.stderr
@@ -259,7 +262,8 @@ def test_missing_data_file_via_console_script(tmp_path):
 
 
 def test_debug_shows_traceback_via_console_script(tmp_path):
-    proc = script("--debug", "sft", "--model", ".", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
+    (tmp_path / "m").mkdir()
+    proc = script("--debug", "sft", "--model", "m", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr
     assert "nope.jsonl" in proc.stderr
