@@ -169,7 +169,8 @@ class TrainingFields(DataFields, TrackingFields, HubFields):
     eval_prompts: Optional[str] = opt(None, "Prompts for --eval-every (a held-out prompt set).", input="data")
     eval_num_prompts: int = opt(64, "How many of --eval-prompts to sample.", positive=True)
     eval_max_new_tokens: int = opt(48, "Longest response sampled by --eval-every.", positive=True)
-    reward_model: Optional[str] = opt(None, "Reward model for --eval-every (default: the embedded task's gold reward).", input="model")
+    reward_model: Optional[str] = opt(None, "Reward model for --eval-every (default: the embedded task's gold reward).",
+                                      input="model")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning). Needs the optional peft extra: pip install 'aligndistil[lora]'.",
                       nonneg=True)
     lora_alpha: float = opt(16.0, "LoRA alpha (the adapter is scaled by alpha / r).", positive=True)
@@ -207,8 +208,10 @@ class InitToyConfig(StageConfig):
 
 @dataclass
 class SftConfig(TrainingFields):
-    model: Optional[str] = opt(None, "Model to fine-tune: a Hugging Face model directory or hub id.", required=True, input="model")
-    data: Optional[str] = opt(None, "Prompt/response data (JSONL with 'prompt' and 'response').", required=True, input="data")
+    model: Optional[str] = opt(None, "Model to fine-tune: a Hugging Face model directory or hub id.",
+                               required=True, input="model")
+    data: Optional[str] = opt(None, "Prompt/response data (JSONL with 'prompt' and 'response').",
+                              required=True, input="data")
 
 
 @dataclass
@@ -233,7 +236,8 @@ class MakePrefsConfig(DataFields):
 @dataclass
 class DpoConfig(TrainingFields):
     model: Optional[str] = opt(None, "Reference model, also the policy's initialisation.", required=True, input="model")
-    data: Optional[str] = opt(None, "Preference pairs (JSONL with 'prompt', 'chosen', 'rejected').", required=True, input="data")
+    data: Optional[str] = opt(None, "Preference pairs (JSONL with 'prompt', 'chosen', 'rejected').",
+                              required=True, input="data")
     reverse: bool = opt(False, "Train reverse DPO: chosen and rejected swapped, same beta and reference.")
     beta: float = opt(0.1, "DPO beta.", positive=True)
     ref_cache: Optional[str] = opt(None, "Directory for cached reference log-probs (default: OUT/../ref-cache).")
@@ -282,9 +286,11 @@ def require_teacher_models(config, variant: str, context: str = "") -> None:
 @dataclass
 class PrecomputeConfig(TeacherFields, DataFields, TeacherShardingFields):
     dpo: Optional[str] = opt(None, "DPO model directory.", required=True, input="model")
-    rev: Optional[str] = opt(None, "Reverse-DPO model directory (needed by aligndistil and contrastive).", input="model")
+    rev: Optional[str] = opt(None, "Reverse-DPO model directory (needed by aligndistil and contrastive).",
+                             input="model")
     ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).", input="model")
-    data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).", required=True, input="data")
+    data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).",
+                              required=True, input="data")
     format: str = opt("auto", "Cache format: logits (full vocabulary), hidden (exact, compact), topk (truncated); "
                       "auto picks logits for small vocabularies and hidden otherwise.",
                       choices=("auto", "logits", "hidden", "topk"))
@@ -305,7 +311,8 @@ class PrecomputeConfig(TeacherFields, DataFields, TeacherShardingFields):
 
 @dataclass
 class DistillConfig(TrainingFields, TeacherShardingFields):
-    student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).", required=True, input="model")
+    student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).",
+                                 required=True, input="model")
     data: Optional[str] = opt(None, "Off-policy: the data the cache was computed on (checked against its fingerprint). "
                               "On-policy: prompts (a prompt-only or a preference set).", required=True, input="data")
     mode: str = opt("off-policy", "off-policy (train on the cached teacher over the data's chosen responses) or "
@@ -345,13 +352,16 @@ class DistillConfig(TrainingFields, TeacherShardingFields):
 
 @dataclass
 class EvaluateConfig(DataFields, TrackingFields):
-    ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.", required=True, input="model")
+    ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.",
+                             required=True, input="model")
     ref_name: str = opt("reference", "Name of the reference model in the report.")
-    models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).", factory=dict, flag="model", input="model")
+    models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).",
+                       factory=dict, flag="model", input="model")
     prompts: Optional[str] = opt(None, "Held-out prompts (JSONL with 'prompt').", required=True, input="data")
     pairs: Optional[str] = opt(None, "Held-out preference pairs for implicit-reward accuracy.", input="data")
     dpo: Optional[str] = opt(None, "DPO model, for implicit-reward accuracy on --pairs.", input="model")
-    rev: Optional[str] = opt(None, "Reverse-DPO model, for the contrastive reward's accuracy on --pairs.", input="model")
+    rev: Optional[str] = opt(None, "Reverse-DPO model, for the contrastive reward's accuracy on --pairs.",
+                             input="model")
     beta: float = opt(0.1, "beta of the implicit rewards.", positive=True)
     reward_model: Optional[str] = opt(None, "Score responses with this AutoModelForSequenceClassification "
                                       "(default: the embedded task's gold reward).", input="model")

@@ -244,8 +244,9 @@ def _encode_table(tokenizer, rows: list[dict], keys: tuple[str, ...], config, st
 
     A row that cannot be encoded (chat template, tokenizer, special-token text under
     --refuse-special-tokens, or a field far too long for --max-length) stops the run naming
-    its file, row and field, or with --skip-bad-rows is dropped. stats (load_data's summary, written to the manifest) gets
-    the drops, whether the chat template was used, and the rows with special-token text.
+    its file, row and field, or with --skip-bad-rows is dropped. stats (load_data's summary,
+    written to the manifest) gets the drops, whether the chat template was used, and the rows
+    with special-token text.
     """
     texts = special_token_texts(tokenizer)
     specials = re.compile("|".join(map(re.escape, texts))) if texts else None

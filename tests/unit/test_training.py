@@ -72,7 +72,7 @@ def test_micro_batches_cover_the_batch():
 
 
 def test_nonfinite_weights_stop_the_run_at_the_step_they_appear(tmp_path, monkeypatch):
-    """Weights gone non-finite at the last step leave no loss to notice them: the run must still fail, naming the step."""
+    """Weights gone non-finite at the last step leave no loss to notice them: the run still fails, naming the step."""
     model = tiny_model()
     step = torch.optim.AdamW.step
 
