@@ -39,7 +39,7 @@ from rich.console import Console
 from . import checkpoint
 from .artifacts import MANIFEST, config_dict, portable_config, read_manifest, stale_inputs, verify_outputs
 from .config import ConfigError, build_config, read_yaml
-from .errors import UserError
+from .errors import UserError, shown
 from .plan import check_stage_names, did_you_mean, make_plan, parse_sets, select
 from .stages import STAGES
 from .tracking import require
@@ -95,11 +95,11 @@ def load_pipeline(path: Path, root: Path | None = None, sets: dict | None = None
             raise ConfigError(f"{where}: expected keys name, stage, with")
         stage = entry["stage"]
         if stage not in STAGES:
-            raise ConfigError(f"{where}: unknown stage {stage!r}{did_you_mean(str(stage), list(STAGES))} "
+            raise ConfigError(f"{where}: unknown stage {shown(stage)}{did_you_mean(str(stage), list(STAGES))} "
                               f"(choose one of {', '.join(STAGES)})")
         name = str(entry.get("name", stage))
         if not STAGE_NAME.fullmatch(name):
-            raise ConfigError(f"{where}: stage name {name!r} must be a plain identifier (letters, digits, '_', '-', "
+            raise ConfigError(f"{where}: stage name {shown(name)} must be a plain identifier (letters, digits, '_', '-', "
                               "'.'; no path): it names the stage's directory under the root")
         if name in outs:
             raise ConfigError(f"{where}: duplicate stage name {name!r}")
@@ -166,7 +166,7 @@ def nproc_per_node(path: Path, given: int | None = None) -> int:
     """Processes per stage: the flag, else the file's nproc_per_node key, else 1."""
     value = given if given is not None else read_yaml(path).get("nproc_per_node", 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{path}: nproc_per_node must be a positive integer; got {value!r}")
+        raise ConfigError(f"{path}: nproc_per_node must be a positive integer; got {shown(value)}")
     return value
 
 
