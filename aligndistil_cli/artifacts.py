@@ -8,12 +8,17 @@ rename), so a crash at any point leaves a directory no stage will consume.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,15 @@ def _umask() -> int:
     return mask
 
 
+def default_mode(path: Path) -> None:
+    """Give a file we wrote the mode any other tool would: 0666 less the umask. mkstemp, and the libraries that
+    write through temporary files (safetensors, transformers' model.safetensors), leave 0600, which other users
+    of a shared machine cannot read."""
+    mode = 0o666 & ~_umask()
+    if stat.S_IMODE(Path(path).stat().st_mode) != mode:  # a chmod changes the ctime, which voids remembered hashes
+        os.chmod(path, mode)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,16 +55,51 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates 0600; a result file gets the mode any other tool would give it (0666 less the umask).
-        os.chmod(tmp, 0o666 & ~_umask())
+        default_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+_OS_ERROR = re.compile(r"I/O error: (.*?) \(os error (\d+)\)")
+
+
+@contextmanager
+def writing(path: Path):
+    """safetensors' write errors (its own exception type, not OSError) as one line naming path."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        found = _OS_ERROR.search(str(e))
+        if not found:
+            raise
+        if int(found.group(2)) == errno.ENOSPC:
+            raise UserError(f"no space left on device (writing {path})") from None
+        raise UserError(f"cannot write {path}: {found.group(1)}") from None
+
+
+def finite_json(obj: Any) -> Any:
+    """obj with every non-finite float as None: JSON has no Infinity or NaN, and strict readers refuse them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_line(obj: Any) -> str:
+    """One strict JSON line (a metrics.jsonl record)."""
+    return json.dumps(finite_json(obj), sort_keys=True, allow_nan=False) + "\n"
+
+
 def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n").encode())
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=sort_keys, default=str, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def sha256_json(obj: Any) -> str:
@@ -143,9 +192,10 @@ def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics
 
     if is_model_dir(out):
         write_card(out, stage, config_dict(config), metrics or {})
-    outputs = {
-        str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_cached(p)} for p in _output_files(out)
-    }
+    files = _output_files(out)
+    for p in files:
+        default_mode(p)
+    outputs = {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_cached(p)} for p in files}
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "complete": True,

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .artifacts import MANIFEST, atomic_write_bytes, read_manifest, record_outputs
+from .config import parse_yaml
 from .errors import UserError
 
 CARD = "README.md"
@@ -52,7 +53,7 @@ def front_matter(path: Path) -> dict:
     """The YAML front matter of a card (empty when there is none)."""
     text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else ""
     match = re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL)
-    return (yaml.safe_load(match.group(1)) or {}) if match else {}
+    return (parse_yaml(match.group(1), str(path)) or {}) if match else {}
 
 
 def base_model(source: str | None) -> str | None:

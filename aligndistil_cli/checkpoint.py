@@ -4,7 +4,8 @@ OUT/checkpoints/step-00000050/
     model.safetensors       the trainable weights (shared tensors handled)
     optimizer.safetensors   every optimizer state tensor, as state.<param index>.<key>
     rng.safetensors         torch CPU (and CUDA) generator states
-    state.json              step, optimizer param groups, scheduler, python RNG, config hash
+    state.json              step, optimizer param groups, scheduler, python RNG, config hash, and the
+                            fingerprint of every input (data, models, teacher cache)
 A checkpoint is written to a hidden temporary directory and renamed into
 place, so a kill at any moment leaves either no checkpoint or a whole one;
 state.json is written last inside it as a second guard.
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import distributed, fsdp
-from .artifacts import atomic_write_json
+from .artifacts import atomic_write_json, default_mode, writing
 from .errors import UserError
 
 DIRNAME = "checkpoints"
@@ -70,7 +71,8 @@ def last_saved() -> Path | None:
     return _saved.get("last")
 
 
-def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, keep: int) -> Path:
+def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, keep: int,
+         inputs: dict[str, dict]) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` (every rank calls; rank 0 writes)."""
     sharded = fsdp.is_sharded(model)
     model_state = fsdp.full_model_state(model) if sharded else None
@@ -84,16 +86,22 @@ def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, ke
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_model(_Full(model_state) if sharded else model, str(tmp / "model.safetensors"))
+        with writing(tmp / "model.safetensors"):
+            save_model(_Full(model_state) if sharded else model, str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        with writing(tmp / "optimizer.safetensors"):
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / "rng.safetensors"))
+        with writing(tmp / "rng.safetensors"):
+            save_file(rng, str(tmp / "rng.safetensors"))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        for written in tmp.iterdir():
+            default_mode(written)
         atomic_write_json(tmp / STATE, {"step": step, "optimizer": opt_meta, "scheduler": sched,
-                                        "python_random": _jsonable(random.getstate()), "config_hash": config_hash})
+                                        "python_random": _jsonable(random.getstate()), "config_hash": config_hash,
+                                        "inputs": inputs})
     except BaseException:
         # A full disk (or a kill) must not leave a half-written checkpoint taking the space.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,12 +132,56 @@ def latest(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, model, optimizer, scheduler, config_hash: str) -> int:
-    """Restore everything saved at `path`; return its step."""
+def _fingerprint(kind: str, path: str) -> str:
+    from .artifacts import fingerprint_data, fingerprint_model
+
+    if kind == "cache":
+        try:  # the cache's key covers its teacher settings and its inputs' contents, which its shards may not
+            return json.loads((Path(path) / "index.json").read_text())["settings_key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return fingerprint_data(path)
+    try:
+        return fingerprint_model(path) if kind == "model" else fingerprint_data(path)
+    except UserError as e:  # a model directory that is unfinished or changed since its manifest
+        return f"unusable: {e}"
+
+
+def input_fingerprints(config) -> dict[str, dict]:
+    """{field: {"path", "fingerprint"}} of every input of config: what a checkpoint records, and a resume
+    must find again (as it must find the same config)."""
+    from .config import config_inputs
+
+    return {i.name: {"path": i.path, "fingerprint": _fingerprint(i.kind, i.path)} for i in config_inputs(config)}
+
+
+def changed_inputs(path: Path, inputs: dict[str, dict]) -> list[str]:
+    """The inputs (as named in inputs) whose fingerprint differs from the one checkpoint path recorded."""
+    recorded = json.loads((Path(path) / STATE).read_text()).get("inputs") or {}
+    return [name for name, now in inputs.items()
+            if recorded.get(name, {}).get("fingerprint") != now["fingerprint"]]
+
+
+def stale(config) -> tuple[Path | None, list[str]]:
+    """The latest checkpoint of a training config's OUT (None if none), and the inputs changed since it was written."""
+    found = latest(config.out)
+    return found, changed_inputs(found, input_fingerprints(config)) if found else []
+
+
+def step_of(path: Path) -> int:
+    return int(Path(path).name.removeprefix("step-"))
+
+
+def load(path: Path, model, optimizer, scheduler, config_hash: str, inputs: dict[str, dict]) -> int:
+    """Restore everything saved at `path`; return its step. A changed config or input is refused."""
     state = json.loads((path / STATE).read_text())
     if state["config_hash"] != config_hash:
         raise UserError(f"checkpoint {path} was written with a different config; rerun with that config to resume "
                         "from it, or with --force to discard it and start over")
+    changed = changed_inputs(path, inputs)
+    if changed:
+        raise UserError(f"checkpoint {path} was written with another version of input {changed[0]!r} "
+                        f"({inputs[changed[0]]['path']}): its content changed since; restore it to resume from the "
+                        "checkpoint, or rerun with --force to discard it and start over")
     if fsdp.is_sharded(model):
         _load_sharded(path, model, optimizer, state["optimizer"])
     else:

@@ -8,25 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .kv_cache import KV_CACHE_HELP, KV_CACHES
 from .variants import VARIANTS
 from .sources import FORMATS as SOURCE_FORMATS
 
 
 def opt(default: Any = None, help: str = "", *, required: bool = False, choices: tuple | None = None,
-        positive: bool = False, nonneg: bool = False, flag: str | None = None, factory=None):
-    """A config field. positive/nonneg/choices/required are checked in __post_init__."""
+        positive: bool = False, nonneg: bool = False, at_most: float | None = None, below: float | None = None,
+        flag: str | None = None, input: str | None = None, factory=None):
+    """A config field. positive/nonneg/at_most/below/choices/required are checked in __post_init__, and a float
+    must be finite. input marks a path the stage reads, and what it is: "model", "cache" (a teacher cache) or
+    "data" (a file, a directory or a hub data set). --out may not overlap an input (stages.preflight), and a
+    checkpoint records what each one was (checkpoint.input_fingerprints)."""
     meta = {"help": help, "required": required, "choices": choices, "positive": positive, "nonneg": nonneg,
-            "flag": flag}
+            "at_most": at_most, "below": below, "flag": flag, "input": input}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,18 +58,31 @@ class StageConfig:
             meta = f.metadata
             if meta.get("required") and value in (None, ""):
                 raise ConfigError(f"config field {f.name!r} is required (flag --{f.name.replace('_', '-')})")
-            if value is None:
-                continue
-            if meta.get("choices") and value not in meta["choices"]:
-                raise ConfigError(f"config field {f.name!r} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
-            if meta.get("positive") and not value > 0:
-                raise ConfigError(f"config field {f.name!r} must be > 0; got {value!r}")
-            if meta.get("nonneg") and not value >= 0:
-                raise ConfigError(f"config field {f.name!r} must be >= 0; got {value!r}")
+            if value is not None:
+                _check_range(f.name, value, meta)
         self.validate()
 
     def validate(self) -> None:
         """Cross-field checks; subclasses extend."""
+
+
+def _check_range(name: str, value: Any, meta: Mapping) -> None:
+    """One ConfigError naming the field when value is outside its field's range (inf and nan are outside all)."""
+    def refuse(rule: str) -> None:
+        raise ConfigError(f"config field {name!r} must be {rule}; got {shown(value)}")
+
+    if meta.get("choices") and value not in meta["choices"]:
+        refuse(f"one of {', '.join(map(str, meta['choices']))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        refuse("a finite number")
+    if meta.get("positive") and not value > 0:
+        refuse("> 0")
+    if meta.get("nonneg") and not value >= 0:
+        refuse(">= 0")
+    if meta.get("at_most") is not None and not value <= meta["at_most"]:
+        refuse(f"<= {meta['at_most']:g}")
+    if meta.get("below") is not None and not value < meta["below"]:
+        refuse(f"< {meta['below']:g}")
 
 
 @dataclass
@@ -123,12 +141,12 @@ class TrainingFields(DataFields, TrackingFields, HubFields):
     epochs: int = opt(1, "Passes over the data.", positive=True)
     max_steps: Optional[int] = opt(None, "Stop after this many optimizer steps (overrides epochs).", positive=True)
     batch_size: int = opt(16, "Sequences (or pairs) per optimizer step.", positive=True)
-    lr: float = opt(1e-4, "Peak learning rate (AdamW).", positive=True)
-    warmup_ratio: float = opt(0.1, "Fraction of steps for linear warm-up.", nonneg=True)
-    min_lr_ratio: float = opt(0.1, "Cosine schedule floor as a fraction of lr.", nonneg=True)
+    lr: float = opt(1e-4, "Peak learning rate (AdamW).", positive=True, at_most=1.0)
+    warmup_ratio: float = opt(0.1, "Fraction of steps for linear warm-up.", nonneg=True, below=1.0)
+    min_lr_ratio: float = opt(0.1, "Cosine schedule floor as a fraction of lr.", nonneg=True, at_most=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", nonneg=True)
-    adam_beta1: float = opt(0.9, "AdamW beta1.", nonneg=True)
-    adam_beta2: float = opt(0.95, "AdamW beta2.", nonneg=True)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", nonneg=True, below=1.0)
+    adam_beta2: float = opt(0.95, "AdamW beta2.", nonneg=True, below=1.0)
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 disables).", nonneg=True)
     max_length: int = opt(128, "Maximum tokens of prompt + response.", positive=True)
     max_prompt_length: int = opt(96, "Maximum prompt tokens (prompts are cut from the left).", positive=True)
@@ -148,10 +166,11 @@ class TrainingFields(DataFields, TrackingFields, HubFields):
                         "eager); the first steps pay for compilation (README: where it helps).")
     eval_every: int = opt(0, "Every N steps, sample --eval-prompts and log eval_reward and eval_kl (0: never).",
                           nonneg=True)
-    eval_prompts: Optional[str] = opt(None, "Prompts for --eval-every (a held-out prompt set).")
+    eval_prompts: Optional[str] = opt(None, "Prompts for --eval-every (a held-out prompt set).", input="data")
     eval_num_prompts: int = opt(64, "How many of --eval-prompts to sample.", positive=True)
     eval_max_new_tokens: int = opt(48, "Longest response sampled by --eval-every.", positive=True)
-    reward_model: Optional[str] = opt(None, "Reward model for --eval-every (default: the embedded task's gold reward).")
+    reward_model: Optional[str] = opt(None, "Reward model for --eval-every (default: the embedded task's gold reward).",
+                                      input="model")
     lora_r: int = opt(0, "LoRA rank (0: full fine-tuning). Needs the optional peft extra: pip install 'aligndistil[lora]'.",
                       nonneg=True)
     lora_alpha: float = opt(16.0, "LoRA alpha (the adapter is scaled by alpha / r).", positive=True)
@@ -172,8 +191,6 @@ class TrainingFields(DataFields, TrackingFields, HubFields):
                               "checkpoints that --resume would continue from")
         if self.grad_accum > self.batch_size:
             raise ConfigError(f"config field 'grad_accum' ({self.grad_accum}) must be <= 'batch_size' ({self.batch_size})")
-        if self.warmup_ratio >= 1:
-            raise ConfigError(f"config field 'warmup_ratio' must be < 1; got {self.warmup_ratio}")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError("config field 'max_prompt_length' must be < 'max_length' "
                               f"({self.max_prompt_length} >= {self.max_length})")
@@ -191,20 +208,22 @@ class InitToyConfig(StageConfig):
 
 @dataclass
 class SftConfig(TrainingFields):
-    model: Optional[str] = opt(None, "Model to fine-tune: a Hugging Face model directory or hub id.", required=True)
-    data: Optional[str] = opt(None, "Prompt/response data (JSONL with 'prompt' and 'response').", required=True)
+    model: Optional[str] = opt(None, "Model to fine-tune: a Hugging Face model directory or hub id.",
+                               required=True, input="model")
+    data: Optional[str] = opt(None, "Prompt/response data (JSONL with 'prompt' and 'response').",
+                              required=True, input="data")
 
 
 @dataclass
 class MakePrefsConfig(DataFields):
-    model: Optional[str] = opt(None, "Model to sample from.", required=True)
-    data: Optional[str] = opt(None, "Prompts (JSONL with 'prompt').", required=True)
+    model: Optional[str] = opt(None, "Model to sample from.", required=True, input="model")
+    data: Optional[str] = opt(None, "Prompts (JSONL with 'prompt').", required=True, input="data")
     reward_model: Optional[str] = opt(None, "Score responses with this AutoModelForSequenceClassification "
-                                      "(default: the embedded task's gold reward).")
+                                      "(default: the embedded task's gold reward).", input="model")
     num_samples: int = opt(2, "Responses sampled per prompt; the best and worst form a pair.", positive=True)
     max_prompts: Optional[int] = opt(None, "Use only the first N prompts.", positive=True)
     temperature: float = opt(1.0, "Sampling temperature.", positive=True)
-    top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True)
+    top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True, at_most=1.0)
     max_new_tokens: int = opt(48, "Longest response in tokens.", positive=True)
     batch_size: int = opt(128, "Prompts per generation batch.", positive=True)
     kv_cache: str = kv_cache_opt()
@@ -216,8 +235,9 @@ class MakePrefsConfig(DataFields):
 
 @dataclass
 class DpoConfig(TrainingFields):
-    model: Optional[str] = opt(None, "Reference model, also the policy's initialisation.", required=True)
-    data: Optional[str] = opt(None, "Preference pairs (JSONL with 'prompt', 'chosen', 'rejected').", required=True)
+    model: Optional[str] = opt(None, "Reference model, also the policy's initialisation.", required=True, input="model")
+    data: Optional[str] = opt(None, "Preference pairs (JSONL with 'prompt', 'chosen', 'rejected').",
+                              required=True, input="data")
     reverse: bool = opt(False, "Train reverse DPO: chosen and rejected swapped, same beta and reference.")
     beta: float = opt(0.1, "DPO beta.", positive=True)
     ref_cache: Optional[str] = opt(None, "Directory for cached reference log-probs (default: OUT/../ref-cache).")
@@ -265,10 +285,12 @@ def require_teacher_models(config, variant: str, context: str = "") -> None:
 
 @dataclass
 class PrecomputeConfig(TeacherFields, DataFields, TeacherShardingFields):
-    dpo: Optional[str] = opt(None, "DPO model directory.", required=True)
-    rev: Optional[str] = opt(None, "Reverse-DPO model directory (needed by aligndistil and contrastive).")
-    ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).")
-    data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).", required=True)
+    dpo: Optional[str] = opt(None, "DPO model directory.", required=True, input="model")
+    rev: Optional[str] = opt(None, "Reverse-DPO model directory (needed by aligndistil and contrastive).",
+                             input="model")
+    ref: Optional[str] = opt(None, "Reference model (needed by theorem1 and adaptive).", input="model")
+    data: Optional[str] = opt(None, "Distillation data: pairs JSONL (prompt + chosen is used).",
+                              required=True, input="data")
     format: str = opt("auto", "Cache format: logits (full vocabulary), hidden (exact, compact), topk (truncated); "
                       "auto picks logits for small vocabularies and hidden otherwise.",
                       choices=("auto", "logits", "hidden", "topk"))
@@ -289,35 +311,36 @@ class PrecomputeConfig(TeacherFields, DataFields, TeacherShardingFields):
 
 @dataclass
 class DistillConfig(TrainingFields, TeacherShardingFields):
-    student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).", required=True)
+    student: Optional[str] = opt(None, "Student initialisation (usually the SFT/reference model).",
+                                 required=True, input="model")
     data: Optional[str] = opt(None, "Off-policy: the data the cache was computed on (checked against its fingerprint). "
-                              "On-policy: prompts (a prompt-only or a preference set).", required=True)
+                              "On-policy: prompts (a prompt-only or a preference set).", required=True, input="data")
     mode: str = opt("off-policy", "off-policy (train on the cached teacher over the data's chosen responses) or "
                     "on-policy (sample from the student, teach with live teachers).", choices=("off-policy", "on-policy"))
-    cache: Optional[str] = opt(None, "Off-policy: the teacher cache directory written by precompute.")
+    cache: Optional[str] = opt(None, "Off-policy: the teacher cache directory written by precompute.", input="cache")
     alpha_scale: Optional[float] = opt(None, "r of alpha_t = r TVD_t + eps. Off-policy: overrides the cache's (needs a "
                                        "--format hidden cache). On-policy: default 20.", nonneg=True)
     alpha_eps: Optional[float] = opt(None, "eps of alpha_t. Off-policy: overrides the cache's (hidden cache). "
                                      "On-policy: default 1e-3.", positive=True)
     dpo: Optional[str] = opt(None, "On-policy: the DPO model (run live). Off-policy, optional: the cache must "
-                             "have been built from this model.")
+                             "have been built from this model.", input="model")
     rev: Optional[str] = opt(None, "On-policy: the reverse-DPO model (run live). Off-policy, optional: checked "
-                             "against the cache like --dpo.")
+                             "against the cache like --dpo.", input="model")
     ref: Optional[str] = opt(None, "On-policy: the reference model (theorem1 and adaptive only). Off-policy, "
-                             "optional: checked against the cache like --dpo.")
+                             "optional: checked against the cache like --dpo.", input="model")
     variant: str = opt("aligndistil", "On-policy: teacher variant.", choices=VARIANTS)
     beta: float = opt(0.1, "On-policy: the DPO beta of the teachers.", positive=True)
     kl_coef: float = opt(0.1, "On-policy: beta_kl of contrastive/theorem1.", positive=True)
     teacher_temperature: float = opt(1.0, "On-policy: tau, the teacher is softmax(z*/tau).", positive=True)
     temperature: float = opt(1.0, "On-policy: sampling temperature.", positive=True)
-    top_p: float = opt(1.0, "On-policy: nucleus sampling mass.", positive=True)
+    top_p: float = opt(1.0, "On-policy: nucleus sampling mass.", positive=True, at_most=1.0)
     max_new_tokens: int = opt(64, "On-policy: longest sampled response.", positive=True)
     kv_cache: str = kv_cache_opt("On-policy: ")
     samples_per_prompt: int = opt(1, "On-policy: responses sampled per prompt.", positive=True)
     updates_per_rollout: int = opt(1, "On-policy: optimizer steps on each rollout batch before sampling again.",
                                    positive=True)
     mix_off_policy: float = opt(0.0, "On-policy: fraction of each batch taken from the data's chosen responses "
-                                "(needs preference data).", nonneg=True)
+                                "(needs preference data).", nonneg=True, below=1.0)
 
     def validate(self) -> None:
         super().validate()
@@ -325,25 +348,26 @@ class DistillConfig(TrainingFields, TeacherShardingFields):
             raise ConfigError("config field 'cache' is required in off-policy mode (flag --cache; or use --mode on-policy)")
         if self.mode == "on-policy":
             require_teacher_models(self, self.variant, "on-policy distillation with ")
-        if self.mix_off_policy >= 1:
-            raise ConfigError(f"config field 'mix_off_policy' must be < 1; got {self.mix_off_policy}")
 
 
 @dataclass
 class EvaluateConfig(DataFields, TrackingFields):
-    ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.", required=True)
+    ref: Optional[str] = opt(None, "Reference (SFT) model: KL and win rate are measured against it.",
+                             required=True, input="model")
     ref_name: str = opt("reference", "Name of the reference model in the report.")
-    models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).", factory=dict, flag="model")
-    prompts: Optional[str] = opt(None, "Held-out prompts (JSONL with 'prompt').", required=True)
-    pairs: Optional[str] = opt(None, "Held-out preference pairs for implicit-reward accuracy.")
-    dpo: Optional[str] = opt(None, "DPO model, for implicit-reward accuracy on --pairs.")
-    rev: Optional[str] = opt(None, "Reverse-DPO model, for the contrastive reward's accuracy on --pairs.")
+    models: dict = opt(None, "Models to evaluate, NAME=PATH (repeat the flag).",
+                       factory=dict, flag="model", input="model")
+    prompts: Optional[str] = opt(None, "Held-out prompts (JSONL with 'prompt').", required=True, input="data")
+    pairs: Optional[str] = opt(None, "Held-out preference pairs for implicit-reward accuracy.", input="data")
+    dpo: Optional[str] = opt(None, "DPO model, for implicit-reward accuracy on --pairs.", input="model")
+    rev: Optional[str] = opt(None, "Reverse-DPO model, for the contrastive reward's accuracy on --pairs.",
+                             input="model")
     beta: float = opt(0.1, "beta of the implicit rewards.", positive=True)
     reward_model: Optional[str] = opt(None, "Score responses with this AutoModelForSequenceClassification "
-                                      "(default: the embedded task's gold reward).")
+                                      "(default: the embedded task's gold reward).", input="model")
     num_prompts: int = opt(600, "Held-out prompts to sample (first N).", positive=True)
     temperature: float = opt(1.0, "Sampling temperature.", positive=True)
-    top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True)
+    top_p: float = opt(1.0, "Nucleus sampling mass.", positive=True, at_most=1.0)
     max_new_tokens: int = opt(48, "Longest response in tokens.", positive=True)
     batch_size: int = opt(128, "Prompts per generation batch.", positive=True)
     kv_cache: str = kv_cache_opt()
@@ -352,7 +376,7 @@ class EvaluateConfig(DataFields, TrackingFields):
     teacher: Optional[str] = opt(None, "Also sample the composed teacher softmax(z*) (the upper bound of distillation) "
                                  "and report it as a row: a precompute cache directory (its recorded teacher settings "
                                  "and models are used), or 'models' to compose --dpo and --rev (and --ref where the "
-                                 "variant needs it) with --variant and the settings below.")
+                                 "variant needs it) with --variant and the settings below.", input="cache")
     teacher_name: str = opt("teacher", "Name of the teacher's row in the report.")
     variant: str = opt("aligndistil", "--teacher models: teacher variant.", choices=VARIANTS)
     kl_coef: float = opt(0.1, "--teacher models: beta_kl of contrastive/theorem1 (w = beta / kl_coef).", positive=True)
@@ -367,7 +391,7 @@ class EvaluateConfig(DataFields, TrackingFields):
                                 "own format: alpaca-eval, mt-bench or arena-hard.",
                                 choices=("alpaca-eval", "mt-bench", "arena-hard"))
     export_questions: Optional[str] = opt(None, "The benchmark's question file (AlpacaEval eval set, MT-Bench or "
-                                          "arena-hard question.jsonl).")
+                                          "arena-hard question.jsonl).", input="data")
 
     def validate(self) -> None:
         if self.teacher == "models" and not (self.dpo and self.rev):
@@ -419,8 +443,62 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 raise ValueError
             return {str(k): str(v) for k, v in value.items()}
     except (TypeError, ValueError):
-        raise ConfigError(f"config field {name!r} must be {getattr(tp, '__name__', tp)}; got {value!r}") from None
+        raise ConfigError(f"config field {name!r} must be {getattr(tp, '__name__', tp)}; got {shown(value)}") from None
     return value
+
+
+# How much a YAML document's aliases may add to it, each counted at every use (a string counts its characters, any
+# other value one). Aliases are resolved by reference, so loading costs what the text does; this bounds what walking
+# the result costs (a 355-byte alias bomb expands to billions of values).
+YAML_MAX_EXPANDED = 1_000_000
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """The size of value with every shared (aliased) part counted at each use; stops once past limit."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if isinstance(v, str):
+            return max(1, len(v))
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) in sizes:
+            if sizes[id(v)] < 0:
+                raise ConfigError("it refers to itself (a recursive alias)")
+            return sizes[id(v)]
+        sizes[id(v)] = -1
+        total = 1
+        for item in (x for kv in v.items() for x in kv) if isinstance(v, dict) else v:
+            total += size(item)
+            if total > limit:
+                break
+        sizes[id(v)] = total
+        return total
+
+    return size(value)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, refusing a document whose aliases add more than YAML_MAX_EXPANDED (one ConfigError naming
+    source)."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    limit = len(text) + YAML_MAX_EXPANDED
+    try:
+        size = _expanded_size(data, limit)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    if size > limit:
+        raise ConfigError(f"{source}: its aliases expand it by more than {YAML_MAX_EXPANDED:,} values (an alias bomb?)")
+    return data
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -428,11 +506,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not valid UTF-8") from None
     if data is None:
@@ -480,6 +554,27 @@ def load_config(cls: type, config_file: str | Path | None, overrides: dict) -> A
     values.update({k: v for k, v in overrides.items() if v is not None})
     check_keys(cls, values, "flags")
     return cls(**values)
+
+
+class Input(typing.NamedTuple):
+    name: str  # the field, or FIELD.NAME for an entry of a NAME=PATH field
+    given_as: str  # as on the command line: "--data runs/toy/sft.jsonl"
+    path: str
+    kind: str  # opt's input: model, cache or data
+
+
+def config_inputs(config) -> list[Input]:
+    """Every input a config names: one per entry of a NAME=PATH field."""
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not f.metadata.get("input") or not value:
+            continue
+        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+        entries = value.items() if isinstance(value, dict) else [(None, value)]
+        found += [Input(f"{f.name}.{k}" if k else f.name, f"{flag} {k}={v}" if k else f"{flag} {v}", str(v),
+                        f.metadata["input"]) for k, v in entries]
+    return found
 
 
 def resolve_path(value: str | None) -> Path | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import reprlib
+
 
 class UserError(Exception):
     """Bad input from the user (file, row, field, value). Exit code 1."""
@@ -27,3 +29,14 @@ def where(path, row: int | None = None, field: str | None = None) -> str:
     if field is not None:
         parts.append(f"field {field!r}")
     return ", ".join(parts)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def shown(value, limit: int = 100) -> str:
+    """A value as an error message shows it: repr, cut short without rendering the rest (a huge or deeply
+    shared structure costs no more than a small one)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -24,11 +24,20 @@ def looks_like_path(name: str) -> bool:
             or ("/" in name and Path(first).is_dir()))
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def hub_offline() -> bool:
     from huggingface_hub import constants
 
     # The constant is read once at import; the variable may have been set since.
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return constants.HF_HUB_OFFLINE or _env_on("HF_HUB_OFFLINE")
+
+
+def datasets_offline() -> bool:
+    """Whether `datasets` may not ask the Hub (HF_DATASETS_OFFLINE, or the Hub offline altogether)."""
+    return hub_offline() or _env_on("HF_DATASETS_OFFLINE")
 
 
 @functools.lru_cache(maxsize=1)

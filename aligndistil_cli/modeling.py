@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, fsdp
-from .artifacts import check_model_input
+from .artifacts import check_model_input, writing
 from .data import Batch
 from .errors import UserError
 from .hub import hub_offline, hub_reachable, looks_like_path
@@ -122,6 +122,10 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torc
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model from {path}: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:
+        if "mismatched_sizes" not in str(e):  # transformers' words for weights whose shapes the config contradicts
+            raise
+        raise UserError(f"cannot load a model from {path}: {shape_mismatch(path, trust_remote_code)}") from None
     for name in _POST_HEAD_TRANSFORMS:
         if getattr(model.config, name, None) not in (None, 0, 1, 1.0):
             raise UserError(f"model {path} applies {name}={getattr(model.config, name)} after its output head; "
@@ -129,6 +133,29 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torc
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device)
+
+
+def shape_mismatch(path: str | Path, trust_remote_code: bool = False) -> str:
+    """Which weight of a local model directory has a shape its config.json does not give it (transformers only
+    logs it)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    general = "its config.json does not match the shapes of its weights"
+    local = Path(str(path)).expanduser()
+    if not local.is_dir():
+        return general
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+            local, trust_remote_code=trust_remote_code)).state_dict()
+    for file in sorted(local.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                if name in expected and list(expected[name].shape) != shape:
+                    return (f"{file} holds {name} of shape {shape}, but {local / 'config.json'} gives it "
+                            f"{list(expected[name].shape)}")
+    return general
 
 
 def load_student(path: str | Path, device: torch.device, cfg):
@@ -193,13 +220,15 @@ def save_model(model, tokenizer, out: Path) -> None:
     if fsdp.is_sharded(model):
         state = fsdp.full_model_state(model)
         if distributed.is_main():
-            model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+            with writing(Path(out) / "model.safetensors"):
+                model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(str(out))
         distributed.barrier()
         return
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(str(out), safe_serialization=True)
+    with writing(Path(out) / "model.safetensors"):
+        model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
 
 

@@ -14,8 +14,9 @@ A stage is skipped when its directory has a complete manifest recording the
 same resolved config (paths under the root compared relative to it, so a moved
 root is still up to date), its files still match their manifest, and its
 model/data inputs still have the recorded fingerprints. A training stage that
-left a checkpoint behind (a killed run) resumes from it; --force reruns
-everything from scratch, discarding such checkpoints.
+left a checkpoint behind (a killed run) resumes from it, unless one of its
+inputs changed since (then it starts over); --force reruns everything from
+scratch, discarding such checkpoints.
 
 With nproc_per_node > 1 (or --nproc-per-node) each stage that can use several
 processes is launched through torch.distributed.run, as `tune run` does, with
@@ -38,7 +39,7 @@ from rich.console import Console
 from . import checkpoint
 from .artifacts import MANIFEST, config_dict, portable_config, read_manifest, stale_inputs, verify_outputs
 from .config import ConfigError, build_config, read_yaml
-from .errors import UserError
+from .errors import UserError, shown
 from .plan import check_stage_names, did_you_mean, make_plan, parse_sets, select
 from .stages import STAGES
 from .tracking import require
@@ -94,11 +95,11 @@ def load_pipeline(path: Path, root: Path | None = None, sets: dict | None = None
             raise ConfigError(f"{where}: expected keys name, stage, with")
         stage = entry["stage"]
         if stage not in STAGES:
-            raise ConfigError(f"{where}: unknown stage {stage!r}{did_you_mean(str(stage), list(STAGES))} "
+            raise ConfigError(f"{where}: unknown stage {shown(stage)}{did_you_mean(str(stage), list(STAGES))} "
                               f"(choose one of {', '.join(STAGES)})")
         name = str(entry.get("name", stage))
         if not STAGE_NAME.fullmatch(name):
-            raise ConfigError(f"{where}: stage name {name!r} must be a plain identifier (letters, digits, '_', '-', "
+            raise ConfigError(f"{where}: stage name {shown(name)} must be a plain identifier (letters, digits, '_', '-', "
                               "'.'; no path): it names the stage's directory under the root")
         if name in outs:
             raise ConfigError(f"{where}: duplicate stage name {name!r}")
@@ -146,19 +147,26 @@ def is_up_to_date(config, root: Path | None = None) -> bool:
 
 def for_rerun(config, force: bool):
     """config as `run` executes it: --force starts over (checkpoints discarded); otherwise a
-    training stage that left a checkpoint behind resumes from it."""
+    training stage that left a checkpoint behind resumes from it, unless one of its inputs changed
+    since (an upstream stage reran): then it starts over, and its checkpoints are discarded."""
     if force:
         return dataclasses.replace(config, force=True, **({"resume": False} if hasattr(config, "resume") else {}))
-    if hasattr(config, "resume") and checkpoint.latest(config.out) is not None:
-        return dataclasses.replace(config, resume=True)
-    return config
+    if not hasattr(config, "resume"):
+        return config
+    found, changed = checkpoint.stale(config)
+    if found is None:
+        return config
+    if changed:
+        console.print(f"{config.out}: input {', '.join(changed)} changed since its checkpoint at step "
+                      f"{checkpoint.step_of(found)}; starting over", highlight=False)
+    return dataclasses.replace(config, resume=not changed)
 
 
 def nproc_per_node(path: Path, given: int | None = None) -> int:
     """Processes per stage: the flag, else the file's nproc_per_node key, else 1."""
     value = given if given is not None else read_yaml(path).get("nproc_per_node", 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{path}: nproc_per_node must be a positive integer; got {value!r}")
+        raise ConfigError(f"{path}: nproc_per_node must be a positive integer; got {shown(value)}")
     return value
 
 

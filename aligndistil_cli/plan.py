@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import checkpoint
 from .artifacts import MANIFEST, config_dict, stale_inputs
+from .config import parse_yaml
 from .errors import ConfigError, UsageError
 
 _PLACEHOLDER = re.compile(r"\{[A-Za-z0-9_-]+\}")
@@ -39,7 +39,7 @@ def parse_sets(values: list[str]) -> dict[str, dict[str, Any]]:
         stage, dot, key = target.partition(".")
         if not sep or not dot or not stage or not key:
             raise UsageError(f"--set expects STAGE.KEY=VALUE, got {item!r}")
-        value = raw if _PLACEHOLDER.search(raw) else yaml.safe_load(raw) if raw else ""
+        value = raw if _PLACEHOLDER.search(raw) else parse_yaml(raw, f"--set {target}") if raw else ""
         node = sets.setdefault(stage, {})
         *parents, last = key.split(".")
         for part in parents:  # STAGE.FIELD.NAME=VALUE sets one entry of a NAME=PATH field (evaluate's models)
@@ -71,13 +71,13 @@ def select(names: list[str], only: list[str] | None, start: str | None, until: s
     return set(names[first : last + 1])
 
 
-def why_not_up_to_date(config) -> str:
-    """The reason a stage whose output is not up to date must run."""
+def why_not_up_to_date(config, upstream: list[str]) -> str:
+    """The reason a stage whose output is not up to date must run (upstream: the stages it reads that run first)."""
     out = Path(config.out)
     if not out.exists():
         return "no output yet"
     if not (out / MANIFEST).is_file():
-        return "unfinished (no manifest)"
+        return "unfinished (no manifest)" + _checkpoint_note(config, upstream)
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
@@ -92,6 +92,21 @@ def why_not_up_to_date(config) -> str:
     if stale:
         return f"input changed: {', '.join(stale)}"
     return "output differs from its manifest"
+
+
+def _checkpoint_note(config, upstream: list[str]) -> str:
+    """What a rerun of an unfinished training stage does with the checkpoint it left (for_rerun)."""
+    if not hasattr(config, "resume"):
+        return ""
+    found, changed = checkpoint.stale(config)
+    if found is None:
+        return ""
+    at = f"its checkpoint at step {checkpoint.step_of(found)}"
+    if changed:
+        return f"; input {', '.join(changed)} changed since {at}: starts over"
+    if upstream:
+        return f"; resumes from {at}, or starts over if {', '.join(upstream)} changes its inputs"
+    return f"; resumes from {at}"
 
 
 def _depends_on(config, out: str) -> bool:
@@ -123,7 +138,7 @@ def make_plan(resolved: list, selected: set[str], force: bool, is_up_to_date) ->
         if force:
             steps.append(Step(name, stage, config, True, "--force"))
         elif not is_up_to_date(config):
-            steps.append(Step(name, stage, config, True, why_not_up_to_date(config)))
+            steps.append(Step(name, stage, config, True, why_not_up_to_date(config, upstream)))
         elif upstream:
             steps.append(Step(name, stage, config, True, f"input changed: {', '.join(upstream)} runs first"))
         else:

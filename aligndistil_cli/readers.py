@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError, where
-from .hub import looks_like_path
+from .hub import datasets_offline, looks_like_path
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -181,7 +181,14 @@ def read_file(path: Path) -> Table:
 
 def _read_hub(data: str, split: str, subset: str | None) -> Table:
     label = f"{data} ({'subset ' + subset + ', ' if subset else ''}split {split})"
-    ds = _call_datasets(label, lambda d: d.load_dataset(data, subset, split=split))
+    try:
+        ds = _call_datasets(label, lambda d: d.load_dataset(data, subset, split=split))
+    except UserError as e:
+        if not (datasets_offline() and "not cached" in str(e)):
+            raise
+        # datasets' own words end "is not cached in None" (the cache directory it was not given).
+        raise UserError(f"{label}: not in the local datasets cache, and the Hub may not be asked (HF_HUB_OFFLINE or "
+                        "HF_DATASETS_OFFLINE is set); load it once online, or give a local file") from None
     return Table(label, list(ds.column_names), list(enumerate(ds.to_list(), start=1)))
 
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import checkpoint, distributed, fsdp, tracking
-from .artifacts import config_dict, portable_config, sha256_json
+from .artifacts import config_dict, json_line, portable_config, sha256_json
 from .errors import UserError
 
 stderr = Console(stderr=True)
@@ -221,7 +221,7 @@ class MetricsWriter:
         self.f.writelines(kept)
 
     def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record, sort_keys=True) + "\n")
+        self.f.write(json_line(record))
         self.f.flush()
         if self.sink is not None:
             self.sink(record)
@@ -240,14 +240,34 @@ class _Discard:
         pass
 
 
-def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, desc: str) -> int:
+@torch.no_grad()
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every weight is finite, on every rank (a sharded parameter is checked by the rank holding each part).
+
+    A sum is finite when every element is, unless it overflows: the sums go first (a twentieth of the cost of
+    checking each element on CPU), and only a non-finite one has every element looked at.
+    """
+    local = [getattr(p, "to_local", lambda: p)() for p in params]
+    suspect = not torch.isfinite(torch.stack([t.sum() for t in local]).sum())
+    bad = suspect and not all(torch.isfinite(t).all() for t in local)
+    return distributed.all_reduce_max(float(bad)) == 0
+
+
+def _nonfinite(what: str, out: Path, hint: str) -> UserError:
+    """The one line a run stopped by a non-finite loss, gradient or weight ends with; nothing is finalised."""
+    saved = checkpoint.latest(out)
+    return UserError(f"{what}; stopping. " + (f"The last good checkpoint, {saved}, is intact (--resume). " if saved
+                                              else "No checkpoint was written yet. ") + hint)
+
+
+def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, inputs: dict, desc: str) -> int:
     if not cfg.resume:
         return 0
     found = checkpoint.latest(out)
     if found is None:
         stderr.print(f"{desc}: --resume given but {out}/checkpoints has no complete checkpoint; starting at step 0")
         return 0
-    step = checkpoint.load(found, model, optimizer, schedule, config_hash)
+    step = checkpoint.load(found, model, optimizer, schedule, config_hash, inputs)
     stderr.print(f"{desc}: resuming from {found} (step {step})")
     return step
 
@@ -276,7 +296,8 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     # Paths relative to OUT's parent (the run root), so that a moved run directory still resumes.
     config_hash = sha256_json(portable_config({k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE},
                                               Path(out).parent))
-    first = _resume_point(cfg, out, model, optimizer, schedule, config_hash, desc)
+    inputs = checkpoint.input_fingerprints(cfg)
+    first = _resume_point(cfg, out, model, optimizer, schedule, config_hash, inputs, desc)
     writer = MetricsWriter(out / "metrics.jsonl", first) if distributed.is_main() else _Discard()
     trackers = tracking.start(cfg, out, config_dict(cfg), first, getattr(writer, "previous_last_step", 0))
     writer.sink = trackers.log
@@ -297,16 +318,16 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                     skipped += 1
                     what = "loss" if not torch.isfinite(loss) else "gradient"
                     if skipped > cfg.skip_nonfinite:
-                        saved = checkpoint.latest(out)
-                        raise UserError(f"{desc}: non-finite {what} at step {step}; stopping. "
-                                        + (f"The last good checkpoint, {saved}, is intact (--resume)." if saved
-                                           else "No checkpoint was written yet.")
-                                        + " --skip-nonfinite N tolerates N such steps.")
+                        raise _nonfinite(f"{desc}: non-finite {what} at step {step}", out,
+                                         "--skip-nonfinite N tolerates N such steps.")
                     optimizer.zero_grad(set_to_none=True)
                     schedule.step()
                     advance(info=f"skipped non-finite {what} ({skipped})")
                     continue
                 optimizer.step()
+                if not weights_finite(params):
+                    raise _nonfinite(f"{desc}: the weights became non-finite at step {step} (loss {loss.item():.4g}, "
+                                     f"lr {schedule.get_last_lr()[0]:.3g})", out, "Try a lower --lr.")
                 schedule.step()
                 recent = (recent + [loss.item()])[-20:]
                 last = {"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
@@ -316,7 +337,8 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                 if step % cfg.log_every == 0 or step == n_steps or "eval_reward" in last:
                     writer.write(last)
                 if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
-                    checkpoint.save(out, step, model, optimizer, schedule, config_hash, cfg.keep_checkpoints)
+                    checkpoint.save(out, step, model, optimizer, schedule, config_hash, cfg.keep_checkpoints,
+                                    inputs)
                 # Throughputs a stage reports (on-policy: rollout and training tokens/s) show beside the loss.
                 rates = "".join(f"  {k.removesuffix('_tokens_per_s')} {v:,.0f} tok/s"
                                 for k, v in extra.items() if k.endswith("_tokens_per_s"))

@@ -6,11 +6,14 @@ one-line description and an example; the CLI and `aligndistil run` both read it.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .. import config as C
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -48,17 +51,35 @@ MODEL_FIELDS = ("model", "student", "dpo", "rev", "ref")
 
 def preflight(config) -> None:
     """Fail in one line, before any data or model loads, on an output directory that cannot be written, on
-    a model that is neither a directory nor a reachable hub id (a mistyped path), and on a --report-to
-    tracker whose package is missing."""
+    a model that is neither a directory nor a reachable hub id (a mistyped path), on an --out that overlaps an
+    input, and on a --report-to tracker whose package is missing."""
     from ..artifacts import check_output_dir
     from ..modeling import model_source
     from ..tracking import require
 
     require(getattr(config, "report_to", None))
     check_output_dir(config.out)
+    check_apart_from_inputs(config)
     models = [getattr(config, name, None) for name in MODEL_FIELDS] + list((getattr(config, "models", None) or {}).values())
     for path in filter(None, models):
         model_source(path, getattr(config, "revision", None))
+
+
+def check_apart_from_inputs(config) -> None:
+    """Refuse, whatever --force says, an --out that is, contains or is inside one of the stage's inputs: OUT is
+    emptied (with --force, of anything) before the stage writes, and what it writes would change the input."""
+    out = os.path.realpath(Path(config.out).expanduser())
+    for given in C.config_inputs(config):
+        path = Path(given.path).expanduser()
+        if not path.exists():  # a hub id, or a missing file that the stage names when it reads it
+            continue
+        real = os.path.realpath(path)
+        common = os.path.commonpath([real, out])
+        relation = "is" if real == out else "contains" if common == out else "is inside" if common == real else None
+        if relation:
+            raise UserError(f"--out {config.out} {relation} the stage's input {given.given_as}; the output directory "
+                            "must be apart from every input (it is emptied before the stage writes, whatever "
+                            "--force says)")
 
 
 STAGES: dict[str, Stage] = {

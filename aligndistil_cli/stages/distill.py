@@ -7,13 +7,14 @@ tokenizer, the data and the sequence lengths before any step runs.
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint
-from ..artifacts import finalize, fingerprint_model, input_record, prepare_output, tokenizer_difference, tokenizer_parts
+from ..artifacts import (finalize, fingerprint_data, fingerprint_model, input_record, json_line, prepare_output,
+                         tokenizer_difference, tokenizer_parts)
 from ..cache import TeacherCache
 from ..config import DistillConfig
 from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
@@ -37,8 +38,8 @@ def check_cache(cache: TeacherCache, config: DistillConfig, tokenizer) -> None:
             raise UserError(f"teacher cache {cache.path} was built from another {name} model "
                             f"({inputs[name]['path']}), not {given}")
     if inputs["data"]["read_as"] != data_fingerprint(config):
-        raise UserError(f"teacher cache {cache.path} was computed on other data or data settings "
-                        f"({inputs['data']['path']}), not {config.data} as given")
+        raise UserError(f"teacher cache {cache.path} {data_difference(cache.path, inputs['data'], config.data)}; "
+                        "give the data it was computed on, or rerun precompute")
     mine = tokenizer_parts(tokenizer)
     if inputs["tokenizer"]["parts"] != mine:
         raise UserError(f"teacher cache {cache.path} was computed with a tokenizer that differs from the student's "
@@ -47,6 +48,19 @@ def check_cache(cache: TeacherCache, config: DistillConfig, tokenizer) -> None:
     for key in ("max_length", "max_prompt_length"):
         if settings[key] != getattr(config, key):
             raise UserError(f"teacher cache {cache.path} has {key}={settings[key]} but distill was given {getattr(config, key)}")
+
+
+def data_difference(cache: Path, recorded: dict, data: str) -> str:
+    """How the data given to distill differs from the data a cache recorded (its input record)."""
+    if fingerprint_data(data) == recorded["fingerprint"]:
+        return f"was computed on {data} read with other settings (format, split, keys, chat template or bad rows)"
+    # The recorded path, or the one relative to the cache (a moved run directory), is the one given: it changed.
+    places = {os.path.realpath(recorded["path"])}
+    if recorded.get("relpath"):
+        places.add(os.path.realpath(Path(cache) / recorded["relpath"]))
+    if os.path.realpath(data) in places:
+        return f"was computed on {data}, whose content has changed since"
+    return f"was computed on other data ({recorded['path']}), not {data}"
 
 
 def cache_spec(cache: TeacherCache, config: DistillConfig) -> TeacherSpec:
@@ -128,7 +142,7 @@ def report_final_kl(out: Path, step: int, kl: float | None, tokens: int) -> None
         return
 
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": step, "final_kl_teacher": kl}, sort_keys=True) + "\n")
+        f.write(json_line({"step": step, "final_kl_teacher": kl}))
     Console(stderr=True).print(f"distill: final KL to the teacher {kl:.4f} nats/token (trained on {tokens:,} tokens)")
 
 

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoint, distributed
-from ..artifacts import (fingerprint_model, fingerprint_tokenizer, finalize, input_record,
-                         prepare_output, sha256_json)
+from ..artifacts import (default_mode, fingerprint_model, fingerprint_tokenizer, finalize, input_record,
+                         prepare_output, sha256_json, writing)
 from ..config import DpoConfig
 from ..data import collate, data_fingerprint, data_input, encode_pairs, load_data
 from ..losses import dpo_loss
@@ -94,7 +94,9 @@ def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device,
     if distributed.is_main():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file(logps, str(tmp), metadata={"key": key})
+        with writing(path):
+            save_file(logps, str(tmp), metadata={"key": key})
+        default_mode(tmp)
         tmp.replace(path)
     distributed.barrier()
     return logps, path

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .. import distributed, fsdp
 from ..artifacts import (content_key, finalize, fingerprint_model, fingerprint_tokenizer, input_record, prepare_output,
-                         sha256_json, tokenizer_difference, tokenizer_parts)
+                         sha256_json, tokenizer_difference, tokenizer_parts, writing)
 from ..cache import HEADS, STORE_DTYPES, ShardRecord, plan_shards, shard_is_done, write_index, write_shard
 from ..config import PrecomputeConfig
 from ..data import collate, data_input, encode_rows, load_data
@@ -98,7 +98,8 @@ def save_heads(path: Path, heads: dict, dtype: torch.dtype) -> None:
     (format "hidden")."""
     tensors = {f"{name}.{part}": t.detach().to(dtype).cpu().contiguous()
                for name, head in heads.items() for part, t in zip(("weight", "bias"), head) if t is not None}
-    save_file(tensors, str(path))
+    with writing(path):
+        save_file(tensors, str(path))
 
 
 def check_heads(models: dict, heads: dict, labels: dict, batch, vocab: int) -> None:

@@ -205,6 +205,17 @@ def test_config_bad_value_flag(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag, value, rule", [("--lr", "inf", "a finite number"), ("--lr", "1e30", "<= 1"),
+                                              ("--min-lr-ratio", "2", "<= 1"), ("--adam-beta2", "1", "< 1"),
+                                              ("--weight-decay", "-inf", "a finite number")])
+def test_float_options_must_be_finite_and_in_their_range(capsys, tmp_path, flag, value, rule):
+    code, _, err = cli(capsys, "sft", *_sft_args(tmp_path), flag, value)
+    assert_one_line_error(err)
+    assert code == 2
+    assert f"config field {flag[2:].replace('-', '_')!r} must be {rule}" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_bad_value_yaml(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("batch_size: 0\n")
@@ -226,7 +237,8 @@ def test_missing_required_flag(capsys, tmp_path):
 
 def test_missing_data_file(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, "sft", "--model", ".", "--data", "nope.jsonl", "--out", "o")
+    Path("m").mkdir()  # a model directory apart from --out, which may not be inside an input
+    code, _, err = cli(capsys, "sft", "--model", "m", "--data", "nope.jsonl", "--out", "o")
     assert_one_line_error(err)
     assert code == 1
     assert "nope.jsonl" in err
@@ -235,12 +247,14 @@ def test_missing_data_file(capsys, tmp_path, monkeypatch):
 
 def test_missing_data_file_debug_raises(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    Path("m").mkdir()
     with pytest.raises(UserError, match="nope.jsonl"):
-        main(["--debug", "sft", "--model", ".", "--data", "nope.jsonl", "--out", "o"])
+        main(["--debug", "sft", "--model", "m", "--data", "nope.jsonl", "--out", "o"])
 
 
 def test_missing_data_file_via_console_script(tmp_path):
-    proc = script("sft", "--model", ".", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
+    (tmp_path / "m").mkdir()
+    proc = script("sft", "--model", "m", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
     assert proc.returncode == 1
     assert_one_line_error(proc.stderr)
     assert "nope.jsonl" in proc.stderr
@@ -248,7 +262,8 @@ def test_missing_data_file_via_console_script(tmp_path):
 
 
 def test_debug_shows_traceback_via_console_script(tmp_path):
-    proc = script("--debug", "sft", "--model", ".", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
+    (tmp_path / "m").mkdir()
+    proc = script("--debug", "sft", "--model", "m", "--data", "nope.jsonl", "--out", "o", cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr
     assert "nope.jsonl" in proc.stderr

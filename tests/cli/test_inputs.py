@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -93,3 +95,17 @@ def test_out_in_a_read_only_place_fails_first(capsys, tmp_path, monkeypatch):
     code, err = cli(capsys, "sft", "--model", "runs/missing-model", "--data", "missing.jsonl", "--out", place / "out")
     assert code == 1 and err.count("\n") == 1
     assert err.startswith(f"error: cannot write to output directory {place / 'out'}: {place} is not writable")
+
+
+def test_an_offline_hub_data_set_that_is_not_cached_is_one_plain_line(tmp_path):
+    """Issue 22, 12: datasets' own words end "is not cached in None"; `datasets` reads the variables at import."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "c"),
+           "OMP_NUM_THREADS": "1"}
+    (tmp_path / "model").mkdir()
+    done = subprocess.run([sys.executable, "-m", "aligndistil_cli", "make-prefs", "--model", str(tmp_path / "model"),
+                           "--data", "someone/some-dataset", "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr == ("error: someone/some-dataset (split train): not in the local datasets cache, and the Hub may "
+                           "not be asked (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set); load it once online, or give a "
+                           "local file\n")

@@ -4,6 +4,7 @@ a byte-order mark, a lone surrogate and special-token text; the manifest counts 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -55,3 +56,21 @@ def test_bad_lines_stop_the_stage_or_are_dropped_and_counted_in_the_manifest(toy
     metrics = json.loads((tmp_path / "refused" / "manifest.json").read_text())["metrics"]
     assert metrics["data"]["dropped"] == {"invalid_json": 1, "invalid_unicode": 1, "invalid_utf8": 1, "special_token": 1}
     assert metrics["data"]["kept"] == metrics["examples"] == 2
+
+
+def test_a_10_mb_row_is_refused_or_skipped_before_it_is_tokenised(toy, tmp_path, capsys):
+    """Issue 22, 11: tokenised whole, a 10 MB row cost minutes and over a gigabyte; it is decided on its length."""
+    data = tmp_path / "sft.jsonl"
+    huge = " ".join(["the service was good ."] * 460_000)
+    assert len(huge) >= 10 * 2**20
+    data.write_text(json.dumps({"prompt": "i liked it", "response": "good"}) + "\n"
+                    + json.dumps({"prompt": "i hated it", "response": huge}) + "\n")
+    common = ["sft", "--model", toy / "model", "--data", data, "--max-steps", "1", "--batch-size", "2"]
+    started = time.perf_counter()
+    code, err = run(capsys, *common, "--out", tmp_path / "stopped")
+    assert code == 1 and err.endswith(f"\nerror: {data}, row 2, field 'response': too long: {len(huge):,} characters, "
+                                      "far beyond what --max-length 128 tokens can hold (8,192 characters at most)\n")
+    code, err = run(capsys, *common, "--out", tmp_path / "s", "--skip-bad-rows")
+    assert code == 0
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["metrics"]["data"]["dropped"] == {"too_long": 1}
+    assert time.perf_counter() - started < 60

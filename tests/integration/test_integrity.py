@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -171,18 +174,23 @@ def test_second_run_on_the_same_root_is_refused(runs, tmp_path):
 # 6 is in test_resume.py (on-policy resume at a rollout boundary).
 
 
-# 7. After a kill, a changed pipeline: a one-line way out, and --force starts over.
-def test_force_discards_a_stale_checkpoint(runs, tmp_path):
-    root = tmp_path / "root"
-    pipe = sft_pipeline(runs, tmp_path / "p.yaml", root, max_steps=None, epochs=1000, save_every=2)
+def kill_when_checkpointed(pipe: Path, out: Path) -> None:
+    """Start `aligndistil run pipe` and SIGKILL it once the stage writing out has a complete checkpoint."""
     proc = subprocess.Popen([sys.executable, "-m", "aligndistil_cli", "run", str(pipe)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while not any((p / "state.json").is_file() for p in (root / "sft" / "checkpoints").glob("step-*")):
+    while not any((p / "state.json").is_file() for p in (out / "checkpoints").glob("step-*")):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# 7. After a kill, a changed pipeline: a one-line way out, and --force starts over.
+def test_force_discards_a_stale_checkpoint(runs, tmp_path):
+    root = tmp_path / "root"
+    pipe = sft_pipeline(runs, tmp_path / "p.yaml", root, max_steps=None, epochs=1000, save_every=2)
+    kill_when_checkpointed(pipe, root / "sft")
     changed = sft_pipeline(runs, tmp_path / "p2.yaml", root, max_steps=4, lr=1e-3)
     with pytest.raises(UserError) as refused:
         run_file(changed)
@@ -247,3 +255,133 @@ def test_verify_fails_a_directory_with_files_its_stage_does_not_write(runs, tmp_
     shutil.copytree(runs / "sft", extra)
     (extra / "notes.txt").write_text("added later\n")
     assert verify_full(extra) == ["notes.txt: not listed in the manifest"]
+
+
+# Issue 22, 5 and 6: --force never deletes (or writes into) one of the stage's own inputs.
+@pytest.mark.parametrize("relation", ["is", "contains", "is inside"])
+def test_force_refuses_an_out_that_overlaps_an_input(runs, tmp_path, relation):
+    shutil.copytree(runs / "sft", tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    shutil.copy(runs / "toy" / "sft.jsonl", tmp_path / "data" / "sft.jsonl")
+    stage, flag, out = {"is": ("train-dpo", "--model", tmp_path / "model"),
+                        "contains": ("sft", "--data", tmp_path / "data"),
+                        "is inside": ("sft", "--model", tmp_path / "model" / "sub")}[relation]
+    values = values_of(runs, "dpo" if stage == "train-dpo" else "sft", model=str(tmp_path / "model"),
+                       out=str(out), force=True, max_steps=1)
+    if stage == "sft":
+        values["data"] = str(tmp_path / "data" / "sft.jsonl")
+    with pytest.raises(UserError, match=f"--out {out} {relation} the stage's input {flag} ") as caught:
+        STAGES[stage].run(build_config(STAGES[stage].config, values))
+    assert "\n" not in str(caught.value)
+    assert verify_full(tmp_path / "model") == []
+    assert (tmp_path / "data" / "sft.jsonl").read_bytes() == (runs / "toy" / "sft.jsonl").read_bytes()
+    assert not (tmp_path / "model" / "sub").exists()
+
+
+def dry_run_reasons(pipe: Path, capsys) -> str:
+    capsys.readouterr()
+    run_file(pipe, dry_run=True)
+    return " ".join(capsys.readouterr().err.split())
+
+
+# Issue 22, 3: after a kill, a stage whose input changed starts over instead of resuming on the old one.
+def test_run_starts_over_a_stage_whose_input_changed_since_its_checkpoint(runs, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    shutil.copy(runs / "toy" / "sft.jsonl", data)
+    root = tmp_path / "root"
+    pipe = sft_pipeline(runs, tmp_path / "p.yaml", root, data=str(data), max_steps=40, save_every=2)
+    kill_when_checkpointed(pipe, root / "sft")
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))
+    assert re.search(r"run sft \(sft\): unfinished \(no manifest\); input data changed since its checkpoint at "
+                     r"step \d+: starts over", dry_run_reasons(pipe, capsys))
+    run_file(pipe)
+    assert read_manifest(root / "sft")["metrics"]["resumed_from"] == 0
+    run_file(sft_pipeline(runs, tmp_path / "clean.yaml", tmp_path / "clean", data=str(data), max_steps=40, save_every=2))
+    assert (root / "sft" / "model.safetensors").read_bytes() == (tmp_path / "clean" / "sft" / "model.safetensors").read_bytes()
+
+
+def prefs_dpo_pipeline(runs: Path, path: Path, root: Path, max_prompts: int) -> Path:
+    path.write_text(yaml.safe_dump({"root": str(root), "seed": 0, "stages": [
+        {"name": "prefs", "stage": "make-prefs",
+         "with": {"model": str(runs / "sft"), "data": str(runs / "toy" / "prompts.jsonl"), "num_samples": 3,
+                  "max_prompts": max_prompts, "max_new_tokens": 16}},
+        {"name": "dpo", "stage": "train-dpo",
+         "with": {"model": str(runs / "sft"), "data": "{prefs}/pairs.jsonl", "max_steps": 40, "save_every": 2,
+                  "batch_size": 4, "lr": 1e-3, "max_length": 64, "max_prompt_length": 32}}]}))
+    return path
+
+
+def test_run_starts_over_a_stage_whose_upstream_reran_since_its_checkpoint(runs, tmp_path, capsys):
+    root = tmp_path / "root"
+    kill_when_checkpointed(prefs_dpo_pipeline(runs, tmp_path / "p.yaml", root, max_prompts=16), root / "dpo")
+    pairs = (root / "prefs" / "pairs.jsonl").read_bytes()
+    changed = prefs_dpo_pipeline(runs, tmp_path / "p2.yaml", root, max_prompts=24)
+    assert re.search(r"run dpo \(train-dpo\): unfinished \(no manifest\); resumes from its checkpoint at step \d+, "
+                     r"or starts over if prefs changes its inputs", dry_run_reasons(changed, capsys))
+    run_file(changed)
+    assert (root / "prefs" / "pairs.jsonl").read_bytes() != pairs
+    assert read_manifest(root / "dpo")["metrics"]["resumed_from"] == 0
+    _, _, config = load_pipeline(changed)[1]
+    clean = STAGES["train-dpo"].run(dataclasses.replace(config, out=str(tmp_path / "clean")))
+    assert (root / "dpo" / "model.safetensors").read_bytes() == (clean / "model.safetensors").read_bytes()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 48 KiB tmpfs: room for a stage's small files but not for its weights. Skipped where mounting is refused."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    # Lazily: the failed stage's process (this one) still holds its lock on the output directory's marker.
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+# Issue 22, 8: safetensors' own write error on a full disk is the README's one line, not an internal error.
+def test_full_disk_names_the_weights_file(runs, tmp_path, tiny_disk, capsys):
+    from aligndistil_cli.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(values_of(runs, "sft", out=str(tiny_disk / "sft"), max_steps=1, save_every=0)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft", "--config", str(config)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 1
+    assert errors == [f"error: no space left on device (writing {tiny_disk / 'sft' / 'model.safetensors'})"]
+    assert not (tiny_disk / "sft" / "manifest.json").exists()
+
+
+# Issue 22, 9: a plain Hugging Face directory whose config.json contradicts its weights is one line naming both.
+def test_plain_model_dir_whose_config_contradicts_its_weights_is_one_line(runs, tmp_path, capsys):
+    from aligndistil_cli.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(runs / "toy" / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft", "--model", str(model), "--data", str(runs / "toy" / "sft.jsonl"), "--out", str(tmp_path / "o")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 1
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot load a model from {model}: {model}/model.safetensors "
+                                                     f"holds ") and f"but {model}/config.json gives it" in errors[0]
+
+
+# Issue 22, 10: every output is 0666 less the umask, model.safetensors too.
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_outputs_get_0666_less_the_umask(runs, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = STAGES["sft"].run(build_config(SftConfig, values_of(runs, "sft", out=str(tmp_path / "sft"), max_steps=1)))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode)) for p in out.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    # The smoke pipeline ran under the test's own umask: every stage's outputs follow it.
+    every = {str(p.relative_to(runs)): oct(stat.S_IMODE(p.stat().st_mode)) for p in runs.rglob("*") if p.is_file()}
+    assert {mode for mode in every.values()} == {oct(0o666 & ~old)}, every

@@ -144,6 +144,22 @@ def test_distill_refuses_a_cache_for_other_data(runs, tmp_path):
     assert not (tmp_path / "s" / "manifest.json").exists()
 
 
+def test_distill_says_that_the_data_file_changed_since_the_cache(runs, tmp_path):
+    """Issue 22, 12: the data file at the path the cache recorded has changed, said so, without the path twice."""
+    for name in ("prefs", "teacher"):
+        shutil.copytree(runs / name, tmp_path / name)
+    data = tmp_path / "prefs" / "pairs.jsonl"
+    data.write_text(data.read_text().replace("the", "a", 1))
+    values = json.loads((runs / "student" / "stage_config.json").read_text())
+    from aligndistil_cli.stages import distill
+
+    with pytest.raises(UserError) as refused:
+        distill.run(load_config(DistillConfig, None, values | {"data": str(data), "cache": str(tmp_path / "teacher"),
+                                                                "out": str(tmp_path / "s")}))
+    assert str(refused.value) == (f"teacher cache {tmp_path / 'teacher'} was computed on {data}, whose content has "
+                                  "changed since; give the data it was computed on, or rerun precompute")
+
+
 def test_unfinished_input_is_refused(runs, tmp_path):
     broken = tmp_path / "teacher"
     shutil.copytree(runs / "teacher", broken)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,39 @@ def test_resume_refuses_a_different_config(runs, tmp_path):
     start_and_kill("sft", values, tmp_path, has_checkpoint)
     with pytest.raises(UserError, match="different config"):
         run_in_process("sft", values | {"resume": True, "lr": 1e-2})
+
+
+def replacement(runs: Path, tmp_path: Path, name: str) -> Path:
+    """Another valid version of the input: the data less its last row, a trained model, a cache built with r = 5."""
+    if name == "data":
+        lines = (runs / "toy" / "sft.jsonl").read_text().splitlines(keepends=True)
+        (tmp_path / "other.jsonl").write_text("".join(lines[:-1]))
+        return tmp_path / "other.jsonl"
+    if name == "model":
+        return runs / "sft"
+    return run_in_process("precompute", stage_values(runs, "teacher", tmp_path / "other-cache", alpha_scale=5.0))
+
+
+# Issue 22, 1 and 2: a resume never mixes the old and the new version of an input.
+@pytest.mark.parametrize("name", ["data", "model", "cache"])
+def test_resume_refuses_an_input_changed_since_the_checkpoint(runs, tmp_path, name):
+    from aligndistil_cli.errors import UserError
+
+    stage, source, original = {"data": ("sft", "sft", runs / "toy" / "sft.jsonl"),
+                               "model": ("sft", "sft", runs / "toy" / "model"),
+                               "cache": ("distill", "student", runs / "teacher")}[name]
+    other = replacement(runs, tmp_path, name)
+    given = tmp_path / "input" / original.name
+    given.parent.mkdir()
+    (shutil.copytree if original.is_dir() else shutil.copy)(original, given)
+    values = stage_values(runs, source, tmp_path / "out", max_steps=STEPS, save_every=2, batch_size=4,
+                          **{name: str(given)})
+    start_and_kill(stage, values, tmp_path, has_checkpoint)
+    shutil.rmtree(given) if given.is_dir() else given.unlink()
+    (shutil.copytree if other.is_dir() else shutil.copy)(other, given)
+    with pytest.raises(UserError, match=rf"another version of input '{name}' \({given}\): its content changed"):
+        run_in_process(stage, values | {"resume": True})
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_same_seed_same_metrics(runs, tmp_path):

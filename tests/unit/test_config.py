@@ -61,7 +61,7 @@ def test_empty_yaml_is_no_keys(yaml_file):
     assert cfg.batch_size == 16
 
 
-@pytest.mark.parametrize("text, expected", [("lr: 1e-3\n", 0.001), ("lr: 5E-4\n", 0.0005), ("lr: 2\n", 2.0)])
+@pytest.mark.parametrize("text, expected", [("lr: 1e-3\n", 0.001), ("lr: 5E-4\n", 0.0005), ("lr: 1\n", 1.0)])
 def test_yaml_float_coercion(yaml_file, text, expected):
     cfg = load_config(SftConfig, yaml_file(text), dict(SFT_REQUIRED))
     assert isinstance(cfg.lr, float)

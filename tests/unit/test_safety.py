@@ -1,10 +1,12 @@
-"""Issue 12, Safety: stage names, pickle weights, Ctrl-C, a full disk and file modes."""
+"""Issues 12 and 22, Safety: stage names, pickle weights, Ctrl-C, a full disk, file modes and hostile YAML."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from aligndistil_cli import checkpoint, cli
 from aligndistil_cli.artifacts import atomic_write_json
+from aligndistil_cli.config import SftConfig, load_config
 from aligndistil_cli.errors import ConfigError, UserError
 from aligndistil_cli.modeling import load_model
 from aligndistil_cli.pipeline import load_pipeline
@@ -68,7 +71,7 @@ def test_full_disk_removes_the_half_written_checkpoint_and_says_so(monkeypatch, 
 
     monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(OSError) as caught:
-        checkpoint.save(tmp_path, 1, model, optimizer, scheduler, "h", keep=2)
+        checkpoint.save(tmp_path, 1, model, optimizer, scheduler, "h", keep=2, inputs={})
     assert list((tmp_path / "checkpoints").iterdir()) == [], "the temporary checkpoint is cleaned up"
     line = cli.internal_error_line(caught.value)
     assert line.startswith("no space left on device (writing ") and "internal error" not in line
@@ -81,3 +84,40 @@ def test_written_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 9**levels strings."""
+    lines = ["  - &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+LIMITED = """import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1536 * 2**20, 1536 * 2**20))
+from aligndistil_cli.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("where", ["config", "pipeline"])
+def test_alias_bomb_is_refused_in_bounded_memory(tmp_path, where):
+    if where == "config":
+        (tmp_path / "c.yaml").write_text("lora_target:\n" + alias_bomb())
+        argv = ["sft", "--config", "c.yaml", "--model", ".", "--data", "d.jsonl", "--out", "o"]
+    else:
+        (tmp_path / "c.yaml").write_text("stages:\n  - stage: sft\n    with:\n      lora_target:\n"
+                                         + alias_bomb().replace("  - ", "        - "))
+        argv = ["run", "c.yaml", "--dry-run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", LIMITED, *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-500:]
+    assert done.stderr.startswith("error: c.yaml: its aliases expand it by more than") and done.stderr.count("\n") == 1
+
+
+def test_a_type_error_shows_the_value_cut_short(tmp_path):
+    (tmp_path / "c.yaml").write_text("lora_target: [" + ", ".join(["x" * 1000] * 1000) + "]\n")
+    with pytest.raises(ConfigError, match=r"'lora_target' must be str; got \[") as caught:
+        load_config(SftConfig, tmp_path / "c.yaml", {"model": ".", "data": "d", "out": "o"})
+    assert len(str(caught.value).partition(" got ")[2]) <= 100

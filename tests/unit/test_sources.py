@@ -506,7 +506,8 @@ def test_csv_load_error_is_one_line_via_console_script(tmp_path):
 
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,chosen,rejected\nq,a,b\nq,a,b,extra\n")
-    proc = subprocess.run([sys.executable, "-m", "aligndistil_cli", "sft", "--model", str(tmp_path), "--data", str(path),
+    (tmp_path / "m").mkdir()  # apart from --out, which may not be inside an input
+    proc = subprocess.run([sys.executable, "-m", "aligndistil_cli", "sft", "--model", str(tmp_path / "m"), "--data", str(path),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path,
                           env={**__import__("os").environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")})
     assert proc.returncode == 1

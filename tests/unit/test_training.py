@@ -10,7 +10,7 @@ import torch
 from aligndistil_cli import checkpoint
 from aligndistil_cli.config import SftConfig
 from aligndistil_cli.errors import UserError
-from aligndistil_cli.training import group_by_length, micro_batches, train
+from aligndistil_cli.training import MetricsWriter, group_by_length, micro_batches, train
 
 
 def tiny_model():
@@ -69,3 +69,32 @@ def test_length_grouping_keeps_every_item_once_and_batches_similar_lengths():
 def test_micro_batches_cover_the_batch():
     assert micro_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert micro_batches([1, 2], 4) == [[1], [2]]
+
+
+def test_nonfinite_weights_stop_the_run_at_the_step_they_appear(tmp_path, monkeypatch):
+    """Weights gone non-finite at the last step leave no loss to notice them: the run still fails, naming the step."""
+    model = tiny_model()
+    step = torch.optim.AdamW.step
+
+    def poisoned(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        if self.state[model[0].weight]["step"] == 4:
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    with pytest.raises(UserError, match=r"weights became non-finite at step 4 .*step-00000002.*is intact"):
+        train(model, iter([[0, 1]] * 4), 4, nan_at(set(), model), config(tmp_path), tmp_path, "t")
+
+
+def test_metrics_are_strict_json(tmp_path):
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+    writer.write({"step": 1, "loss": float("inf"), "kl": float("nan"), "nested": [float("-inf"), 1.5]})
+    writer.close()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert record == {"step": 1, "loss": None, "kl": None, "nested": [None, 1.5]}
