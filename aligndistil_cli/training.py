@@ -113,17 +113,20 @@ def micro_batches(batch: list, n: int) -> list[list]:
     return [batch[i : i + size] for i in range(0, len(batch), size)]
 
 
-def rank_micro_batches(batch: list, n: int) -> list[tuple[list, bool]]:
-    """This rank's micro-batches of a step's global batch, as (micro-batch, live) pairs.
+def rank_micro_batches(batch: list, n: int, index: int | None = None, size: int | None = None) -> list[tuple[list, bool]]:
+    """Rank index's micro-batches (this rank's by default) of a step's global batch over size ranks, as
+    (micro-batch, live) pairs.
 
     Each rank takes its contiguous share of the batch and splits it into at
     most n micro-batches. Under several ranks every rank runs exactly n, since
     the collectives of FSDP's forward and backward must pair up across ranks:
-    a rank short of data (an epoch's last, smaller batch) runs the batch's first
-    item at weight 0 instead (live False).
+    a rank short of data (an epoch's last, smaller batch, of which it may get
+    no row at all) runs the batch's first item at weight 0 instead (live False).
     """
-    micros = [(m, True) for m in micro_batches(distributed.share(batch), n)] if batch else []
-    if distributed.world_size() > 1:
+    size = distributed.world_size() if size is None else size
+    mine = distributed.share(batch, index, size)
+    micros = [(m, True) for m in micro_batches(mine, n)] if mine else []
+    if size > 1:
         micros += [(batch[:1], False)] * (n - len(micros))
     return micros
 
