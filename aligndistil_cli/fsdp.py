@@ -44,7 +44,9 @@ def shard(model, bf16: bool, cpu_offload: bool = False):
     """fully_shard the model in place (layers, tied embedding + head, root) when ranks are active; return it.
 
     bf16: on CUDA, parameters are gathered in bf16 and gradients reduced in
-    float32 (the float32 master weights stay sharded).
+    float32 (the float32 master weights stay sharded). cpu_offload: the sharded
+    parameters, gradients and optimizer state rest on the CPU, in pinned memory
+    where an accelerator exists (pinning needs one).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
@@ -52,7 +54,7 @@ def shard(model, bf16: bool, cpu_offload: bool = False):
     if bf16:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available())
     return _shard(model, options)
 
 

@@ -176,6 +176,7 @@ def run(config: PrecomputeConfig) -> Path:
     recorded = distributed.broadcast_object({} if config.force or not distributed.is_main()
                                             else ShardRecord.read(Path(config.out)))
     out = prepare_output(Path(config.out), "precompute", config.force, keep=("shard-*.safetensors",))
+    distributed.check_shared_dir(out, "--out")  # every rank writes its own shards there
     planned = {p.name for p in plans}
     if distributed.is_main():
         for stale in out.glob("shard-*.safetensors"):

@@ -122,13 +122,14 @@ def world(tmp_path_factory) -> Path:
     two["precompute/sharded"] = {**two["precompute"], "shard_teachers": True, "out": str(w / "two" / "teacher-sharded")}
     two["distill/on-policy-sharded"] = {**two["distill/on-policy"], "shard_teachers": True,
                                         "out": str(w / "two" / "on-policy-sharded")}
+    two["sft/offload"] = {**two["sft"], "fsdp_cpu_offload": True, "out": str(w / "two" / "sft-offload")}
     run_in_process("precompute", one["precompute"])
     args = []
     for stage, values in two.items():
         path = w / f"{stage.replace('/', '-')}.yaml"
         path.write_text(yaml.safe_dump(values))
         args.append(f"{stage}={path}")
-    args.append(f"mismatch={w / 'mismatch.json'}")
+    args += [f"mismatch={w / 'mismatch.json'}", f"divergent={w / 'divergent.json'}", f"unshared={w / 'unshared'}"]
     done = subprocess.run(torchrun(str(HERE / "run_stages.py"), *args), env=ENV, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     for stage, values in one.items():
@@ -158,7 +159,7 @@ def assert_teachers_sharded(one: Path, two: Path, sharded: bool) -> None:
     assert json.loads((two / "stage_config.json").read_text())["shard_teachers"] is sharded
 
 
-@pytest.mark.parametrize("name,two_name", [("sft", "sft"), ("dpo", "dpo"), ("student", "student"),
+@pytest.mark.parametrize("name,two_name", [("sft", "sft"), ("sft", "sft-offload"), ("dpo", "dpo"), ("student", "student"),
                                            ("on-policy", "on-policy"), ("on-policy", "on-policy-sharded")])
 def test_two_ranks_train_like_one_process(world, name, two_name):
     one, two = (metrics(world / w / n) for w, n in (("one", name), ("two", two_name)))
@@ -239,6 +240,19 @@ def test_ranks_with_different_configs_are_refused(world):
     assert all(r and "rank(s) 1 resolved a different config than rank 0" in r for r in refusals)
 
 
+def test_ranks_that_read_different_data_are_refused(world):
+    refusals = json.loads((world / "divergent.json").read_text())
+    assert refusals == ["rank 1 reads different content than rank 0 under d; "
+                        "every rank (every node) must see the same files"] * 2
+
+
+def test_output_dir_the_ranks_do_not_share_is_refused(world):
+    refusals = json.loads((world / "unshared.json").read_text())
+    assert len(refusals) == 2 and all(r and r.startswith(f"--out {world / 'unshared'} is not shared between the ranks: "
+                                                         "rank 0 cannot see the files of rank(s) 1;") for r in refusals)
+    assert not any((world / "unshared").iterdir()) and not any((world / "unshared-rank1").iterdir()), "probes left"
+
+
 @pytest.mark.parametrize("batch,accum,world,message", [
     (6, 1, 4, "not divisible by the world size 4"),
     (8, 3, 4, "fewer than --grad-accum 3"),
@@ -270,20 +284,32 @@ def test_kill_a_rank_then_resume_on_one_process(world, tmp_path):
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(yaml.safe_dump({**values, "out": str(killed)}))
     agent = subprocess.Popen(torchrun("-m", "aligndistil_cli", "sft", "--config", str(cfg)), env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not any((p / "state.json").is_file() for p in (killed / "checkpoints").glob("step-*")):
         assert agent.poll() is None, "sft finished before a rank could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    os.kill(max(worker_pids(agent.pid)), signal.SIGKILL)
-    assert agent.wait(timeout=120) != 0, "torchrun must fail when a rank dies"
+    os.kill(max(worker_pids(agent.pid)), signal.SIGKILL)  # rank 1, the younger worker
+    _, err = agent.communicate(timeout=120)
+    assert agent.returncode != 0, "torchrun must fail when a rank dies"
+    # The survivor names the death, unless torchrun stopped it before its collective failed.
+    assert "internal error" not in err and ("error: rank 1 exited; stopping" in err or "error:" not in err), err[-3000:]
     assert not (killed / "manifest.json").exists()
     resumed = run_in_process("sft", {**values, "out": str(killed), "resume": True})
     assert json.loads((resumed / "manifest.json").read_text())["metrics"]["resumed_from"] > 0
     assert_same_weights(reference, resumed, atol=1e-5)
     for a, b in zip(metrics(reference), metrics(resumed), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5), a["step"]
+
+
+def test_a_refusal_every_rank_reaches_is_printed_once(world, tmp_path):
+    done = subprocess.run(torchrun("-m", "aligndistil_cli", "sft", "--model", str(world / "toy" / "model"), "--data",
+                                   str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")),
+                          env=ENV, capture_output=True, text=True, check=False)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "missing.jsonl" in errors[0], done.stderr[-3000:]
 
 
 def test_run_pipeline_on_two_processes_then_verify(world, tmp_path):
