@@ -117,6 +117,16 @@ def broadcast_object(obj):
     return box[0]
 
 
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Overwrite each tensor, in place, with rank 0's."""
+    if not active():
+        return
+    for t in tensors:
+        box = t.to(_collective_device())
+        dist.broadcast(box, src=0)
+        t.copy_(box)
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":  # "cpu:gloo,cuda:nccl" takes CPU tensors
         return torch.device("cuda", torch.cuda.current_device())

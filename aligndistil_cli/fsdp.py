@@ -168,6 +168,18 @@ def load_full_model_state(model, state: dict[str, torch.Tensor]) -> None:
     set_model_state_dict(model, state, options=_options(broadcast_from_rank0=True))
 
 
+def fill_from_rank0(model, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give a sharded model its weights from rank 0's full state dict (the other ranks pass {}).
+
+    The other ranks' models were built on the meta device: they get memory for their shards here, then
+    the shards and the buffers that no state dict holds (rotary frequencies) from rank 0.
+    """
+    if not distributed.is_main():
+        model.to_empty(device=device)
+    load_full_model_state(model, state)
+    distributed.broadcast_tensors([b for _, b in model.named_buffers()])
+
+
 def full_optimizer_state(model, optimizer) -> dict:
     """optimizer.state_dict() as one process would have it (state keyed by parameter index), on rank 0."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict

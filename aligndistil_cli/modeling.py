@@ -131,6 +131,36 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype = torc
     return model.to(device)
 
 
+def load_teacher(path: str | Path, device: torch.device, dtype: torch.dtype, attn_implementation: str | None,
+                 shard: bool, **hub):
+    """An inference-only model (requires no gradients); with shard, sharded over the ranks (fsdp.shard_frozen).
+
+    Sharded under torchrun, only rank 0 reads the weights: the other ranks build the model on the meta
+    device, shard it, and receive their shards from rank 0, so that no rank but 0 holds a whole copy.
+    """
+    if not (shard and distributed.active()):
+        model = load_model(path, device, dtype, attn_implementation, **hub).eval().requires_grad_(False)
+        return fsdp.shard_frozen(model) if shard else model
+    model = load_model(path, device, dtype, attn_implementation, **hub) if distributed.is_main() \
+        else _meta_model(path, dtype, attn_implementation, **hub)
+    state = model.state_dict() if distributed.is_main() else {}
+    fsdp.shard_frozen(model.eval().requires_grad_(False))
+    fsdp.fill_from_rank0(model, state, device)
+    return model
+
+
+def _meta_model(path: str | Path, dtype: torch.dtype, attn_implementation: str | None,
+                revision: str | None = None, trust_remote_code: bool = False):
+    """The model of path's config on the meta device: its shapes, no weights, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code,
+                                        **model_source(path, revision))
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+
+
 def load_student(path: str | Path, device: torch.device, cfg):
     """A model to train, with cfg's (TrainingFields) attention kernel, checkpointing and LoRA; fp32 master weights."""
     model = load_model(path, device, attn_implementation=cfg.attn_implementation,

@@ -26,7 +26,7 @@ from .. import checkpoint, distributed, fsdp
 from ..artifacts import finalize, fingerprint_model, input_record, prepare_output
 from ..config import DistillConfig
 from ..data import Encoded, collate, data_input, encode_prompts, encode_rows, load_data, prompt_ids, truncate
-from ..modeling import (autocast, bf16_enabled, hub_options, load_model, load_student, load_tokenizer, pick_device,
+from ..modeling import (autocast, bf16_enabled, hub_options, load_student, load_teacher, load_tokenizer, pick_device,
                         save_model)
 from ..monitor import make_monitor
 from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
@@ -50,13 +50,8 @@ def load_teachers(config: DistillConfig, spec: TeacherSpec, device, student_toke
     tokenizers = {f"{n} ({p})": load_tokenizer(p, **hub_options(config)) for n, p in names.items()}
     check_same_tokenizers({f"student ({config.student})": student_tokenizer, **tokenizers})
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
-    models = {n: load_model(p, device, dtype, config.attn_implementation, **hub_options(config)).eval()
-              for n, p in names.items()}
-    for m in models.values():
-        m.requires_grad_(False)
-        if config.shard_teachers:
-            fsdp.shard_frozen(m)
-    return models
+    return {n: load_teacher(p, device, dtype, config.attn_implementation, config.shard_teachers, **hub_options(config))
+            for n, p in names.items()}
 
 
 class RolloutItem(NamedTuple):

@@ -65,6 +65,18 @@ def write_tied_model(source: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
 
+def write_big_model(source: Path, out: Path) -> int:
+    """A model large enough (~84 MB in float32) that a whole copy stands out from a process's memory; its bytes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    config.update({"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "num_attention_heads": 8,
+                   "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 8000, "tie_word_embeddings": False})
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def write_pairs(sft: Path, out: Path) -> None:
     """UNEVEN pairs: the epoch's last batch of 8 has one row, so one of 2 ranks gets none of it."""
     rows = [json.loads(line) for line in sft.read_text().splitlines()][:40]
@@ -129,7 +141,8 @@ def world(tmp_path_factory) -> Path:
         path = w / f"{stage.replace('/', '-')}.yaml"
         path.write_text(yaml.safe_dump(values))
         args.append(f"{stage}={path}")
-    args += [f"mismatch={w / 'mismatch.json'}", f"divergent={w / 'divergent.json'}", f"unshared={w / 'unshared'}"]
+    (w / "big-bytes").write_text(str(write_big_model(w / "toy" / "model", w / "big")))
+    args += [f"teacher-rss={w / 'big'}", f"mismatch={w / 'mismatch.json'}", f"divergent={w / 'divergent.json'}", f"unshared={w / 'unshared'}"]
     done = subprocess.run(torchrun(str(HERE / "run_stages.py"), *args), env=ENV, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     for stage, values in one.items():
@@ -179,6 +192,16 @@ def test_two_ranks_train_like_one_process(world, name, two_name):
     assert json.loads((world / "one" / name / "manifest.json").read_text())["launch"]["world_size"] == 1
     if name == "on-policy":
         assert_teachers_sharded(world / "one" / name, world / "two" / two_name, two_name.endswith("sharded"))
+
+
+def test_a_sharded_teacher_is_whole_on_rank_0_only(world):
+    """Rank 0 reads the weights; rank 1 builds on the meta device and receives its shards: its host memory
+    never holds a whole copy (rank 0's does, once)."""
+    model_bytes = int((world / "big-bytes").read_text())
+    ranks = json.loads((world / "big-rss.json").read_text())
+    assert all(0.45 < r["shard_bytes"] / model_bytes < 0.55 for r in ranks), ranks
+    assert ranks[0]["peak_above_start"] > model_bytes, ranks
+    assert ranks[1]["peak_above_start"] < model_bytes, ranks
 
 
 def test_tied_model_stays_tied_and_loads(world):
