@@ -253,9 +253,9 @@ def backend(cuda: bool, cpu_offload: bool) -> str:
 def session(config):
     """Join the torchrun process group for one stage, check that all ranks agree, and leave it after.
 
-    Without torchrun this does nothing. Under torchrun: the backend(), (a group
-    that already exists is used and left open); a batch the
-    world cannot split, ranks with different configs and ranks that read
+    Without torchrun this does nothing. Under torchrun it joins a group of
+    backend()'s (a group that already exists is used and left open); a batch
+    the world cannot split, ranks with different configs and ranks that read
     different data or models under the same paths are refused before any model
     loads. A refusal every rank reaches is marked (UserError.said_elsewhere) on
     all but rank 0, which alone prints it; an error caused by a peer's death

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import tempfile
 from pathlib import Path
 

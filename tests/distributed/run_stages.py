@@ -19,9 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 import torch
+import torch.distributed as dist
 
 from aligndistil_cli import artifacts, distributed, fsdp
 from aligndistil_cli.config import load_config
@@ -30,9 +29,9 @@ from aligndistil_cli.modeling import load_teacher
 from aligndistil_cli.stages import STAGES
 
 
-def refusal(fn) -> str | None:
+def refusal(fn, *args) -> str | None:
     try:
-        fn()
+        fn(*args)
     except UserError as e:
         return str(e)
     return None
@@ -92,7 +91,7 @@ def main(args: list[str]) -> None:
             teacher_rss(path)
             continue
         if stage in CHECKS:
-            refusals = distributed.gather_objects(refusal(lambda: CHECKS[stage](path)))
+            refusals = distributed.gather_objects(refusal(CHECKS[stage], path))
             if distributed.is_main():
                 with open(f"{path}.json" if stage == "unshared" else path, "w", encoding="utf-8") as f:
                     json.dump(refusals, f)

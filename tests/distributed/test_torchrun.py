@@ -267,8 +267,8 @@ def test_ranks_with_different_configs_are_refused(world):
 
 def test_ranks_that_read_different_data_are_refused(world):
     refusals = json.loads((world / "divergent.json").read_text())
-    assert refusals == ["rank 1 reads different content than rank 0 under d; "
-                        "every rank (every node) must see the same files"] * 2
+    assert refusals == [("rank 1 reads different content than rank 0 under d; "
+                         "every rank (every node) must see the same files")] * 2
 
 
 def test_output_dir_the_ranks_do_not_share_is_refused(world):
