@@ -265,12 +265,12 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     runs every cfg.eval_every steps and at the end (monitor.py). weight(micro)
     is what loss_fn's loss is a mean over (accumulate).
 
-    Under torchrun the model is sharded with FSDP2 here, in place; every rank
-    runs its share of each batch and only rank 0 writes files.
+    Under torchrun the model is sharded with FSDP2 (by modeling.load_student, or
+    here, in place); every rank runs its share of each batch and only rank 0 writes files.
     """
-    from .modeling import bf16_enabled
+    from .modeling import bf16_enabled, pick_device
 
-    device = next(model.parameters()).device
+    device = pick_device(cfg.device)  # where the model computes (under offload its parameters rest on the CPU)
     fsdp.shard(model, bf16_enabled(cfg.precision, device), cfg.fsdp_cpu_offload)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
