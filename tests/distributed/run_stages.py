@@ -8,8 +8,10 @@ Each of these records, per rank, the refusal it got in OUT.json:
 - mismatch=OUT.json gives rank 1 a different seed than rank 0;
 - divergent=OUT.json makes rank 1 see other data under the same path (a node-local copy that differs);
 - unshared=DIR checks DIR as shared, with rank 1 seeing its own DIR-rank1 instead (a node-local disk).
-teacher-rss=MODEL loads MODEL as a sharded teacher and writes MODEL-rss.json: per rank, the peak host memory
-(VmHWM) above what the process held before, and the bytes of its own shards.
+teacher-rss=MODEL (student-rss=MODEL) loads MODEL as a sharded teacher (as a student) and writes
+MODEL-teacher-rss.json (MODEL-student-rss.json): per rank, the peak host memory (VmHWM) above what the
+process held before, and the bytes of its own shards. One per launch: memory freed by the first would
+hide the second's.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from aligndistil_cli import artifacts, distributed, fsdp
-from aligndistil_cli.config import load_config
+from aligndistil_cli.config import SftConfig, load_config
 from aligndistil_cli.errors import UserError
-from aligndistil_cli.modeling import load_teacher
+from aligndistil_cli.modeling import load_student, load_teacher
 from aligndistil_cli.stages import STAGES
 
 
@@ -61,18 +63,20 @@ def unshared(out: str) -> None:
     distributed.check_shared_dir(out, "--out", local if distributed.rank() == 1 else None)
 
 
-def teacher_rss(path: str) -> None:
+def load_rss(kind: str, path: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):  # the model's code imported, so that its memory is not counted as the weights'
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from the current RSS
     before = proc_bytes("VmRSS")
-    model = load_teacher(path, torch.device("cpu"), torch.float32, None, shard=True)
+    cpu = torch.device("cpu")
+    model = load_teacher(path, cpu, torch.float32, None, shard=True) if kind == "teacher" else \
+        load_student(path, cpu, SftConfig(model=path, data="d", out="o"))
     peaks = distributed.gather_objects({"peak_above_start": proc_bytes("VmHWM") - before,
                                         "shard_bytes": fsdp.local_bytes(model)})
     if distributed.is_main():
-        Path(f"{path}-rss.json").write_text(json.dumps(peaks))
+        Path(f"{path}-{kind}-rss.json").write_text(json.dumps(peaks))
 
 
 def proc_bytes(field: str) -> int:
@@ -87,8 +91,8 @@ def main(args: list[str]) -> None:
     dist.init_process_group("gloo")
     for arg in args:
         stage, path = arg.split("=", 1)
-        if stage == "teacher-rss":
-            teacher_rss(path)
+        if stage in ("teacher-rss", "student-rss"):
+            load_rss(stage.split("-")[0], path)
             continue
         if stage in CHECKS:
             refusals = distributed.gather_objects(refusal(CHECKS[stage], path))

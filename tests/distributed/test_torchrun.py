@@ -196,11 +196,16 @@ def test_two_ranks_train_like_one_process(world, name, two_name):
         assert_teachers_sharded(world / "one" / name, world / "two" / two_name, two_name.endswith("sharded"))
 
 
-def test_a_sharded_teacher_is_whole_on_rank_0_only(world):
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_a_sharded_model_is_whole_on_rank_0_only(world, kind):
     """Rank 0 reads the weights; rank 1 builds on the meta device and receives its shards: its host memory
     never holds a whole copy (rank 0's does, once)."""
+    if kind == "student":  # a launch of its own (run_stages.py)
+        done = subprocess.run(torchrun(str(HERE / "run_stages.py"), f"student-rss={world / 'big'}"), env=ENV,
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
     model_bytes = int((world / "big-bytes").read_text())
-    ranks = json.loads((world / "big-rss.json").read_text())
+    ranks = json.loads((world / f"big-{kind}-rss.json").read_text())
     assert all(0.45 < r["shard_bytes"] / model_bytes < 0.55 for r in ranks), ranks
     assert ranks[0]["peak_above_start"] > model_bytes, ranks
     assert ranks[1]["peak_above_start"] < model_bytes, ranks
