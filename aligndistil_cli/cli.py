@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if debug:
             raise
+        if getattr(e, "said_elsewhere", False):  # rank 0 of this torchrun prints the same refusal
+            sys.exit(e.exit_code)
         _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         _interrupted()

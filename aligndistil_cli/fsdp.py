@@ -44,7 +44,9 @@ def shard(model, bf16: bool, cpu_offload: bool = False):
     """fully_shard the model in place (layers, tied embedding + head, root) when ranks are active; return it.
 
     bf16: on CUDA, parameters are gathered in bf16 and gradients reduced in
-    float32 (the float32 master weights stay sharded).
+    float32 (the float32 master weights stay sharded). cpu_offload: the sharded
+    parameters, gradients and optimizer state rest on the CPU, in pinned memory
+    where an accelerator exists (pinning needs one).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
@@ -52,7 +54,7 @@ def shard(model, bf16: bool, cpu_offload: bool = False):
     if bf16:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available())
     return _shard(model, options)
 
 
@@ -164,6 +166,18 @@ def load_full_model_state(model, state: dict[str, torch.Tensor]) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     set_model_state_dict(model, state, options=_options(broadcast_from_rank0=True))
+
+
+def fill_from_rank0(model, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give a sharded model its weights from rank 0's full state dict (the other ranks pass {}).
+
+    The other ranks' models were built on the meta device: they get memory for their shards here, then
+    the shards and the buffers that no state dict holds (rotary frequencies) from rank 0.
+    """
+    if not distributed.is_main():
+        model.to_empty(device=device)
+    load_full_model_state(model, state)
+    distributed.broadcast_tensors([b for _, b in model.named_buffers()])
 
 
 def full_optimizer_state(model, optimizer) -> dict:

@@ -158,13 +158,65 @@ def shape_mismatch(path: str | Path, trust_remote_code: bool = False) -> str:
     return general
 
 
-def load_student(path: str | Path, device: torch.device, cfg):
-    """A model to train, with cfg's (TrainingFields) attention kernel, checkpointing and LoRA; fp32 master weights."""
-    model = load_model(path, device, attn_implementation=cfg.attn_implementation,
-                       gradient_checkpointing=cfg.gradient_checkpointing, **hub_options(cfg))
+def load_teacher(path: str | Path, device: torch.device, dtype: torch.dtype, attn_implementation: str | None,
+                 shard: bool, **hub):
+    """An inference-only model (requires no gradients); with shard, sharded over the ranks (fsdp.shard_frozen).
+
+    Sharded under torchrun, only rank 0 reads the weights: the other ranks build the model on the meta
+    device, shard it, and receive their shards from rank 0, so that no rank but 0 holds a whole copy.
+    """
+    if not (shard and distributed.active()):
+        model = load_model(path, device, dtype, attn_implementation, **hub).eval().requires_grad_(False)
+        return fsdp.shard_frozen(model) if shard else model
+    model = _rank0_model(path, device, dtype, attn_implementation, **hub).eval().requires_grad_(False)
+    state = model.state_dict() if distributed.is_main() else {}
+    fsdp.shard_frozen(model)
+    fsdp.fill_from_rank0(model, state, device)
+    return model
+
+
+def _rank0_model(path: str | Path, device: torch.device, dtype: torch.dtype, attn_implementation: str | None,
+                 gradient_checkpointing: bool = False, **hub):
+    """The model with its weights on rank 0, on the meta device (shapes only) on the other ranks."""
+    if distributed.is_main():
+        return load_model(path, device, dtype, attn_implementation, gradient_checkpointing, **hub)
+    model = _meta_model(path, dtype, attn_implementation, **hub)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _meta_model(path: str | Path, dtype: torch.dtype, attn_implementation: str | None,
+                revision: str | None = None, trust_remote_code: bool = False):
+    """The model of path's config on the meta device: its shapes, no weights, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code,
+                                        **model_source(path, revision))
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def load_student(path: str | Path, device: torch.device, cfg, whole: bool = False):
+    """A model to train, with cfg's (TrainingFields) attention kernel, checkpointing and LoRA; fp32 master weights.
+
+    Under torchrun it is sharded here (fsdp.shard) and only rank 0 reads the weights: the other ranks
+    build it on the meta device and receive their shards from rank 0, so that no rank but 0 holds a
+    whole copy. whole: every rank loads it whole (a stage that runs it unsharded before training);
+    training.train shards it then.
+    """
+    sharded = distributed.active() and not whole
+    load = _rank0_model if sharded else load_model
+    model = load(path, device, torch.float32, cfg.attn_implementation, cfg.gradient_checkpointing, **hub_options(cfg))
     model = add_lora(model, cfg) if cfg.lora_r else model
     if getattr(cfg, "compile", False):
         compile_layers(model)
+    if sharded:
+        state = model.state_dict() if distributed.is_main() else {}
+        fsdp.shard(model, bf16_enabled(cfg.precision, device), cfg.fsdp_cpu_offload)
+        # Under --fsdp-cpu-offload the shards rest on the CPU.
+        fsdp.fill_from_rank0(model, state, torch.device("cpu") if cfg.fsdp_cpu_offload else device)
     return model
 
 

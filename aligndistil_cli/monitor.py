@@ -32,8 +32,8 @@ def make_monitor(config, tokenizer, reference: str, device: torch.device) -> Cal
         # generate() reseeds the global generator; fork it so training runs the same with or without checks.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.eval_max_new_tokens,
-                               seed=config.seed, desc="eval")
-        own = score_samples(model, tokenizer, samples)
+                               seed=config.seed, desc="eval", device=device)
+        own = score_samples(model, tokenizer, samples, device=device)
         ref = score_samples(ref_model, tokenizer, samples)
         model.train()
         rewards = scorer.score(samples)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fsdp
 from .data import Batch
 
 VARLEN = "aligndistil_varlen_sdpa"
@@ -255,7 +256,7 @@ def enable(model, wanted: bool, desc: str) -> bool:
         register()
         previous = inner.config._attn_implementation
         inner.set_attn_implementation(VARLEN)
-        reason = probe(inner)
+        reason = fsdp.redirect(model, probe, inner)  # a sharded model's parameters are gathered around it
         if reason is not None:
             inner.set_attn_implementation(previous)
     if reason is not None:

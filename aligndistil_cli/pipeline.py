@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -171,17 +169,25 @@ def nproc_per_node(path: Path, given: int | None = None) -> int:
 
 
 def launch(stage: str, config, nproc: int) -> None:
-    """Run one stage on nproc local processes through torch.distributed.run; a failed rank fails the stage."""
+    """Run one stage on nproc local processes through torch.distributed.run; a failed rank fails the stage.
+
+    The launcher runs in this process, so that a failed stage ends in the ranks' own one-line errors,
+    without the traceback torchrun's command line adds; the ranks' stdout (each prints its output
+    directory) goes to a log directory, not to this command's stdout.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     values = config_dict(config)
     with tempfile.TemporaryDirectory(prefix="aligndistil-") as tmp:
         cfg = Path(tmp) / f"{stage}.yaml"
         cfg.write_text(yaml.safe_dump(values), encoding="utf-8")
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                   "-m", "aligndistil_cli", stage, "--config", str(cfg)]
-        code = subprocess.run(command, stdout=subprocess.DEVNULL, check=False).returncode
-    if code:
-        raise UserError(f"stage {stage} ({config.out}) failed on {nproc} processes (exit {code}); "
-                        "its error is printed above")
+        try:
+            run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--redirects", "1", "--log-dir",
+                            str(Path(tmp) / "logs"), "-m", "aligndistil_cli", stage, "--config", str(cfg)]))
+        except ChildFailedError as e:
+            raise UserError(f"stage {stage} ({config.out}) failed on {nproc} processes (exit "
+                            f"{e.get_first_failure()[1].exitcode}); its error is printed above") from None
 
 
 def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: int | None = None,

@@ -221,7 +221,8 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
 def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
              desc: str = "sample", indices: Sequence[int] | None = None,
-             decoder: Decoder | None = None, split: bool = False, kv_cache: str = "auto") -> list[Sample]:
+             decoder: Decoder | None = None, split: bool = False, kv_cache: str = "auto",
+             device: torch.device | None = None) -> list[Sample]:
     """Sample one response per prompt (pure sampling: no top-k, so KL estimates stay unbiased).
 
     prompts are carried into the samples as given; prompt_ids are what the model sees.
@@ -230,11 +231,13 @@ def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, ma
     Samples come back in the order of prompts.
     split (a model every rank holds whole): under torchrun each rank samples every
     world-size-th batch and all get every sample; the samples do not depend on the world size.
+    device: where the model computes, which the run knows (under --fsdp-cpu-offload its parameters
+    rest on the CPU); by default the device of its parameters.
     """
     if decoder is None:
         model.eval()
         decoder = ModelDecoder(model, len(tokenizer), resolve_kv_cache(kv_cache), max_new_tokens)
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     keys = prompt_keys(seed, list(range(len(prompts))) if indices is None else indices)
     batches = length_sorted_batches([len(p) for p in prompt_ids], batch_size)
     if split:
@@ -261,15 +264,17 @@ def generate(model, tokenizer, prompts: list, prompt_ids: list[list[int]], *, ma
 
 @torch.no_grad()
 def score_samples(model, tokenizer, samples: list[Sample], batch_size: int = 64, chunk_size: int = 1024,
-                  split: bool = False) -> list[float]:
+                  split: bool = False, device: torch.device | None = None) -> list[float]:
     """log pi(response | prompt) of each sample under model (teacher forcing), in the order of samples.
 
     Samples are batched by length: response lengths vary a lot, and padding is compute.
     split (a model every rank holds whole): under torchrun each rank scores its share of the samples.
+    device: where the model computes (as for generate).
     """
     if split:
-        return distributed.split_map(lambda part: score_samples(model, tokenizer, part, batch_size, chunk_size), samples)
-    device = next(model.parameters()).device
+        return distributed.split_map(lambda part: score_samples(model, tokenizer, part, batch_size, chunk_size,
+                                                                device=device), samples)
+    device = device or next(model.parameters()).device
     totals: list[float] = [0.0] * len(samples)
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     for chunk in length_sorted_batches(lengths, batch_size):

@@ -113,17 +113,20 @@ def micro_batches(batch: list, n: int) -> list[list]:
     return [batch[i : i + size] for i in range(0, len(batch), size)]
 
 
-def rank_micro_batches(batch: list, n: int) -> list[tuple[list, bool]]:
-    """This rank's micro-batches of a step's global batch, as (micro-batch, live) pairs.
+def rank_micro_batches(batch: list, n: int, index: int | None = None, size: int | None = None) -> list[tuple[list, bool]]:
+    """Rank index's micro-batches (this rank's by default) of a step's global batch over size ranks, as
+    (micro-batch, live) pairs.
 
     Each rank takes its contiguous share of the batch and splits it into at
     most n micro-batches. Under several ranks every rank runs exactly n, since
     the collectives of FSDP's forward and backward must pair up across ranks:
-    a rank short of data (an epoch's last, smaller batch) runs the batch's first
-    item at weight 0 instead (live False).
+    a rank short of data (an epoch's last, smaller batch, of which it may get
+    no row at all) runs the batch's first item at weight 0 instead (live False).
     """
-    micros = [(m, True) for m in micro_batches(distributed.share(batch), n)] if batch else []
-    if distributed.world_size() > 1:
+    size = distributed.world_size() if size is None else size
+    mine = distributed.share(batch, index, size)
+    micros = [(m, True) for m in micro_batches(mine, n)] if mine else []
+    if size > 1:
         micros += [(batch[:1], False)] * (n - len(micros))
     return micros
 
@@ -282,12 +285,12 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     runs every cfg.eval_every steps and at the end (monitor.py). weight(micro)
     is what loss_fn's loss is a mean over (accumulate).
 
-    Under torchrun the model is sharded with FSDP2 here, in place; every rank
-    runs its share of each batch and only rank 0 writes files.
+    Under torchrun the model is sharded with FSDP2 (by modeling.load_student, or
+    here, in place); every rank runs its share of each batch and only rank 0 writes files.
     """
-    from .modeling import bf16_enabled
+    from .modeling import bf16_enabled, pick_device
 
-    device = next(model.parameters()).device
+    device = pick_device(cfg.device)  # where the model computes (under offload its parameters rest on the CPU)
     fsdp.shard(model, bf16_enabled(cfg.precision, device), cfg.fsdp_cpu_offload)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),

@@ -1,6 +1,6 @@
 """FSDP2 on one device against the plain path: the step time of an SFT step (issue 11).
 
-    torchrun --nproc-per-node 1 -m bench.fsdp_step [--preset gpu|cpu] [--quick] [--out bench/results-fsdp.json]
+    python3 -m torch.distributed.run --nproc-per-node 1 -m bench.fsdp_step [--preset gpu|cpu] [--quick] [--out bench/results-fsdp.json]
 
 Under torchrun with world size 1, two copies of the bench model (same seed)
 train side by side: one plain, one sharded with the project's fsdp.shard. Both
@@ -12,7 +12,6 @@ and AdamW, timed round-robin. Reports the median step times and their ratio
 from __future__ import annotations
 
 import argparse
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from aligndistil_cli import distributed, fsdp
 from aligndistil_cli.modeling import sequence_logps
 from aligndistil_cli.training import accumulate
-from bench.run import CHUNK, PRESETS, QUICK, build_model, device_name, make_batch, time_interleaved
+from bench.run import CHUNK, PRESETS, QUICK, build_model, device_name, make_batch, summary, time_interleaved
 from bench import write_result
 
 TARGET = 1.05
@@ -57,7 +56,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("bench/results-fsdp.json"))
     args = parser.parse_args(argv)
     if not distributed.launched():
-        raise SystemExit("run under torchrun: torchrun --nproc-per-node 1 -m bench.fsdp_step")
+        raise SystemExit("run under torchrun: python3 -m torch.distributed.run --nproc-per-node 1 -m bench.fsdp_step")
     p = {**PRESETS[args.preset], **(QUICK if args.quick else {})}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with distributed.session(BenchConfig(device, args.preset, args.quick)):
@@ -68,11 +67,10 @@ def main(argv=None) -> dict:
         batch = make_batch(p, device)
         steps = {name: step_fn(m, batch, p["vocab"], precision, device)
                  for name, m in (("plain", plain), ("fsdp2", sharded))}
-        times = time_interleaved(steps, p["warmup"], p["steps"], device)
-    median = {k: statistics.median(v) for k, v in times.items()}
+        timed = summary(time_interleaved(steps, p["warmup"], p["steps"], device))
+    median = timed["median_s"]
     result = {"device": device_name(device), "torch": torch.__version__, "preset": args.preset, "quick": args.quick,
-              "times_s": times, "median_s": median, "ratio_fsdp2_over_plain": median["fsdp2"] / median["plain"],
-              "target": TARGET}
+              **timed, "ratio_fsdp2_over_plain": median["fsdp2"] / median["plain"], "target": TARGET}
     if distributed.is_main():
         write_result(args.out, result)
         print(f"{result['device']}: plain {median['plain']:.4f} s, FSDP2 {median['fsdp2']:.4f} s per step, "

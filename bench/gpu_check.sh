@@ -13,6 +13,7 @@
 #   kv     (45)  bench.kv_cache on CUDA: dynamic / static / preallocated KV-cache decode, rows kept, host
 #                check every 8 steps (to decide what --kv-cache auto picks on CUDA)
 #   prec   (30)  bench.teacher_precision --device cuda: the float32 heads' step-time cost (issue 10)
+# Every entry point below has a CPU smoke run in `make test` (tests/integration/test_bench_smoke.py).
 # Every result lands under $OUT (default /tmp/gpu-out), which the device tool brings back.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -43,7 +44,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND when NAME is in $STEPS, lo
 step tests 75 python3 -m pytest -p no:cacheprovider tests/unit/test_cuda.py tests/unit/test_fused.py \
   tests/unit/test_losses.py tests/unit/test_packing.py
 step 1.5b 190 python3 -m bench.run --preset 1.5b --out "$OUT/bench-1.5b.json"
-step fsdp 75 torchrun --nproc-per-node 1 -m bench.fsdp_step --preset gpu --out "$OUT/fsdp.json"
+step fsdp 75 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m bench.fsdp_step --preset gpu --out "$OUT/fsdp.json"
 step gpu 110 python3 -m bench.run --preset gpu --out "$OUT/bench-gpu.json"
 step kv 45 python3 -m bench.kv_cache --device cuda --out "$OUT/kv_cache.json"
 step prec 30 python3 -m bench.teacher_precision --device cuda

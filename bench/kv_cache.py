@@ -42,6 +42,9 @@ SHAPES = {
                       prompt=(8, 24), mean_length=16),
     "cpu-512": dict(hidden=512, layers=8, heads=8, intermediate=1408, vocab=32000, batch=32, new=128,
                     prompt=(32, 64), mean_length=64),
+    # The smoke run of `make test` (tests/integration/test_bench_smoke.py), not timed for any decision.
+    "smoke": dict(hidden=16, layers=1, heads=2, intermediate=32, vocab=64, batch=4, new=8, prompt=(4, 8),
+                  mean_length=4),
 }
 
 
@@ -148,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(k for k in SHAPES if k != "smoke"))
     ap.add_argument("--against", default=None, help="Another sampling.py whose decode loop to time beside ours.")
     ap.add_argument("--variants", default=None, help="Comma-separated variant names to time (default: all); "
                     "dynamic is always timed, as the reference.")

@@ -49,6 +49,10 @@ PRESETS = {
     # Qwen2.5-1.5B's shape; gradient checkpointing as a 1.5B model needs at 4 x 2,048 tokens.
     "1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151_936, batch=4, prompt=512,
                  response=1536, warmup=3, steps=10, mem_h=1536, mem_t=2048, mem_v=151_936, checkpointing=True),
+    # A few seconds on CPU, every code path of the others (checkpointing too): the smoke run that keeps
+    # bench/gpu_check.sh's entry points working in `make test` (tests/integration/test_bench_smoke.py).
+    "smoke": dict(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=512, batch=2, prompt=8,
+                  response=24, warmup=1, steps=1, mem_h=16, mem_t=128, mem_v=512, checkpointing=True),
 }
 # Dense bf16 peak FLOP/s (no sparsity) by the CUDA device name, for MFU; first match wins.
 PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12),

@@ -46,22 +46,18 @@ class Stage:
         return checked
 
 
-MODEL_FIELDS = ("model", "student", "dpo", "rev", "ref")
-
-
 def preflight(config) -> None:
     """Fail in one line, before any data or model loads, on an output directory that cannot be written, on
     a model that is neither a directory nor a reachable hub id (a mistyped path), on an --out that overlaps an
     input, and on a --report-to tracker whose package is missing."""
-    from ..artifacts import check_output_dir
+    from ..artifacts import check_output_dir, model_paths
     from ..modeling import model_source
     from ..tracking import require
 
     require(getattr(config, "report_to", None))
     check_output_dir(config.out)
     check_apart_from_inputs(config)
-    models = [getattr(config, name, None) for name in MODEL_FIELDS] + list((getattr(config, "models", None) or {}).values())
-    for path in filter(None, models):
+    for path in model_paths(config):
         model_source(path, getattr(config, "revision", None))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, distributed, fsdp
 from ..artifacts import (finalize, fingerprint_data, fingerprint_model, input_record, json_line, prepare_output,
                          tokenizer_difference, tokenizer_parts)
 from ..cache import TeacherCache
@@ -25,7 +25,7 @@ from ..modeling import (autocast, hub_options, load_student, load_tokenizer, num
 from ..monitor import make_monitor
 from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
 from ..teacher import TeacherSpec, float32_heads, logq_fn, realpha
-from ..training import seed_everything, step_batches, total_steps, train
+from ..training import rank_micro_batches, seed_everything, step_batches, total_steps, train
 
 
 def check_cache(cache: TeacherCache, config: DistillConfig, tokenizer) -> None:
@@ -113,34 +113,33 @@ FINAL_KL_ROWS = 256
 
 
 @torch.no_grad()
-def final_teacher_kl(model, loss_fn, chunks: list, precision: str, device) -> float | None:
+def final_teacher_kl(model, loss_fn, chunks: list, precision: str, device) -> float:
     """Mean per-token KL(student || teacher) of the trained student over chunks, without an update.
 
     loss_fn reports kl_teacher as (mean over the chunk's positions, positions): each chunk is
-    weighted by its positions, so the result is the mean over tokens, not over batches.
+    weighted by its positions, so the result is the mean over tokens, not over batches. Under
+    torchrun each rank measures its share of every chunk (the same number of forwards on every
+    rank, as in training) and the sums are reduced over ranks.
     """
-    from .. import distributed
-
-    if distributed.active():  # the sharded model after train() is not measured here: not recorded
-        return None
     model.eval()
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     for chunk in chunks:
-        with autocast(precision, device):
-            _, metrics = loss_fn(chunk)
-        mean, n = metrics["kl_teacher"]
-        total += mean * n
-        count += n
+        for micro, live in rank_micro_batches(chunk, 1):
+            with autocast(precision, device):
+                _, metrics = fsdp.redirect(model, loss_fn, micro)
+            mean, n = metrics["kl_teacher"]
+            total += mean * n * live
+            count += n * live
+    total, count = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(count, 1)
 
 
-def report_final_kl(out: Path, step: int, kl: float | None, tokens: int) -> None:
-    """Append the final KL to metrics.jsonl (a last record at the last step) and print it."""
+def report_final_kl(out: Path, step: int, kl: float, tokens: int) -> None:
+    """Append the final KL to metrics.jsonl (a last record at the last step) and print it (rank 0, which writes)."""
     from rich.console import Console
 
-    if kl is None:
+    if not distributed.is_main():
         return
-
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json_line({"step": step, "final_kl_teacher": kl}))
     Console(stderr=True).print(f"distill: final KL to the teacher {kl:.4f} nats/token (trained on {tokens:,} tokens)")

@@ -108,7 +108,7 @@ def run(config: DpoConfig) -> Path:
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "pairs")
     tokenizer = load_tokenizer(config.model, **hub_options(config))
-    model = load_student(config.model, device, config)
+    model = load_student(config.model, device, config, whole=True)  # each rank scores its reference share whole
     vocab = len(tokenizer)
     pairs, truncated = encode_pairs(tokenizer, rows, config, data_stats)
     out = prepare_output(Path(config.out), stage, config.force, checkpoint.scratch(config.resume))

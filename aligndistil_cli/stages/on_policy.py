@@ -26,7 +26,7 @@ from .. import checkpoint, distributed, fsdp
 from ..artifacts import finalize, fingerprint_model, input_record, prepare_output
 from ..config import DistillConfig
 from ..data import Encoded, collate, data_input, encode_prompts, encode_rows, load_data, prompt_ids, truncate
-from ..modeling import (autocast, bf16_enabled, hub_options, load_model, load_student, load_tokenizer, pick_device,
+from ..modeling import (autocast, bf16_enabled, hub_options, load_student, load_teacher, load_tokenizer, pick_device,
                         save_model)
 from ..monitor import make_monitor
 from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
@@ -50,13 +50,8 @@ def load_teachers(config: DistillConfig, spec: TeacherSpec, device, student_toke
     tokenizers = {f"{n} ({p})": load_tokenizer(p, **hub_options(config)) for n, p in names.items()}
     check_same_tokenizers({f"student ({config.student})": student_tokenizer, **tokenizers})
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
-    models = {n: load_model(p, device, dtype, config.attn_implementation, **hub_options(config)).eval()
-              for n, p in names.items()}
-    for m in models.values():
-        m.requires_grad_(False)
-        if config.shard_teachers:
-            fsdp.shard_frozen(m)
-    return models
+    return {n: load_teacher(p, device, dtype, config.attn_implementation, config.shard_teachers, **hub_options(config))
+            for n, p in names.items()}
 
 
 class RolloutItem(NamedTuple):
@@ -97,8 +92,8 @@ class Rollouts:
     throwaway row, so the ranks' forwards pair up.
     """
 
-    def __init__(self, student, tokenizer, prompts: list, config: DistillConfig, off_policy: list[Encoded]):
-        self.student, self.tokenizer, self.config = student, tokenizer, config
+    def __init__(self, student, tokenizer, prompts: list, config: DistillConfig, off_policy: list[Encoded], device):
+        self.student, self.tokenizer, self.config, self.device = student, tokenizer, config, device
         self.prompts = prompts
         self.ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
                              config.max_prompt_length)[0].prompt for p in prompts]
@@ -128,12 +123,13 @@ class Rollouts:
         """One decode batch: a sample of each (prompt index, stream index) with the student's current weights."""
         cfg = self.config
         self.student.eval()
-        with autocast(cfg.precision, next(self.student.parameters()).device):
+        with autocast(cfg.precision, self.device):
             samples = generate(self.student, self.tokenizer, [self.prompts[i] for i, _ in rows],
                                [self.ids[i] for i, _ in rows],
                                max_new_tokens=min(cfg.max_new_tokens, cfg.max_length - cfg.max_prompt_length),
                                temperature=cfg.temperature, top_p=cfg.top_p, batch_size=max(1, len(rows)),
-                               seed=cfg.seed, indices=[k for _, k in rows], desc="rollout", kv_cache=cfg.kv_cache)
+                               seed=cfg.seed, indices=[k for _, k in rows], desc="rollout", kv_cache=cfg.kv_cache,
+                               device=self.device)
         self.student.train()
         return samples
 
@@ -196,7 +192,7 @@ def run(config: DistillConfig) -> Path:
         off_policy, _ = encode_rows(tokenizer, pair_rows, "chosen", config, pair_stats)
     student = load_student(config.student, device, config)
     out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
-    rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], config, off_policy)
+    rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], config, off_policy, device)
     heads = teacher_heads(teachers)
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
     vocab = len(tokenizer)

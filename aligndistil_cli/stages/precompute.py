@@ -28,7 +28,7 @@ from ..cache import HEADS, STORE_DTYPES, ShardRecord, plan_shards, shard_is_done
 from ..config import PrecomputeConfig
 from ..data import collate, data_input, encode_rows, load_data
 from ..errors import UserError
-from ..modeling import bf16_enabled, hub_options, load_model, load_tokenizer, output_head, pick_device, response_hidden
+from ..modeling import bf16_enabled, hub_options, load_teacher, load_tokenizer, output_head, pick_device, response_hidden
 from ..teacher import (LOGITS_MAX_BYTES_PER_TOKEN, TeacherSpec, bytes_per_position, check_head_reproduces,
                        encode_chunk, float32_heads)
 from ..training import progress, seed_everything
@@ -155,11 +155,9 @@ def run(config: PrecomputeConfig) -> Path:
     rows, data_stats = load_data(config, "pairs")
     examples, truncated = encode_rows(tokenizer, rows, "chosen", config, data_stats)
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
-    models = {name: load_model(path, device, dtype, config.attn_implementation, **hub_options(config)).eval()
+    models = {name: load_teacher(path, device, dtype, config.attn_implementation, config.shard_teachers,
+                                 **hub_options(config))
               for name, path in names.items()}
-    if config.shard_teachers:
-        for m in models.values():
-            fsdp.shard_frozen(m)
     heads = teacher_heads(models)
     hidden_size = heads["dpo"][0].shape[1]
     fmt = choose_format(config, vocab, hidden_size, len(models))
@@ -177,6 +175,7 @@ def run(config: PrecomputeConfig) -> Path:
     recorded = distributed.broadcast_object({} if config.force or not distributed.is_main()
                                             else ShardRecord.read(Path(config.out)))
     out = prepare_output(Path(config.out), "precompute", config.force, keep=("shard-*.safetensors",))
+    distributed.check_shared_dir(out, "--out")  # every rank writes its own shards there
     planned = {p.name for p in plans}
     if distributed.is_main():
         for stale in out.glob("shard-*.safetensors"):

@@ -4,7 +4,14 @@
 
 Each STAGE=CONFIG runs like `aligndistil STAGE --config CONFIG` does (distributed.session, then the stage);
 STAGE/NAME=CONFIG names a second run of a stage (distill/on-policy=CONFIG runs distill).
-mismatch=OUT.json gives rank 1 a different seed than rank 0 and records, per rank, the refusal it got.
+Each of these records, per rank, the refusal it got in OUT.json:
+- mismatch=OUT.json gives rank 1 a different seed than rank 0;
+- divergent=OUT.json makes rank 1 see other data under the same path (a node-local copy that differs);
+- unshared=DIR checks DIR as shared, with rank 1 seeing its own DIR-rank1 instead (a node-local disk).
+teacher-rss=MODEL (student-rss=MODEL) loads MODEL as a sharded teacher (as a student) and writes
+MODEL-teacher-rss.json (MODEL-student-rss.json): per rank, the peak host memory (VmHWM) above what the
+process held before, and the bytes of its own shards. One per launch: memory freed by the first would
+hide the second's.
 """
 
 from __future__ import annotations
@@ -12,30 +19,85 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from aligndistil_cli import distributed
-from aligndistil_cli.config import load_config
+from aligndistil_cli import artifacts, distributed, fsdp
+from aligndistil_cli.config import SftConfig, load_config
 from aligndistil_cli.errors import UserError
+from aligndistil_cli.modeling import load_student, load_teacher
 from aligndistil_cli.stages import STAGES
+
+
+def refusal(fn, *args) -> str | None:
+    try:
+        fn(*args)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def check_session(seed: int) -> None:
+    config = load_config(STAGES["sft"].config, None, {"model": "m", "data": "d", "out": "o", "seed": seed})
+    with distributed.session(config):
+        pass
+
+
+def diverge(_) -> None:
+    """Rank 1 reads other content than rank 0 under the data path."""
+    real = artifacts.fingerprint_data
+    if distributed.rank() == 1:
+        artifacts.fingerprint_data = lambda path: real(path) + "-rank1"
+    try:
+        check_session(0)
+    finally:
+        artifacts.fingerprint_data = real
+
+
+def unshared(out: str) -> None:
+    local = Path(f"{out}-rank1")
+    for d in (Path(out), local):
+        d.mkdir(exist_ok=True)
+    distributed.check_shared_dir(out, "--out", local if distributed.rank() == 1 else None)
+
+
+def load_rss(kind: str, path: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # the model's code imported, so that its memory is not counted as the weights'
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from the current RSS
+    before = proc_bytes("VmRSS")
+    cpu = torch.device("cpu")
+    model = load_teacher(path, cpu, torch.float32, None, shard=True) if kind == "teacher" else \
+        load_student(path, cpu, SftConfig(model=path, data="d", out="o"))
+    peaks = distributed.gather_objects({"peak_above_start": proc_bytes("VmHWM") - before,
+                                        "shard_bytes": fsdp.local_bytes(model)})
+    if distributed.is_main():
+        Path(f"{path}-{kind}-rss.json").write_text(json.dumps(peaks))
+
+
+def proc_bytes(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+CHECKS = {"mismatch": lambda _: check_session(distributed.rank()), "divergent": diverge, "unshared": unshared}
 
 
 def main(args: list[str]) -> None:
     dist.init_process_group("gloo")
     for arg in args:
         stage, path = arg.split("=", 1)
-        if stage == "mismatch":
-            config = load_config(STAGES["sft"].config, None, {"model": "m", "data": "d", "out": "o",
-                                                              "seed": distributed.rank()})
-            try:
-                with distributed.session(config):
-                    refusal = None
-            except UserError as e:
-                refusal = str(e)
-            refusals = distributed.gather_objects(refusal)
+        if stage in ("teacher-rss", "student-rss"):
+            load_rss(stage.split("-")[0], path)
+            continue
+        if stage in CHECKS:
+            refusals = distributed.gather_objects(refusal(CHECKS[stage], path))
             if distributed.is_main():
-                with open(path, "w", encoding="utf-8") as f:
+                with open(f"{path}.json" if stage == "unshared" else path, "w", encoding="utf-8") as f:
                     json.dump(refusals, f)
             continue
         stage = stage.split("/")[0]

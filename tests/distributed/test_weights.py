@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aligndistil_cli.training import accumulate, rank_micro_batches
+from aligndistil_cli import distributed
+from aligndistil_cli.errors import UserError
+from aligndistil_cli.training import accumulate, rank_micro_batches, step_batches
 
 
 def token_mean_loss(w: torch.Tensor):
@@ -37,6 +41,23 @@ def test_one_process_takes_every_item_once():
     batch = list(range(7))
     micros = rank_micro_batches(batch, 3)
     assert [m for m, live in micros] == [[0, 1, 2], [3, 4, 5], [6]] and all(live for _, live in micros)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.integers(1, 70), world=st.integers(1, 8), grad_accum=st.integers(1, 4), per_rank=st.integers(1, 6))
+def test_every_rank_runs_the_same_micro_batches_whatever_the_sizes(rows, world, grad_accum, per_rank):
+    batch_size = world * per_rank
+    try:
+        distributed.check_batch(batch_size, grad_accum, world)
+    except UserError:  # refused before any model loads
+        return
+    for batch in step_batches(list(range(rows)), batch_size, 2, 0, None):
+        plans = [rank_micro_batches(batch, grad_accum, r, world) for r in range(world)]
+        assert len({len(p) for p in plans}) == 1, [len(p) for p in plans]
+        assert world == 1 or len(plans[0]) == grad_accum
+        assert all(micro for p in plans for micro, _ in p), "a micro-batch of no rows"
+        live = [x for p in plans for micro, on in p if on for x in micro]
+        assert live == batch  # every row once, in order: the live weights sum to the global count
 
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
