@@ -1,5 +1,5 @@
 """`python -m aligndistil_cli` is the `aligndistil` console script."""
 
-from .cli import main
+from aligndistil_cli.cli import main
 
 main()

@@ -23,10 +23,12 @@ try:  # typer >= 0.20 vendors its own click; its exceptions are not the installe
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
-from . import __version__, distributed, training
-from .config import field_types, load_config
-from .errors import UsageError, UserError
-from .stages import STAGES
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.train import loop as training
+from aligndistil_cli import __version__
+from aligndistil_cli.config.stages import field_types, load_config
+from aligndistil_cli.core.errors import UsageError, UserError
+from aligndistil_cli.stages import STAGES
 
 app = typer.Typer(
     name="aligndistil",
@@ -134,7 +136,7 @@ def run_pipeline(
                                                       help="Override a stage's config key (repeatable), "
                                                       "e.g. --set dpo.lr=1e-4.")] = None,
 ) -> None:
-    from .pipeline import run_file
+    from aligndistil_cli.orchestrate.pipeline import run_file
 
     _not_under_torchrun("run")
     run_file(pipeline, force=force, root=root, nproc=nproc_per_node, dry_run=dry_run, only=only, start=start,
@@ -148,7 +150,7 @@ def sweep_command(
     force: ForceOption = False,
     root: RootOption = None,
 ) -> None:
-    from .sweep import run_sweep
+    from aligndistil_cli.orchestrate.sweep import run_sweep
 
     _not_under_torchrun("sweep")
     emit(str(run_sweep(spec, root=root, force=force)))
@@ -157,7 +159,7 @@ def sweep_command(
 @app.command("verify", help="Check every file of an output directory against its manifest's sha256.\n\n"
                             "\b\nExample:\n  aligndistil verify runs/tiny/teacher")
 def verify(directory: Annotated[Path, typer.Argument(help="A stage's output directory.")]) -> None:
-    from .artifacts import verify_full
+    from aligndistil_cli.rundir.artifacts import verify_full
 
     problems = verify_full(directory)
     if problems:
@@ -191,7 +193,7 @@ INTERRUPTED = 130
 
 
 def _interrupted() -> None:
-    from .checkpoint import last_saved
+    from aligndistil_cli.train.checkpoint import last_saved
 
     saved = last_saved()
     _fail("interrupted; " + (f"the last checkpoint is {saved} (rerun with --resume to continue from it)"

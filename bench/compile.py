@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from aligndistil_cli.modeling import compile_layers, quiet_transformers
+from aligndistil_cli.model.loading import compile_layers, quiet_transformers
 
 from .run import PRESETS, QUICK, ROOT, autocast, build_model, make_batch, pick, sft_loss, sync
 from . import write_result

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli import distributed, fsdp
-from aligndistil_cli.modeling import sequence_logps
-from aligndistil_cli.training import accumulate
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.parallel import fsdp
+from aligndistil_cli.model.loading import sequence_logps
+from aligndistil_cli.train.loop import accumulate
 from bench.run import CHUNK, PRESETS, QUICK, build_model, device_name, make_batch, summary, time_interleaved
 from bench import write_result
 

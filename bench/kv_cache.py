@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.modeling import quiet_transformers
-from aligndistil_cli.sampling import ModelDecoder, decode, prompt_keys
+from aligndistil_cli.model.loading import quiet_transformers
+from aligndistil_cli.model.sampling import ModelDecoder, decode, prompt_keys
 from bench import write_result
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from aligndistil_cli.data import collate, encode
-from aligndistil_cli.losses import dpo_loss
-from aligndistil_cli.modeling import quiet_transformers
-from aligndistil_cli.packing import collate_for, enable
+from aligndistil_cli.data.encode import collate, encode
+from aligndistil_cli.losses.functions import dpo_loss
+from aligndistil_cli.model.loading import quiet_transformers
+from aligndistil_cli.model.packing import collate_for, enable
 from aligndistil_cli.stages.dpo import policy_logps
-from aligndistil_cli.training import step_batches
+from aligndistil_cli.train.loop import step_batches
 
 from .trl_dpo import HP, ROOT, SHAPE, build_model, build_tokenizer, synthetic_pairs
 from . import write_result

@@ -29,15 +29,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from aligndistil_cli.cache import STORE_DTYPES
-from aligndistil_cli.data import Encoded, collate
-from aligndistil_cli.losses import (aligndistil_loss, compose_teacher, dpo_loss, fused_head_kl_loss, position_weights,
-                                    reverse_kl, token_logps_from_hidden)
-from aligndistil_cli.modeling import (final_hidden, head_logps, output_head, quiet_transformers, response_hidden,
-                                      sequence_ids)
+from aligndistil_cli.teacher.cache import STORE_DTYPES
+from aligndistil_cli.data.encode import Encoded, collate
+from aligndistil_cli.losses.functions import (
+    aligndistil_loss,
+    compose_teacher,
+    dpo_loss,
+    fused_head_kl_loss,
+    position_weights,
+    reverse_kl,
+    token_logps_from_hidden,
+)
+from aligndistil_cli.model.loading import (
+    final_hidden,
+    head_logps,
+    output_head,
+    quiet_transformers,
+    response_hidden,
+    sequence_ids,
+)
 from aligndistil_cli.stages.dpo import policy_logps
 from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
-from aligndistil_cli.teacher import TeacherSpec, bytes_per_position, logq_fn
+from aligndistil_cli.teacher.compose import TeacherSpec, bytes_per_position, logq_fn
 from bench import write_result
 
 ROOT = Path(__file__).resolve().parents[1]

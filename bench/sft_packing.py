@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.config import InitToyConfig, SftConfig, build_config
-from aligndistil_cli.data import collate, encode_rows, load_data
-from aligndistil_cli.modeling import head_logps, load_model, load_tokenizer, quiet_transformers
-from aligndistil_cli.packing import collate_for, enable
+from aligndistil_cli.config.stages import InitToyConfig, SftConfig, build_config
+from aligndistil_cli.data.encode import collate, encode_rows, load_data
+from aligndistil_cli.model.loading import head_logps, load_model, load_tokenizer, quiet_transformers
+from aligndistil_cli.model.packing import collate_for, enable
 from aligndistil_cli.stages import init_toy
-from aligndistil_cli.training import step_batches
+from aligndistil_cli.train.loop import step_batches
 from bench import write_result
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from aligndistil_cli.losses import compose_teacher_full
-from aligndistil_cli.teacher import TeacherSpec, encode_chunk, float32_heads
+from aligndistil_cli.losses.functions import compose_teacher_full
+from aligndistil_cli.teacher.compose import TeacherSpec, encode_chunk, float32_heads
 
 SPEC = TeacherSpec("aligndistil", 0.1, 0.1, 20.0, 1e-3, 1.0)
 

@@ -45,11 +45,12 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli import distributed, fsdp
-from aligndistil_cli.data import collate
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.parallel import fsdp
+from aligndistil_cli.data.encode import collate
 from aligndistil_cli.stages.distill import teacher_loss
 from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
-from aligndistil_cli.training import accumulate
+from aligndistil_cli.train.loop import accumulate
 from bench.run import SPEC, make_examples
 from bench import write_result
 

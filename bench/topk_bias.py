@@ -18,8 +18,8 @@ import json
 
 import torch
 
-from aligndistil_cli.losses import reverse_kl
-from aligndistil_cli.teacher import TeacherSpec, logq_fn, topk_fields
+from aligndistil_cli.losses.functions import reverse_kl
+from aligndistil_cli.teacher.compose import TeacherSpec, logq_fn, topk_fields
 
 SPEC = TeacherSpec("aligndistil", 0.1, 0.1, 20.0, 1e-3, 1.0)
 

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.data import collate, encode
-from aligndistil_cli.losses import dpo_loss
-from aligndistil_cli.modeling import quiet_transformers
-from aligndistil_cli.packing import MIN_PADDING, collate_for, enable as enable_padding_free
+from aligndistil_cli.data.encode import collate, encode
+from aligndistil_cli.losses.functions import dpo_loss
+from aligndistil_cli.model.loading import quiet_transformers
+from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
 from aligndistil_cli.stages.dpo import policy_logps, reference_logps
-from aligndistil_cli.training import accumulate, lr_lambda, step_batches
+from aligndistil_cli.train.loop import accumulate, lr_lambda, step_batches
 from bench import write_result
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ if "ALIGNDISTIL_CACHE_DIR" not in os.environ:
 
 @pytest.fixture(scope="session")
 def toy_tokenizer():
-    from aligndistil_cli.toy import build_tokenizer
+    from aligndistil_cli.data.toy import build_tokenizer
 
     return build_tokenizer()
 

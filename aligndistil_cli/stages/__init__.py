@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import config as C
-from ..errors import UserError
+from aligndistil_cli.config import stages as C
+from aligndistil_cli.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,10 @@ class Stage:
         def checked(config):
             preflight(config)
             out = run(config)
-            from ..tracking import is_main_process
+            from aligndistil_cli.train.tracking import is_main_process
 
             if getattr(config, "push_to_hub", None) and is_main_process():  # once, not from every torchrun rank
-                from ..hub import push
+                from aligndistil_cli.rundir.hub import push
 
                 print(f"pushed {out} to {push(out, config.push_to_hub, config.hub_private)}", file=sys.stderr)
             return out
@@ -50,9 +50,9 @@ def preflight(config) -> None:
     """Fail in one line, before any data or model loads, on an output directory that cannot be written, on
     a model that is neither a directory nor a reachable hub id (a mistyped path), on an --out that overlaps an
     input, and on a --report-to tracker whose package is missing."""
-    from ..artifacts import check_output_dir, model_paths
-    from ..modeling import model_source
-    from ..tracking import require
+    from aligndistil_cli.rundir.artifacts import check_output_dir, model_paths
+    from aligndistil_cli.model.loading import model_source
+    from aligndistil_cli.train.tracking import require
 
     require(getattr(config, "report_to", None))
     check_output_dir(config.out)

@@ -12,20 +12,40 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, distributed, fsdp
-from ..artifacts import (finalize, fingerprint_data, fingerprint_model, input_record, json_line, prepare_output,
-                         tokenizer_difference, tokenizer_parts)
-from ..cache import TeacherCache
-from ..config import DistillConfig
-from ..data import collate, data_fingerprint, data_input, encode_rows, load_data
-from ..errors import UserError
-from ..losses import fused_head_kl_loss, position_weights
-from ..modeling import (autocast, hub_options, load_student, load_tokenizer, num_sequences, output_head, pick_device,
-                        response_hidden, save_model, sequence_ids)
-from ..monitor import make_monitor
-from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
-from ..teacher import TeacherSpec, float32_heads, logq_fn, realpha
-from ..training import rank_micro_batches, seed_everything, step_batches, total_steps, train
+from aligndistil_cli.train import checkpoint
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.parallel import fsdp
+from aligndistil_cli.rundir.artifacts import (
+    finalize,
+    fingerprint_data,
+    fingerprint_model,
+    input_record,
+    json_line,
+    prepare_output,
+    tokenizer_difference,
+    tokenizer_parts,
+)
+from aligndistil_cli.teacher.cache import TeacherCache
+from aligndistil_cli.config.stages import DistillConfig
+from aligndistil_cli.data.encode import collate, data_fingerprint, data_input, encode_rows, load_data
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.losses.functions import fused_head_kl_loss, position_weights
+from aligndistil_cli.model.loading import (
+    autocast,
+    hub_options,
+    load_student,
+    load_tokenizer,
+    num_sequences,
+    output_head,
+    pick_device,
+    response_hidden,
+    save_model,
+    sequence_ids,
+)
+from aligndistil_cli.eval.monitor import make_monitor
+from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
+from aligndistil_cli.teacher.compose import TeacherSpec, float32_heads, logq_fn, realpha
+from aligndistil_cli.train.loop import rank_micro_batches, seed_everything, step_batches, total_steps, train
 
 
 def check_cache(cache: TeacherCache, config: DistillConfig, tokenizer) -> None:
@@ -147,7 +167,7 @@ def report_final_kl(out: Path, step: int, kl: float, tokens: int) -> None:
 
 def run(config: DistillConfig) -> Path:
     if config.mode == "on-policy":
-        from .on_policy import run as run_on_policy
+        from aligndistil_cli.stages.on_policy import run as run_on_policy
 
         return run_on_policy(config)
     seed_everything(config.seed)

@@ -13,17 +13,35 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import checkpoint, distributed
-from ..artifacts import (default_mode, fingerprint_model, fingerprint_tokenizer, finalize, input_record,
-                         prepare_output, sha256_json, writing)
-from ..config import DpoConfig
-from ..data import collate, data_fingerprint, data_input, encode_pairs, load_data
-from ..losses import dpo_loss
-from ..modeling import (head_logps, hub_options, load_student, load_tokenizer, pick_device, reference_mode, save_model,
-                        sequence_ids, sequence_logps)
-from ..monitor import make_monitor
-from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
-from ..training import progress, seed_everything, step_batches, total_steps, train
+from aligndistil_cli.train import checkpoint
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.rundir.artifacts import (
+    default_mode,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    finalize,
+    input_record,
+    prepare_output,
+    sha256_json,
+    writing,
+)
+from aligndistil_cli.config.stages import DpoConfig
+from aligndistil_cli.data.encode import collate, data_fingerprint, data_input, encode_pairs, load_data
+from aligndistil_cli.losses.functions import dpo_loss
+from aligndistil_cli.model.loading import (
+    head_logps,
+    hub_options,
+    load_student,
+    load_tokenizer,
+    pick_device,
+    reference_mode,
+    save_model,
+    sequence_ids,
+    sequence_logps,
+)
+from aligndistil_cli.eval.monitor import make_monitor
+from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
+from aligndistil_cli.train.loop import progress, seed_everything, step_batches, total_steps, train
 
 REF_CACHE_VERSION = 1
 

@@ -15,22 +15,45 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed, tracking
-from ..artifacts import atomic_write_json, config_dict, fingerprint_model, finalize, input_record, prepare_output
-from ..card import add_evaluation, evaluation_section
-from ..config import EvaluateConfig
-from ..data import collate, data_input, encode_pairs, encode_prompts, load_data, prompt_ids, truncate
-from ..sources import flatten_plain
-from ..errors import UserError
-from ..modeling import hub_options, load_model, load_tokenizer, pick_device, sequence_logps
-from ..report import (kl_estimate, length_stats, mean_ci, results_markdown, results_table, win_rate,
-                      write_report)
-from ..sampling import generate, score_samples
-from ..export import export, make_generate_fn, read_questions
-from ..scoring import make_scorer
-from ..teacher_sampling import generate_teacher
-from ..training import seed_everything
-from .evaluate_teacher import LoadedTeacher, load_teacher, teacher_diagnostics
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.train import tracking
+from aligndistil_cli.rundir.artifacts import (
+    atomic_write_json,
+    config_dict,
+    fingerprint_model,
+    finalize,
+    input_record,
+    prepare_output,
+)
+from aligndistil_cli.rundir.card import add_evaluation, evaluation_section
+from aligndistil_cli.config.stages import EvaluateConfig
+from aligndistil_cli.data.encode import (
+    collate,
+    data_input,
+    encode_pairs,
+    encode_prompts,
+    load_data,
+    prompt_ids,
+    truncate,
+)
+from aligndistil_cli.data.sources import flatten_plain
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.model.loading import hub_options, load_model, load_tokenizer, pick_device, sequence_logps
+from aligndistil_cli.eval.report import (
+    kl_estimate,
+    length_stats,
+    mean_ci,
+    results_markdown,
+    results_table,
+    win_rate,
+    write_report,
+)
+from aligndistil_cli.model.sampling import generate, score_samples
+from aligndistil_cli.eval.export import export, make_generate_fn, read_questions
+from aligndistil_cli.eval.scoring import make_scorer
+from aligndistil_cli.teacher.sampling import generate_teacher
+from aligndistil_cli.train.loop import seed_everything
+from aligndistil_cli.stages.evaluate_teacher import LoadedTeacher, load_teacher, teacher_diagnostics
 
 
 def held_out_ids(tokenizer, prompts: list, config: EvaluateConfig) -> list[list[int]]:

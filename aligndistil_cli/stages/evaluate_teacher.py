@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import fingerprint_model, input_record
-from ..cache import TeacherCache
-from ..config import EvaluateConfig
-from ..data import collate, encode_rows, load_data
-from ..errors import UserError
-from ..modeling import hub_options, load_model, output_head, response_hidden
-from ..teacher import TeacherSpec, compose, head_logits_real
+from aligndistil_cli.rundir.artifacts import fingerprint_model, input_record
+from aligndistil_cli.teacher.cache import TeacherCache
+from aligndistil_cli.config.stages import EvaluateConfig
+from aligndistil_cli.data.encode import collate, encode_rows, load_data
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.model.loading import hub_options, load_model, output_head, response_hidden
+from aligndistil_cli.teacher.compose import TeacherSpec, compose, head_logits_real
 
 POSITION_CHUNK = 256
 

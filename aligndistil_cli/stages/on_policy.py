@@ -22,19 +22,38 @@ from typing import NamedTuple
 
 import torch
 
-from .. import checkpoint, distributed, fsdp
-from ..artifacts import finalize, fingerprint_model, input_record, prepare_output
-from ..config import DistillConfig
-from ..data import Encoded, collate, data_input, encode_prompts, encode_rows, load_data, prompt_ids, truncate
-from ..modeling import (autocast, bf16_enabled, hub_options, load_student, load_teacher, load_tokenizer, pick_device,
-                        save_model)
-from ..monitor import make_monitor
-from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
-from ..sampling import generate
-from ..teacher import TeacherSpec
-from ..training import seed_everything, step_batches, train
-from .distill import FINAL_KL_ROWS, final_teacher_kl, report_final_kl, teacher_loss
-from .precompute import check_same_tokenizers, teacher_for_batch, teacher_heads
+from aligndistil_cli.train import checkpoint
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.parallel import fsdp
+from aligndistil_cli.rundir.artifacts import finalize, fingerprint_model, input_record, prepare_output
+from aligndistil_cli.config.stages import DistillConfig
+from aligndistil_cli.data.encode import (
+    Encoded,
+    collate,
+    data_input,
+    encode_prompts,
+    encode_rows,
+    load_data,
+    prompt_ids,
+    truncate,
+)
+from aligndistil_cli.model.loading import (
+    autocast,
+    bf16_enabled,
+    hub_options,
+    load_student,
+    load_teacher,
+    load_tokenizer,
+    pick_device,
+    save_model,
+)
+from aligndistil_cli.eval.monitor import make_monitor
+from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
+from aligndistil_cli.model.sampling import generate
+from aligndistil_cli.teacher.compose import TeacherSpec
+from aligndistil_cli.train.loop import seed_everything, step_batches, train
+from aligndistil_cli.stages.distill import FINAL_KL_ROWS, final_teacher_kl, report_final_kl, teacher_loss
+from aligndistil_cli.stages.precompute import check_same_tokenizers, teacher_for_batch, teacher_heads
 
 
 def on_policy_spec(config: DistillConfig) -> TeacherSpec:

@@ -21,17 +21,50 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import distributed, fsdp
-from ..artifacts import (content_key, finalize, fingerprint_model, fingerprint_tokenizer, input_record, prepare_output,
-                         sha256_json, tokenizer_difference, tokenizer_parts, writing)
-from ..cache import HEADS, STORE_DTYPES, ShardRecord, plan_shards, shard_is_done, write_index, write_shard
-from ..config import PrecomputeConfig
-from ..data import collate, data_input, encode_rows, load_data
-from ..errors import UserError
-from ..modeling import bf16_enabled, hub_options, load_teacher, load_tokenizer, output_head, pick_device, response_hidden
-from ..teacher import (LOGITS_MAX_BYTES_PER_TOKEN, TeacherSpec, bytes_per_position, check_head_reproduces,
-                       encode_chunk, float32_heads)
-from ..training import progress, seed_everything
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.parallel import fsdp
+from aligndistil_cli.rundir.artifacts import (
+    content_key,
+    finalize,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    input_record,
+    prepare_output,
+    sha256_json,
+    tokenizer_difference,
+    tokenizer_parts,
+    writing,
+)
+from aligndistil_cli.teacher.cache import (
+    HEADS,
+    STORE_DTYPES,
+    ShardRecord,
+    plan_shards,
+    shard_is_done,
+    write_index,
+    write_shard,
+)
+from aligndistil_cli.config.stages import PrecomputeConfig
+from aligndistil_cli.data.encode import collate, data_input, encode_rows, load_data
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.model.loading import (
+    bf16_enabled,
+    hub_options,
+    load_teacher,
+    load_tokenizer,
+    output_head,
+    pick_device,
+    response_hidden,
+)
+from aligndistil_cli.teacher.compose import (
+    LOGITS_MAX_BYTES_PER_TOKEN,
+    TeacherSpec,
+    bytes_per_position,
+    check_head_reproduces,
+    encode_chunk,
+    float32_heads,
+)
+from aligndistil_cli.train.loop import progress, seed_everything
 
 SHAPE_SETTINGS = ("format", "top_k", "dtype", "max_length", "max_prompt_length")
 POSITION_CHUNK = 1024

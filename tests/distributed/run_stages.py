@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligndistil_cli import artifacts, distributed, fsdp
-from aligndistil_cli.config import SftConfig, load_config
-from aligndistil_cli.errors import UserError
-from aligndistil_cli.modeling import load_student, load_teacher
+from aligndistil_cli.rundir import artifacts
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.parallel import fsdp
+from aligndistil_cli.config.stages import SftConfig, load_config
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.model.loading import load_student, load_teacher
 from aligndistil_cli.stages import STAGES
 
 

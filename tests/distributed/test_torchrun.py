@@ -20,10 +20,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from aligndistil_cli import distributed
-from aligndistil_cli.artifacts import sha256_file
-from aligndistil_cli.config import build_config
-from aligndistil_cli.errors import UserError
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.rundir.artifacts import sha256_file
+from aligndistil_cli.config.stages import build_config
+from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.stages import STAGES
 
 HERE = Path(__file__).resolve().parent
@@ -343,7 +343,7 @@ def test_a_refusal_every_rank_reaches_is_printed_once(world, tmp_path):
 
 
 def test_run_pipeline_on_two_processes_then_verify(world, tmp_path):
-    from aligndistil_cli.artifacts import verify_full
+    from aligndistil_cli.rundir.artifacts import verify_full
 
     values = {k: v for k, v in stage_values(world, "one")["sft"].items() if k != "out"}
     pipeline = tmp_path / "two.yaml"
@@ -362,7 +362,7 @@ def test_run_pipeline_on_two_processes_then_verify(world, tmp_path):
 @pytest.mark.skipif(not os.environ.get("ALIGNDISTIL_SLOW_TESTS"),
                     reason="eight torchrun launches (minutes); set ALIGNDISTIL_SLOW_TESTS=1")
 def test_smoke_pipeline_on_two_processes_verifies(tmp_path):
-    from aligndistil_cli.pipeline import load_pipeline
+    from aligndistil_cli.orchestrate.pipeline import load_pipeline
 
     cli = [sys.executable, "-m", "aligndistil_cli"]
     done = subprocess.run([*cli, "run", str(ROOT / "pipelines" / "smoke.yaml"), "--root", str(tmp_path),

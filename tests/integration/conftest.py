@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aligndistil_cli.pipeline import run_file
+from aligndistil_cli.orchestrate.pipeline import run_file
 
 SMOKE = Path(__file__).resolve().parents[2] / "pipelines" / "smoke.yaml"
 

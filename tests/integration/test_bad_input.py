@@ -9,7 +9,7 @@ import time
 import pytest
 
 from aligndistil_cli.cli import main
-from aligndistil_cli.config import InitToyConfig
+from aligndistil_cli.config.stages import InitToyConfig
 from aligndistil_cli.stages import init_toy
 
 LINES = [

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from aligndistil_cli import fsdp
-from aligndistil_cli.artifacts import read_manifest, sha256_file
-from aligndistil_cli.cache import TeacherCache
-from aligndistil_cli.config import DistillConfig, PrecomputeConfig, load_config
-from aligndistil_cli.data import PAIR_FIELDS, collate, encode, load_rows
-from aligndistil_cli.errors import UserError
-from aligndistil_cli.losses import aligndistil_loss, compose_teacher, mask_padded_vocab
-from aligndistil_cli.modeling import load_model, load_tokenizer
-from aligndistil_cli.stages import distill, precompute
+from aligndistil_cli.parallel import fsdp
+from aligndistil_cli.rundir.artifacts import read_manifest, sha256_file
+from aligndistil_cli.teacher.cache import TeacherCache
+from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig, load_config
+from aligndistil_cli.data.encode import PAIR_FIELDS, collate, encode, load_rows
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.losses.functions import aligndistil_loss, compose_teacher, mask_padded_vocab
+from aligndistil_cli.model.loading import load_model, load_tokenizer
+from aligndistil_cli.stages import distill
+from aligndistil_cli.stages import precompute
 from aligndistil_cli.stages.distill import cached_teacher_loss
 
 CPU = torch.device("cpu")
@@ -85,7 +86,7 @@ def test_topk_is_biased_and_exact_when_one_id_is_left(runs, caches, tmp_path):
 
 
 def test_topk_teacher_is_a_distribution(caches):
-    from aligndistil_cli.teacher import logq_fn
+    from aligndistil_cli.teacher.compose import logq_fn
 
     cache = TeacherCache(caches["topk"])
     fields = cache.fetch([0, 1])

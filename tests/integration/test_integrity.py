@@ -17,11 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aligndistil_cli.artifacts import finalize, read_manifest, verify_full
-from aligndistil_cli.cache import TeacherCache
-from aligndistil_cli.config import DistillConfig, DpoConfig, PrecomputeConfig, SftConfig, build_config, load_config
-from aligndistil_cli.errors import UserError
-from aligndistil_cli.pipeline import load_pipeline, run_file
+from aligndistil_cli.rundir.artifacts import finalize, read_manifest, verify_full
+from aligndistil_cli.teacher.cache import TeacherCache
+from aligndistil_cli.config.stages import (
+    DistillConfig,
+    DpoConfig,
+    PrecomputeConfig,
+    SftConfig,
+    build_config,
+    load_config,
+)
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.orchestrate.pipeline import load_pipeline, run_file
 from aligndistil_cli.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,7 +150,7 @@ def test_finalize_writes_the_manifest_before_dropping_checkpoints(runs, tmp_path
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies while deleting the checkpoints
 
-    import aligndistil_cli.artifacts as artifacts
+    import aligndistil_cli.rundir.artifacts as artifacts
 
     monkeypatch.setattr(artifacts.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aligndistil_cli.config import DistillConfig, DpoConfig, build_config
-from aligndistil_cli.stages import distill, dpo
+from aligndistil_cli.config.stages import DistillConfig, DpoConfig, build_config
+from aligndistil_cli.stages import distill
+from aligndistil_cli.stages import dpo
 
 pytest.importorskip("peft")
 

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from aligndistil_cli.cache import TeacherCache
-from aligndistil_cli.config import DistillConfig, PrecomputeConfig
-from aligndistil_cli.data import Encoded, collate, prompt_ids
-from aligndistil_cli.modeling import load_model, load_tokenizer, output_head
-from aligndistil_cli.sampling import generate
-from aligndistil_cli.stages import distill, precompute
+from aligndistil_cli.teacher.cache import TeacherCache
+from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig
+from aligndistil_cli.data.encode import Encoded, collate, prompt_ids
+from aligndistil_cli.model.loading import load_model, load_tokenizer, output_head
+from aligndistil_cli.model.sampling import generate
+from aligndistil_cli.stages import distill
+from aligndistil_cli.stages import precompute
 from aligndistil_cli.stages.distill import teacher_loss
 from aligndistil_cli.stages.on_policy import on_policy_spec
 from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aligndistil_cli.artifacts import read_manifest, verify_full
-from aligndistil_cli.cache import TeacherCache
-from aligndistil_cli.config import DistillConfig, PrecomputeConfig, load_config
-from aligndistil_cli.data import PAIR_FIELDS, collate, encode, load_rows
-from aligndistil_cli.errors import UserError
-from aligndistil_cli.losses import compose_teacher
-from aligndistil_cli.modeling import load_model, load_tokenizer, response_logits
-from aligndistil_cli.pipeline import load_pipeline, run_file
+from aligndistil_cli.rundir.artifacts import read_manifest, verify_full
+from aligndistil_cli.teacher.cache import TeacherCache
+from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig, load_config
+from aligndistil_cli.data.encode import PAIR_FIELDS, collate, encode, load_rows
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.losses.functions import compose_teacher
+from aligndistil_cli.model.loading import load_model, load_tokenizer, response_logits
+from aligndistil_cli.orchestrate.pipeline import load_pipeline, run_file
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "pipelines" / "smoke.yaml"
@@ -76,7 +76,7 @@ def test_second_run_skips_every_stage(runs, capsys):
 def test_saved_models_round_trip(runs, stage):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aligndistil_cli import toy
+    from aligndistil_cli.data import toy
 
     d = runs / stage
     tok = AutoTokenizer.from_pretrained(d)
@@ -204,7 +204,7 @@ def test_truncated_shard_is_refused_up_front(runs, tmp_path):
 
 def test_cache_from_another_dpo_model_is_stale(runs, tmp_path):
     """A cache records its models' fingerprints; a retrained DPO model makes the pipeline recompute it."""
-    from aligndistil_cli.artifacts import stale_inputs
+    from aligndistil_cli.rundir.artifacts import stale_inputs
 
     manifest = read_manifest(runs / "teacher")
     assert stale_inputs(manifest) == []
@@ -232,7 +232,7 @@ def test_every_shipped_pipeline_file_resolves(path):
 
 
 def test_the_experiments_sweep_spec_resolves(tmp_path):
-    from aligndistil_cli.sweep import load_spec, plan
+    from aligndistil_cli.orchestrate.sweep import load_spec, plan
 
     bases, runs = plan(load_spec(REPO / "pipelines" / "experiments.yaml"), tmp_path)
     assert len(bases) == 2 and len(runs) >= 2 * 20

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from aligndistil_cli.config import build_config
+from aligndistil_cli.config.stages import build_config
 from aligndistil_cli.stages import STAGES
 
 STEPS = 24
@@ -97,7 +97,7 @@ def test_precompute_resumes_at_shard_granularity(runs, tmp_path):
 
 
 def test_resume_refuses_a_different_config(runs, tmp_path):
-    from aligndistil_cli.errors import UserError
+    from aligndistil_cli.core.errors import UserError
 
     values = stage_values(runs, "sft", tmp_path / "s", max_steps=6, save_every=2, batch_size=16)
     start_and_kill("sft", values, tmp_path, has_checkpoint)
@@ -119,7 +119,7 @@ def replacement(runs: Path, tmp_path: Path, name: str) -> Path:
 # Issue 22, 1 and 2: a resume never mixes the old and the new version of an input.
 @pytest.mark.parametrize("name", ["data", "model", "cache"])
 def test_resume_refuses_an_input_changed_since_the_checkpoint(runs, tmp_path, name):
-    from aligndistil_cli.errors import UserError
+    from aligndistil_cli.core.errors import UserError
 
     stage, source, original = {"data": ("sft", "sft", runs / "toy" / "sft.jsonl"),
                                "model": ("sft", "sft", runs / "toy" / "model"),

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from aligndistil_cli import toy
-from aligndistil_cli.config import EvaluateConfig, MakePrefsConfig
-from aligndistil_cli.errors import UserError
-from aligndistil_cli.stages import evaluate, make_prefs
+from aligndistil_cli.data import toy
+from aligndistil_cli.config.stages import EvaluateConfig, MakePrefsConfig
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.stages import evaluate
+from aligndistil_cli.stages import make_prefs
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_evaluate_reports_reward_model_scores(runs, reward_model, tmp_path):
 
 
 def test_a_causal_lm_is_not_a_reward_model(runs, tmp_path):
-    from aligndistil_cli.scoring import RewardModelScorer
+    from aligndistil_cli.eval.scoring import RewardModelScorer
 
     with pytest.raises(UserError, match="outputs; a reward model has 1"):
         RewardModelScorer(runs / "sft", torch.device("cpu"))

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from aligndistil_cli.cli import main
-from aligndistil_cli.errors import ConfigError, UsageError
-from aligndistil_cli.pipeline import run_file
-from aligndistil_cli.plan import parse_sets, select
+from aligndistil_cli.core.errors import ConfigError, UsageError
+from aligndistil_cli.orchestrate.pipeline import run_file
+from aligndistil_cli.orchestrate.plan import parse_sets, select
 
 PIPELINE = {
     "seed": 0,

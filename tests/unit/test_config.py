@@ -1,10 +1,10 @@
-"""Unit tests for aligndistil_cli.config: defaults < YAML < flags, coercion, one-line errors naming the field."""
+"""Unit tests for aligndistil_cli.config.stages: defaults < YAML < flags, coercion, one-line errors naming the field."""
 
 from __future__ import annotations
 
 import pytest
 
-from aligndistil_cli.config import (
+from aligndistil_cli.config.stages import (
     DistillConfig,
     DpoConfig,
     MakePrefsConfig,
@@ -13,7 +13,7 @@ from aligndistil_cli.config import (
     build_config,
     load_config,
 )
-from aligndistil_cli.errors import ConfigError, UsageError
+from aligndistil_cli.core.errors import ConfigError, UsageError
 
 SFT_REQUIRED = {"out": "o", "model": "m", "data": "d.jsonl"}
 
@@ -190,7 +190,7 @@ def test_yaml_type_error_names_the_file(yaml_file):
 @pytest.mark.parametrize("bad, problem", [("lr: fast", "config field 'lr' must be float; got 'fast'"),
                                           ("batch_size: 0", "config field 'batch_size' must be > 0")])
 def test_pipeline_value_error_names_the_file_and_stage(tmp_path, bad, problem):
-    from aligndistil_cli.pipeline import load_pipeline
+    from aligndistil_cli.orchestrate.pipeline import load_pipeline
 
     path = tmp_path / "pipeline.yaml"
     path.write_text("stages:\n"

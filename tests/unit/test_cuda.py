@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligndistil_cli.losses import compose_teacher, fused_head_kl_loss
-from aligndistil_cli.modeling import autocast
+from aligndistil_cli.losses.functions import compose_teacher, fused_head_kl_loss
+from aligndistil_cli.model.loading import autocast
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -29,7 +29,7 @@ def test_teacher_heads_under_cuda_autocast_equal_float32(fmt):
     the bf16 autocast of training, against the same hidden states composed in float32 on the CPU."""
     from test_teacher_precision import teacher_inputs, teacher_probs
 
-    from aligndistil_cli.teacher import TeacherSpec
+    from aligndistil_cli.teacher.compose import TeacherSpec
 
     hidden, heads = teacher_inputs()
     hidden = {name: h.bfloat16().float() for name, h in hidden.items()}  # what a bf16 body hands over

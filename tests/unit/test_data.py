@@ -1,4 +1,4 @@
-"""Unit tests for aligndistil_cli.data: the shifted response mask, encoding, JSONL validation.
+"""Unit tests for aligndistil_cli.data.encode: the shifted response mask, encoding, JSONL validation.
 
 Expected tensors are written out by hand from the mask convention (positions
 P-1 .. P+R-2 predict the response); expected token ids come from the toy
@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from aligndistil_cli.data import (
+from aligndistil_cli.data.encode import (
     PAIR_FIELDS,
     PROMPT_FIELDS,
     SFT_FIELDS,
@@ -27,9 +27,9 @@ from aligndistil_cli.data import (
     load_rows,
     response_mask,
 )
-from aligndistil_cli.errors import UserError
-from aligndistil_cli.sources import load_source
-from aligndistil_cli.toy import vocabulary
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.data.sources import load_source
+from aligndistil_cli.data.toy import vocabulary
 
 BOS, EOS, PAD = 1, 2, 0
 VOCAB = vocabulary()
@@ -277,7 +277,7 @@ def _config(**overrides):
 
 
 def _with_template(template: str):
-    from aligndistil_cli.toy import build_tokenizer
+    from aligndistil_cli.data.toy import build_tokenizer
 
     tok = build_tokenizer()
     tok.chat_template = template
@@ -362,7 +362,7 @@ def test_special_token_text_is_counted_warned_and_refusable(toy_tokenizer, write
 
 
 def test_prompts_that_cannot_be_rendered_name_their_row_and_are_skippable(write_jsonl):
-    from aligndistil_cli.data import encode_prompts
+    from aligndistil_cli.data.encode import encode_prompts
 
     template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}"
                 "{% endif %}{{ m['content'] }} {% endfor %}")

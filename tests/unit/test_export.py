@@ -1,4 +1,4 @@
-"""Unit tests for aligndistil_cli.export: question parsing, answer files, and the model-backed generate_fn.
+"""Unit tests for aligndistil_cli.eval.export: question parsing, answer files, and the model-backed generate_fn.
 
 The expected answer-file fields are those read by AlpacaEval (model_outputs.json),
 FastChat llm_judge (model_answer/*.jsonl) and arena-hard-auto (v0.1 and v2.0).
@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from aligndistil_cli import export as ex
-from aligndistil_cli.errors import UserError
+from aligndistil_cli.eval import export as ex
+from aligndistil_cli.core.errors import UserError
 
 
 class FakeGenerate:
@@ -206,7 +206,7 @@ def test_make_generate_fn_tiny_model(tmp_path):
     import torch
     from transformers import LlamaForCausalLM
 
-    from aligndistil_cli import toy
+    from aligndistil_cli.data import toy
 
     torch.manual_seed(0)
     tok = toy.build_tokenizer()

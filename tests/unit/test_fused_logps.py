@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aligndistil_cli.losses import dpo_loss, fused_token_logps
+from aligndistil_cli.losses.functions import dpo_loss, fused_token_logps
 
 N, H, WIDTH, VOCAB = 12, 5, 17, 14  # three padded vocabulary rows
 
@@ -148,7 +148,7 @@ def tiny_model(seed: int = 0):
 
 
 def random_pairs(seed: int, n: int):
-    from aligndistil_cli.data import Encoded
+    from aligndistil_cli.data.encode import Encoded
 
     gen = torch.Generator().manual_seed(seed)
     ids = lambda k: torch.randint(1, 37, (k,), generator=gen).tolist()

@@ -11,15 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligndistil_cli import kv_cache
-from aligndistil_cli.sampling import (
-    ModelDecoder,
-    decode,
-    generate,
-    left_pad,
-    prompt_keys,
-    step_uniforms,
-)
+from aligndistil_cli.model import kv_cache
+from aligndistil_cli.model.sampling import ModelDecoder, decode, generate, left_pad, prompt_keys, step_uniforms
 from tests.unit.test_sampling import EOS, PAD, prompt_rows, reference_sample
 
 CACHES = ("dynamic", "static", "preallocated")
@@ -169,8 +162,8 @@ def test_rows_kept_or_checked_late_draw_the_same_tokens(tiny, toy_tokenizer, kin
 def test_kv_cache_option_is_the_same_in_every_sampling_stage():
     import dataclasses
 
-    from aligndistil_cli.config import DistillConfig, EvaluateConfig, MakePrefsConfig
-    from aligndistil_cli.errors import ConfigError
+    from aligndistil_cli.config.stages import DistillConfig, EvaluateConfig, MakePrefsConfig
+    from aligndistil_cli.core.errors import ConfigError
 
     fields = {cls: {f.name: f for f in dataclasses.fields(cls)}["kv_cache"]
               for cls in (MakePrefsConfig, EvaluateConfig, DistillConfig)}

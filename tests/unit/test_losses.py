@@ -1,4 +1,4 @@
-"""Unit tests for aligndistil_cli.losses (DESIGN.md section 1).
+"""Unit tests for aligndistil_cli.losses.functions (DESIGN.md section 1).
 
 Every expected value is computed independently of the code under test: with
 python's math module on explicit numbers, from closed forms and invariants,
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from aligndistil_cli.losses import (
+from aligndistil_cli.losses.functions import (
     VARIANTS,
     aligndistil_loss,
     chunked_map,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligndistil_cli.data import Encoded, collate
-from aligndistil_cli.packing import enable, pack
+from aligndistil_cli.data.encode import Encoded, collate
+from aligndistil_cli.model.packing import enable, pack
 
 VOCAB = 37  # the models below have 40 embedding rows: three padded ones
 
@@ -53,7 +53,7 @@ def assert_same(loss_a, grads_a, loss_b, grads_b):
 
 
 def test_pack_shared_by_hand():
-    from aligndistil_cli.packing import pack_shared, pair_groups
+    from aligndistil_cli.model.packing import pack_shared, pair_groups
 
     # Pair 0 shares the prompt [5, 6, 7]; pair 1's prompts differ from their second token on.
     chosen = [Encoded([5, 6, 7], [8, 2]), Encoded([4, 3], [9, 2])]
@@ -83,8 +83,8 @@ def test_pack_shared_by_hand():
 @pytest.mark.parametrize("prompts", ["same", "different"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_dpo_loss_and_gradients_equal_padded(checkpointing, prompts, shared):
-    from aligndistil_cli.losses import dpo_loss
-    from aligndistil_cli.packing import PackedBatch, collate_for
+    from aligndistil_cli.losses.functions import dpo_loss
+    from aligndistil_cli.model.packing import PackedBatch, collate_for
     from aligndistil_cli.stages.dpo import policy_logps
 
     model = tiny_model()
@@ -113,7 +113,7 @@ def test_dpo_loss_and_gradients_equal_padded(checkpointing, prompts, shared):
 def test_shared_prompt_reference_logps_equal_padded():
     """dpo.pair_logps (the reference cache) through pack_shared gives each sequence's own log-prob,
     computed here as a float64 forward of that sequence alone."""
-    from aligndistil_cli.packing import collate_for
+    from aligndistil_cli.model.packing import collate_for
     from aligndistil_cli.stages.dpo import pair_logps
 
     model = tiny_model().eval()
@@ -135,7 +135,7 @@ def test_shared_prompt_reference_logps_equal_padded():
 
 def test_distill_loss_and_gradients_equal_padded():
     from aligndistil_cli.stages.distill import teacher_loss
-    from aligndistil_cli.teacher import TeacherSpec
+    from aligndistil_cli.teacher.compose import TeacherSpec
 
     model = tiny_model(seed=3)
     model.train()
@@ -156,7 +156,7 @@ def test_distill_loss_and_gradients_equal_padded():
 
 
 def test_sft_token_mean_equals_padded():
-    from aligndistil_cli.modeling import head_logps
+    from aligndistil_cli.model.loading import head_logps
 
     model = tiny_model(attn="eager", seed=6)  # eager is switched to the packed attention as well
     batch = collate(examples(7, 6), pad_id=0)
@@ -188,7 +188,7 @@ def test_off_when_not_wanted():
 
 
 def test_compile_layers_wraps_each_decoder_layer_and_keeps_names():
-    from aligndistil_cli.modeling import compile_layers, decoder_layers
+    from aligndistil_cli.model.loading import compile_layers, decoder_layers
 
     model = tiny_model()
     names = list(model.state_dict())
@@ -199,7 +199,7 @@ def test_compile_layers_wraps_each_decoder_layer_and_keeps_names():
 
 
 def test_only_batches_with_enough_padding_are_packed():
-    from aligndistil_cli.packing import PackedBatch, collate_for, padding_fraction
+    from aligndistil_cli.model.packing import PackedBatch, collate_for, padding_fraction
 
     even = collate([Encoded([5, 6], [7, 8]), Encoded([9, 10], [11, 12])], pad_id=0)  # no padding
     uneven = collate([Encoded([5, 6], [7, 8, 9, 10, 11, 12]), Encoded([9], [11])], pad_id=0)  # 6 of 16 slots padded

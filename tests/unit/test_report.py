@@ -1,4 +1,4 @@
-"""Unit tests for aligndistil_cli.report.
+"""Unit tests for aligndistil_cli.eval.report.
 
 Expected numbers are worked out by hand (written next to each assertion), not
 by calling the code under test a second time.
@@ -13,7 +13,7 @@ import re
 import pytest
 from rich.console import Console
 
-from aligndistil_cli.report import (
+from aligndistil_cli.eval.report import (
     format_ci,
     kl_estimate,
     length_stats,

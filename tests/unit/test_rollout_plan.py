@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from aligndistil_cli.config import DistillConfig
-from aligndistil_cli.stages.on_policy import (
-    RolloutItem,
-    off_policy_plan,
-    rollout_steps,
-    stream_index,
-)
+from aligndistil_cli.config.stages import DistillConfig
+from aligndistil_cli.stages.on_policy import RolloutItem, off_policy_plan, rollout_steps, stream_index
 
 
 def test_stream_index_is_unique_per_rollout_prompt_and_sample():

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from aligndistil_cli.sampling import (
+from aligndistil_cli.model.sampling import (
     ModelDecoder,
     decode,
     generate,
@@ -234,7 +234,7 @@ def test_model_decoder_masks_padded_rows(tiny, toy_tokenizer):
 
 
 def test_score_samples_keeps_order_under_length_sorted_batches(tiny, toy_tokenizer):
-    from aligndistil_cli.sampling import Sample, score_samples
+    from aligndistil_cli.model.sampling import Sample, score_samples
 
     tok = toy_tokenizer
     rows = prompt_rows(tok, 7)

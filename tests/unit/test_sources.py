@@ -1,4 +1,4 @@
-"""Unit tests for aligndistil_cli.sources: format detection, normalisation, row errors.
+"""Unit tests for aligndistil_cli.data.sources: format detection, normalisation, row errors.
 
 The fixtures under tests/fixtures/sources hold the same three logical rows in each
 layout (row B is multi-turn); the expected internal rows are written out by hand
@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aligndistil_cli.data import encode_pairs, encode_rows
-from aligndistil_cli.errors import UserError
-from aligndistil_cli.sources import FORMATS, LoadStats, detect_format, flatten_plain, load_source
+from aligndistil_cli.data.encode import encode_pairs, encode_rows
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.data.sources import FORMATS, LoadStats, detect_format, flatten_plain, load_source
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
 

@@ -1,4 +1,4 @@
-"""Unit tests for aligndistil_cli.sweep and sweep_summary: the frontier and budget arithmetic, intervals
+"""Unit tests for aligndistil_cli.orchestrate.sweep and sweep_summary: the frontier and budget arithmetic, intervals
 over seeds, convergence, tokens at matched KL, and collect/write_summary/run_sweep on synthetic run
 directories (nothing trains).
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aligndistil_cli import sweep
-from aligndistil_cli.errors import ConfigError, UserError
-from aligndistil_cli import sweep_summary as S
-from aligndistil_cli.sweep_summary import (
+from aligndistil_cli.orchestrate import sweep
+from aligndistil_cli.core.errors import ConfigError, UserError
+from aligndistil_cli.orchestrate import summary as S
+from aligndistil_cli.orchestrate.summary import (
     aggregate,
     best_within_budget,
     collect,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aligndistil_cli.stages.evaluate_teacher import mirror_cosine, summarise_diagnostics
-from aligndistil_cli.teacher import TeacherSpec, cap_alpha, compose, keep_token, realpha
+from aligndistil_cli.teacher.compose import TeacherSpec, cap_alpha, compose, keep_token, realpha
 
 
 def spec(**kw) -> TeacherSpec:
@@ -92,10 +92,10 @@ def test_head_check_uses_the_head_it_is_given():
     gathered head of a sharded teacher): the model's head passes, any other is refused."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligndistil_cli.data import Encoded, collate
-    from aligndistil_cli.errors import UserError
-    from aligndistil_cli.modeling import output_head, response_hidden
-    from aligndistil_cli.teacher import check_head_reproduces
+    from aligndistil_cli.data.encode import Encoded, collate
+    from aligndistil_cli.core.errors import UserError
+    from aligndistil_cli.model.loading import output_head, response_hidden
+    from aligndistil_cli.teacher.compose import check_head_reproduces
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from aligndistil_cli.config import PrecomputeConfig
-from aligndistil_cli.errors import ConfigError
-from aligndistil_cli.losses import aligndistil_loss, fused_head_kl_loss, reverse_kl
-from aligndistil_cli.teacher import TeacherSpec, encode_chunk, float32_heads, logq_fn
+from aligndistil_cli.config.stages import PrecomputeConfig
+from aligndistil_cli.core.errors import ConfigError
+from aligndistil_cli.losses.functions import aligndistil_loss, fused_head_kl_loss, reverse_kl
+from aligndistil_cli.teacher.compose import TeacherSpec, encode_chunk, float32_heads, logq_fn
 
 N, H, WIDTH, VOCAB = 64, 32, 520, 500  # 20 padded rows
 

@@ -1,4 +1,4 @@
-"""Unit tests for aligndistil_cli.toy: the gold reward's rules and the tokenizer/model round trip.
+"""Unit tests for aligndistil_cli.data.toy: the gold reward's rules and the tokenizer/model round trip.
 
 Gold-reward values are worked out by hand from the rules in toy.py's docstring.
 """
@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from aligndistil_cli import toy
-from aligndistil_cli.toy import gold_reward
+from aligndistil_cli.data import toy
+from aligndistil_cli.data.toy import gold_reward
 
 
 @pytest.mark.parametrize(

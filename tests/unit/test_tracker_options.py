@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from aligndistil_cli import tracking
-from aligndistil_cli.errors import ConfigError
+from aligndistil_cli.train import tracking
+from aligndistil_cli.core.errors import ConfigError
 
 
 def test_parse_report_to():
@@ -73,7 +73,7 @@ def test_a_resumed_tensorboard_writer_never_shares_the_second_of_the_file_it_con
     same second as the interrupted run's file could be read before it and be overwritten by it."""
     import time
 
-    from aligndistil_cli.tracking import wait_for_a_new_second
+    from aligndistil_cli.train.tracking import wait_for_a_new_second
 
     now = int(time.time())
     (tmp_path / f"events.out.tfevents.{now}.host.99999.0").write_bytes(b"")

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from aligndistil_cli import checkpoint
-from aligndistil_cli.config import SftConfig
-from aligndistil_cli.errors import UserError
-from aligndistil_cli.training import MetricsWriter, group_by_length, micro_batches, train
+from aligndistil_cli.train import checkpoint
+from aligndistil_cli.config.stages import SftConfig
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.train.loop import MetricsWriter, group_by_length, micro_batches, train
 
 
 def tiny_model():

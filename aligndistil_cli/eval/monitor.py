@@ -1,0 +1,44 @@
+"""--eval-every: gold reward and KL to the initial model on a few prompts, during training.
+
+The records land in metrics.jsonl (eval_reward, eval_kl, eval_length) at
+those steps, so curves of reward and KL against step can be drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from aligndistil_cli.data.encode import load_data, prompt_ids, truncate
+from aligndistil_cli.model.loading import hub_options, load_model
+from aligndistil_cli.model.sampling import generate, score_samples
+from aligndistil_cli.eval.scoring import make_scorer
+
+
+def make_monitor(config, tokenizer, reference: str, device: torch.device) -> Callable | None:
+    """A callback model -> metrics, or None when --eval-every is off."""
+    if not config.eval_every or not config.eval_prompts:
+        return None
+    rows, _ = load_data(config, "prompts", config.eval_prompts)
+    prompts = [r["prompt"] for r in rows][: config.eval_num_prompts]
+    ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
+                    config.max_prompt_length)[0].prompt for p in prompts]
+    ref_model = load_model(reference, device, **hub_options(config)).eval()
+    scorer = make_scorer(config, device)
+
+    def monitor(model) -> dict:
+        model.eval()
+        # generate() reseeds the global generator; fork it so training runs the same with or without checks.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.eval_max_new_tokens,
+                               seed=config.seed, desc="eval", device=device)
+        own = score_samples(model, tokenizer, samples, device=device)
+        ref = score_samples(ref_model, tokenizer, samples)
+        model.train()
+        rewards = scorer.score(samples)
+        return {"eval_reward": sum(rewards) / len(rewards),
+                "eval_kl": sum(o - r for o, r in zip(own, ref)) / len(own),
+                "eval_length": sum(len(s.response_ids) for s in samples) / len(samples)}
+
+    return monitor

@@ -1,0 +1,1 @@
+"""Models: loading and saving, padding-free packing, sampling with a KV cache."""

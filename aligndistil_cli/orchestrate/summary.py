@@ -1,0 +1,311 @@
+"""The summary of a sweep: records from finished runs, Pareto frontiers, budget tables, summary.md.
+
+A record is one finished run (method, knob value, optional (lr, epochs), seed) with its final
+evaluation. A setting is the same run over seeds. A distillation run whose final KL to its teacher
+(distill's final_kl_teacher) is above the converged_kl threshold did not converge: it is listed, but
+never a point of its method. Frontiers are taken per method over all of its converged runs:
+
+  pooled    over settings, from their mean over seeds (a setting counts when every seed converged);
+  per seed  over that seed's runs; the table gives the mean ± 95% interval over seeds of each
+            seed's best reward within the budget, and how many seeds had a run within it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from aligndistil_cli.eval.report import format_ci, md_table, mean_ci
+
+CONVERGED_KL = 0.05  # nats per token: the default threshold on a student's final KL to its teacher
+
+
+def _norm(value: Any) -> Any:
+    """YAML 1.1 reads 2e-4 as a string: make numeric knob values numbers so they sort and plot."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def label(value: Any) -> str:
+    return format(value, "g") if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def summary_options(opts: dict) -> dict:
+    """write_summary's keyword arguments from a spec's summary section."""
+    return {"budgets": tuple(opts.get("budgets", (2, 5, 10))),
+            "length_budgets": tuple(opts.get("length_budgets", ())),
+            "converged_kl": float(opts.get("converged_kl", CONVERGED_KL))}
+
+
+def _manifest_metrics(model_dir: Path) -> dict:
+    path = model_dir / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("metrics", {}) if path.is_file() else {}
+
+
+def collect(root: Path) -> list[dict]:
+    """One record per finished (method, knob value, budget, seed), from run.json and its eval report.json."""
+    root = Path(root)
+    records = []
+    for path in root.glob("seed-*/*/*/run.json"):
+        run = json.loads(path.read_text(encoding="utf-8"))
+        report_path = root / run["eval"] / "report.json"
+        if not report_path.is_file():
+            continue  # not evaluated yet: the next run_sweep fills it in
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        ref = report["models"][report["reference"]]
+        res = next(v for k, v in report["models"].items() if k != report["reference"])
+        trained = _manifest_metrics(root / run["model"])
+        records.append({
+            "method": run["method"], "knob": run["knob"], "value": _norm(run["value"]),
+            "order": tuple(run["order"]), "seed": run["seed"], "lr": _norm(run.get("lr")), "epochs": run.get("epochs"),
+            "reward": res["reward"]["mean"], "kl": res["kl"]["mean"], "length": res["length"]["mean"],
+            "cap_rate": res["length"]["cap_rate"], "win_rate": (res.get("win_rate") or {}).get("mean"),
+            "ref_reward": ref["reward"]["mean"], "ref_length": ref["length"]["mean"],
+            "teacher": "teacher_spec" in res, "diagnostics": report.get("teacher_diagnostics"),
+            "final_kl_teacher": trained.get("final_kl_teacher"), "train_tokens": trained.get("train_tokens"),
+            "metrics": str(root / run["model"] / "metrics.jsonl")})
+    return sorted(records, key=lambda r: (r["order"], r["lr"] or 0, r["epochs"] or 0, r["seed"]))
+
+
+def converged(record: dict, threshold: float = CONVERGED_KL) -> bool:
+    """False only for a distilled student whose final KL to its teacher is above threshold."""
+    kl = record.get("final_kl_teacher")
+    return kl is None or kl <= threshold
+
+
+def setting_key(r: dict) -> tuple:
+    return r["method"], r["value"], r.get("lr"), r.get("epochs")
+
+
+def setting_name(a: dict) -> str:
+    """'20' or '20, lr 0.001, 5 ep': the knob value, and the budget on the grid."""
+    budget = f", lr {label(a['lr'])}, {a['epochs']} ep" if a.get("lr") is not None else ""
+    return label(a["value"]) + budget
+
+
+def aggregate(records: list[dict], threshold: float = CONVERGED_KL) -> list[dict]:
+    """Per setting: mean and 95% interval over seeds of reward, KL, length and cap rate; convergence."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(setting_key(r), []).append(r)
+    out = []
+    for (method, value, lr, epochs), rs in groups.items():
+        final = [r["final_kl_teacher"] for r in rs if r.get("final_kl_teacher") is not None]
+        tokens = [r["train_tokens"] for r in rs if r.get("train_tokens") is not None]
+        out.append({"method": method, "knob": rs[0]["knob"], "value": value, "lr": lr, "epochs": epochs,
+                    "order": rs[0].get("order", (0, 0)), "n": len(rs), "seeds": [r["seed"] for r in rs],
+                    "teacher": bool(rs[0].get("teacher")),
+                    **{k: mean_ci([r[k] for r in rs]) for k in ("reward", "kl", "length", "cap_rate")},
+                    "final_kl_teacher": final or None, "train_tokens": sum(tokens) / len(tokens) if tokens else None,
+                    "converged": all(converged(r, threshold) for r in rs)})
+    return out
+
+
+def frontier(points: list[tuple]) -> list[tuple]:
+    """Upper-left Pareto frontier of (kl, reward, ...) points: the best reward for KL <= k, by KL."""
+    out, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:  # nothing at lower or equal KL does as well
+            out.append(p)
+            best = p[1]
+    return out
+
+
+def best_within_budget(aggregated: list[dict], budgets=(2, 5, 10), x: str = "kl") -> dict:
+    """method -> budget -> (best mean reward, setting name) over entries with mean x <= budget, or None.
+
+    The best reward within a budget is read off the method's frontier in (x, reward).
+    """
+    best: dict[str, dict] = {}
+    for a in aggregated:
+        per = best.setdefault(a["method"], {b: None for b in budgets})
+        for b in budgets:
+            if a[x]["mean"] <= b and (per[b] is None or a["reward"]["mean"] > per[b][0]):
+                per[b] = (a["reward"]["mean"], setting_name(a))
+    return best
+
+
+def per_seed_within_budget(records: list[dict], budgets) -> dict:
+    """method -> budget -> (best rewards of the seeds that have a run within the budget, number of seeds)."""
+    by_method: dict[str, dict[int, list[dict]]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], {}).setdefault(r["seed"], []).append(r)
+    out = {}
+    for method, seeds in by_method.items():
+        out[method] = {}
+        for b in budgets:
+            bests = [max((r["reward"] for r in rs if r["kl"] <= b), default=None) for rs in seeds.values()]
+            out[method][b] = ([v for v in bests if v is not None], len(seeds))
+    return out
+
+
+def tokens_at_matched_kl(aggregated: list[dict], budgets) -> list[dict]:
+    """Per method and epochs on the grid: mean training tokens and the best reward within each KL budget."""
+    groups: dict[tuple, list[dict]] = {}
+    for a in aggregated:
+        if a.get("epochs") is not None:
+            groups.setdefault((a["method"], a["epochs"]), []).append(a)
+    rows = []
+    for (method, epochs), entries in sorted(groups.items(), key=lambda kv: (kv[1][0]["order"], kv[0][1])):
+        tokens = [a["train_tokens"] for a in entries if a["train_tokens"] is not None]
+        best = best_within_budget(entries, budgets)[method]
+        rows.append({"method": method, "epochs": epochs, "tokens": statistics.mean(tokens) if tokens else None,
+                     "best": best})
+    return rows
+
+
+def diagnostics_table(records: list[dict]) -> list[str]:
+    """p(EOS) at the ends of chosen responses and the mirror cosine, per teacher setting (mean over seeds)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("diagnostics"):
+            groups.setdefault(setting_key(r), []).append(r)
+    if not groups:
+        return ["No teacher evaluation with diagnostics (evaluate --teacher with --pairs)."]
+
+    def mean_of(rs, *path) -> str:
+        vals = []
+        for r in rs:
+            v = r["diagnostics"]
+            for p in path:
+                v = v.get(p) if isinstance(v, dict) else None
+            if v is not None:
+                vals.append(v)
+        return format_ci(mean_ci(vals)) if vals else "—"
+
+    rows = [[rs[0]["method"], setting_name(rs[0]), str(len(rs))]
+            + [mean_of(rs, "p_eos_at_end", k) for k in ("ref", "dpo", "rev", "teacher")]
+            + [mean_of(rs, "mirror_cosine_median")] for rs in groups.values()]
+    return md_table(["teacher", "setting", "seeds", "p(EOS) SFT", "p(EOS) DPO", "p(EOS) reverse DPO", "p(EOS) teacher",
+                     "mirror cosine (median)"], rows)
+
+
+def _plot_frontiers(plt, agg: list[dict], records: list[dict], path: Path) -> None:
+    """Each method's converged settings (points) and pooled frontier (steps); teachers dashed."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for method in dict.fromkeys(a["method"] for a in agg):
+        pts = [(a["kl"]["mean"], a["reward"]["mean"]) for a in agg if a["method"] == method and a["converged"]]
+        if not pts:
+            continue
+        teacher = next(a["teacher"] for a in agg if a["method"] == method)
+        edge = frontier(pts)
+        line, = ax.plot([p[0] for p in edge], [p[1] for p in edge], "--" if teacher else "-", drawstyle="steps-post",
+                        marker="s" if teacher else "o", markersize=4, label=method + (" (teacher)" if teacher else ""))
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, color=line.get_color(), alpha=0.3)
+    ref = mean_ci([r["ref_reward"] for r in records])["mean"]
+    ax.plot([0], [ref], "k*", markersize=12, label="reference (SFT)")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("KL to the SFT reference, nats (symlog)")
+    ax.set_ylabel("gold reward")
+    ax.set_title("Pareto frontiers (mean over seeds; converged runs only)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)  # a sweep draws many figures in one process
+
+
+def _budget_table(agg: list[dict], budgets: tuple, x: str = "kl", unit: str = "KL") -> list[str]:
+    knobs = {a["method"]: a["knob"] for a in agg}
+    by_name = {(a["method"], setting_name(a)): a for a in agg}
+    rows = [[method, knobs[method]] + ["—" if per[b] is None else
+                                       f"{format_ci(by_name[(method, per[b][1])]['reward'])} ({per[b][1]})"
+                                       for b in budgets]
+            for method, per in best_within_budget(agg, budgets, x).items()]
+    return md_table(["method", "knob"] + [f"{unit} ≤ {label(b)}" for b in budgets], rows)
+
+
+def _per_seed_table(records: list[dict], budgets: tuple) -> list[str]:
+    rows = [[method] + [f"{format_ci(mean_ci(vals))} ({len(vals)}/{n})" if vals else f"— (0/{n})"
+                        for vals, n in (per[b] for b in budgets)]
+            for method, per in per_seed_within_budget(records, budgets).items()]
+    return md_table(["method"] + [f"KL ≤ {label(b)}" for b in budgets], rows)
+
+
+def _tokens_table(agg: list[dict], budgets: tuple) -> list[str]:
+    rows = [[r["method"], str(r["epochs"]), "—" if r["tokens"] is None else f"{r['tokens']:,.0f}"]
+            + ["—" if r["best"][b] is None else f"{r['best'][b][0]:.3f} ({r['best'][b][1]})" for b in budgets]
+            for r in tokens_at_matched_kl(agg, budgets)]
+    if not rows:
+        return ["No method on the budget grid."]
+    return md_table(["method", "epochs", "training tokens"] + [f"KL ≤ {label(b)}" for b in budgets], rows)
+
+
+def _convergence_table(agg: list[dict], threshold: float) -> list[str]:
+    rows = [[a["method"], setting_name(a), f"{statistics.mean(a['final_kl_teacher']):.3f}",
+             f"{min(a['final_kl_teacher']):.3f}–{max(a['final_kl_teacher']):.3f}",
+             f"{sum(k <= threshold for k in a['final_kl_teacher'])}/{len(a['final_kl_teacher'])}"]
+            for a in agg if a["final_kl_teacher"]]
+    if not rows:
+        return ["No distillation run recorded its final KL to the teacher."]
+    return md_table(["method", "setting", "final KL to teacher (mean)", "min–max", f"seeds ≤ {label(threshold)}"], rows)
+
+
+def _runs_table(agg: list[dict]) -> list[str]:
+    rows = [[a["method"], f"{a['knob']} = {setting_name(a)}", str(a["n"]), format_ci(a["reward"]),
+             format_ci(a["kl"]), format_ci(a["length"], 1), f"{100 * a['cap_rate']['mean']:.1f}%",
+             "yes" if a["converged"] else "**no**"] for a in agg]
+    return md_table(["method", "setting", "seeds", "gold reward", "KL to SFT", "mean length", "cap rate", "converged"],
+                    rows)
+
+
+_INTRO = ("Every value is the mean over seeds ± the half-width of a normal-approximation 95% interval over seeds "
+          "(1.96·s/√n; with few seeds it is narrower than a t interval would be). Rewards and KL come from each "
+          "run's final evaluation on held-out prompts; KL is to the SFT model, in nats per response.")
+
+
+def write_summary(root: Path, out_md: Path, budgets: tuple = (2, 5, 10), length_budgets: tuple = (),
+                  converged_kl: float = CONVERGED_KL) -> Path:
+    """summary.md with frontier.png next to it, from every finished run under root."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot: sweeps run on headless machines
+    import matplotlib.pyplot as plt
+
+    root, out_md = Path(root), Path(out_md)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    records = collect(root)
+    lines = ["# AlignDistil sweep: gold reward against KL", ""]
+    if not records:
+        out_md.write_text("\n".join(lines + ["No finished runs under " + str(root) + " yet."]) + "\n", encoding="utf-8")
+        return out_md
+    agg = aggregate(records, converged_kl)
+    kept = [r for r in records if converged(r, converged_kl)]
+    kept_agg = [a for a in agg if a["converged"]]
+    seeds = sorted({r["seed"] for r in records})
+    lines += [f"{len(agg)} settings over seeds {', '.join(map(str, seeds))} ({len(records)} runs). " + _INTRO, "",
+              f"**Converged runs only.** {len(records) - len(kept)} of {len(records)} runs are distilled students "
+              f"whose final KL to their teacher is above {label(converged_kl)} nats/token: they are listed under "
+              "'Every setting' and 'Distillation convergence', and are no point of any frontier or table.", "",
+              "![frontier](frontier.png)", ""]
+    _plot_frontiers(plt, agg, records, out_md.parent / "frontier.png")
+    lines += ["## Best gold reward within a KL budget, pooled", "",
+              "From each method's frontier over its settings' means over seeds (setting in parentheses; "
+              "— : none within it).", ""] + _budget_table(kept_agg, budgets)
+    lines += ["", "## Best gold reward within a KL budget, per seed", "",
+              "Each seed's frontier read at the budget, then the mean over the seeds that have a run within it "
+              "(k/n seeds).", ""] + _per_seed_table(kept, budgets)
+    if length_budgets:
+        lines += ["", "## Best gold reward at a matched mean length", "",
+                  f"Longer answers score differently on this task; the reference's mean length is "
+                  f"{statistics.mean(r['ref_length'] for r in records):.1f} tokens.", ""]
+        lines += _budget_table(kept_agg, length_budgets, "length", "mean length")
+    lines += ["", "## Gold reward against training tokens at matched KL", "",
+              "Per method and number of epochs: the tokens trained on (DPO: chosen and rejected; distillation: "
+              "the responses distilled) and the best reward within each KL budget over its learning rates and "
+              "knob values.", ""] + _tokens_table(kept_agg, budgets)
+    lines += ["", "## p(EOS) at the ends of chosen responses, and the mirror effect", "",
+              "From `evaluate --teacher --pairs`: the mean probability of EOS where chosen responses end, and the "
+              "median over response positions of cos(log π_dpo − log π_sft, −(log π_rev − log π_sft)).", ""]
+    lines += diagnostics_table(records)
+    lines += ["", "## Distillation convergence", ""] + _convergence_table(agg, converged_kl)
+    lines += ["", "## Every setting", ""] + _runs_table(agg)
+    out_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out_md

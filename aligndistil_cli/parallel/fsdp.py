@@ -1,0 +1,208 @@
+"""FSDP2 for the model being trained: sharding, forward redirection, full state dicts.
+
+Every function is a no-op (or the plain single-process equivalent) when no
+process group is active, so the one-process path is unchanged.
+
+Sharding: each decoder layer is its own group, a tied input embedding and
+output head share one group (torch refuses a tied parameter split across
+groups), and the root takes the rest. The losses apply the output head to
+the body's hidden states by hand; with sharded (DTensor) parameters that only
+works inside the root module's forward, where FSDP has gathered them, so the
+loss is run there (`redirect`, as TRL's forward redirection does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from aligndistil_cli.parallel import distributed
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _unwrap(model):
+    """The transformers model under a peft wrapper (modeling.unwrap; not imported, modeling imports this module)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks: modules of the classes transformers declares unsplittable."""
+    names = set(getattr(_unwrap(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise RuntimeError(f"cannot find the decoder layers of {type(_unwrap(model)).__name__} to shard")
+    return layers
+
+
+def shard(model, bf16: bool, cpu_offload: bool = False):
+    """fully_shard the model in place (layers, tied embedding + head, root) when ranks are active; return it.
+
+    bf16: on CUDA, parameters are gathered in bf16 and gradients reduced in
+    float32 (the float32 master weights stay sharded). cpu_offload: the sharded
+    parameters, gradients and optimizer state rest on the CPU, in pinned memory
+    where an accelerator exists (pinning needs one).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    options = {}
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available())
+    return _shard(model, options)
+
+
+def shard_frozen(model):
+    """fully_shard an inference-only model (a teacher) in place when ranks are active, in its load dtype; return it.
+
+    Every group frees its gathered parameters after each forward, the root's
+    too (FSDP keeps a root's gathered for the backward that follows in
+    training, which an inference model never runs). An untied embedding and
+    head are groups of their own, so the body's forward (response_hidden)
+    gathers the embedding alone while it runs and never the head: a forward
+    holds about one layer whole at a time (a tied embedding + head, which
+    share a group, stays gathered through the forward). Every forward is then
+    a collective: the ranks must run the same number of them, in the same order.
+    """
+    return _shard(model, {"reshard_after_forward": True}, own_groups=True)
+
+
+def _shard(model, options: dict, own_groups: bool = False):
+    """own_groups: an untied embedding and head each in a group of its own, not in the root's.
+
+    Not for a model being trained: its loss applies the head by hand inside the
+    root's forward, where only the root's parameters (and a tied head's group,
+    through the embedding's forward) are gathered.
+    """
+    if not distributed.active() or is_sharded(model):
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(model):
+        fully_shard(layer, **options)
+    inner = _unwrap(model)
+    embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    if head is not None and head.weight is embed.weight:
+        fully_shard([embed, head], **options)
+    elif own_groups:
+        for module in filter(None, (embed, head)):
+            fully_shard(module, **options)
+    return fully_shard(model, **options)
+
+
+def redirect(model, fn: Callable, *args):
+    """fn(*args) run as the body of the root module's forward, so that FSDP's hooks gather its parameters
+    around it and register the backward; plainly fn(*args) when the model is not sharded."""
+    if not is_sharded(model):
+        return fn(*args)
+    original = model.forward
+
+    def body(*a):
+        model.forward = original
+        return fn(*a)
+
+    model.forward = body
+    try:
+        return model(*args)
+    finally:
+        model.forward = original
+
+
+def full(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole of a sharded (DTensor) parameter on every rank, else the tensor itself.
+
+    A collective for a DTensor: every rank must call it, for the same tensors in the same order.
+    """
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def local_bytes(model) -> int:
+    """Bytes of the parameters this rank holds: its shards of a sharded model, every parameter otherwise."""
+    return sum(local.numel() * local.element_size()
+               for local in (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()))
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_model_state(model) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU on rank 0 (empty on the other ranks; every rank must call).
+
+    A tied head is given the embedding's tensor again, so savers see the tie
+    and store it once, as they do for an unsharded model.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options(cpu_offload=True))
+    if state:
+        for name, alias in tied_names(model).items():
+            state[alias] = state[name]
+    return state
+
+
+def tied_names(model) -> dict[str, str]:
+    """{first name: other name} of parameters registered under two names (a tied embedding and head)."""
+    seen: dict[int, str] = {}
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied[seen[id(p)]] = name
+        else:
+            seen[id(p)] = name
+    return tied
+
+
+def load_full_model_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict given on rank 0 into the sharded model (the other ranks pass {})."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options(broadcast_from_rank0=True))
+
+
+def fill_from_rank0(model, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give a sharded model its weights from rank 0's full state dict (the other ranks pass {}).
+
+    The other ranks' models were built on the meta device: they get memory for their shards here, then
+    the shards and the buffers that no state dict holds (rotary frequencies) from rank 0.
+    """
+    if not distributed.is_main():
+        model.to_empty(device=device)
+    load_full_model_state(model, state)
+    distributed.broadcast_tensors([b for _, b in model.named_buffers()])
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """optimizer.state_dict() as one process would have it (state keyed by parameter index), on rank 0."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+    if not state:
+        return {}
+    index = {name: i for i, name in enumerate(trainable_names(model))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
+    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    """Load an index-keyed optimizer state dict (given on rank 0, {} elsewhere) into the sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = trainable_names(model)
+    if state:
+        state = {"state": {names[int(i)]: s for i, s in state["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state, options=_options(broadcast_from_rank0=True))
+
+
+def trainable_names(model) -> list[str]:
+    """Names of the trained parameters, in the order the optimizer holds them (training.train)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,1 @@
+"""Output directories: manifests and fingerprints, claiming and locking a directory, model cards, the Hub."""

@@ -1,0 +1,148 @@
+"""Model cards: README.md with Hugging Face YAML front matter in every saved model directory.
+
+finalize() writes the card before the manifest, so the manifest lists it.
+`evaluate` later replaces the card's evaluation section (between markers) in
+each model it evaluated, copies its plots beside it, and records both in that
+model's manifest; the weights, and so every fingerprint, stay unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from aligndistil_cli.rundir.artifacts import MANIFEST, atomic_write_bytes, read_manifest, record_outputs
+from aligndistil_cli.config.stages import parse_yaml
+from aligndistil_cli.core.errors import UserError
+
+CARD = "README.md"
+EVAL_DIR = "evaluation"
+BEGIN, END = "<!-- aligndistil:evaluation -->", "<!-- /aligndistil:evaluation -->"
+NOT_EVALUATED = "Not evaluated yet: `aligndistil evaluate --model NAME=DIR` writes its results here."
+TAGS = {"sft": ["sft"], "train-dpo": ["dpo"], "train-reverse-dpo": ["dpo", "reverse-dpo"],
+        "distill": ["dpo", "aligndistil-student", "distillation"]}
+CITATION = """@inproceedings{zhang-etal-2025-aligndistil,
+    title = "{A}lign{D}istil: Token-Level Language Model Alignment as Adaptive Policy Distillation",
+    author = "Zhang, Songming and Zhang, Xue and Zhang, Tong and Hu, Bojie and Chen, Yufeng and Xu, Jinan",
+    booktitle = "Proceedings of the 63rd Annual Meeting of the Association for Computational Linguistics (Volume 1: Long Papers)",
+    year = "2025",
+    address = "Vienna, Austria",
+    publisher = "Association for Computational Linguistics",
+    url = "https://aclanthology.org/2025.acl-long.972/",
+    doi = "10.18653/v1/2025.acl-long.972",
+    pages = "19791--19807"
+}"""
+TEACHER_KEYS = ("variant", "beta", "kl_coef", "alpha_scale", "alpha_eps", "temperature", "format", "dpo", "rev", "ref")
+
+
+def is_model_dir(out: Path) -> bool:
+    return (Path(out) / "config.json").is_file() and any(Path(out).glob("*.safetensors"))
+
+
+def _hub_id(value: str | None) -> str | None:
+    """value when it names a hub repo rather than a local path."""
+    if not value or Path(value).exists() or str(value).startswith((".", "/", "~")) or str(value).count("/") != 1:
+        return None
+    return str(value)
+
+
+def front_matter(path: Path) -> dict:
+    """The YAML front matter of a card (empty when there is none)."""
+    text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else ""
+    match = re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL)
+    return (parse_yaml(match.group(1), str(path)) or {}) if match else {}
+
+
+def base_model(source: str | None) -> str | None:
+    """The hub model at the root of the lineage: source itself, or what its own card names."""
+    if _hub_id(source):
+        return source
+    if source and Path(source).is_dir():
+        return front_matter(Path(source) / CARD).get("base_model")
+    return None
+
+
+def teacher_settings(config: dict) -> dict:
+    """What taught a distilled student: the cache's teacher (off-policy) or the live one (on-policy)."""
+    if config.get("mode") == "on-policy":
+        settings = {k: config.get(k) for k in ("variant", "beta", "kl_coef", "dpo", "rev", "ref")}
+        settings["alpha_scale"] = 20.0 if config.get("alpha_scale") is None else config["alpha_scale"]
+        settings["alpha_eps"] = 1e-3 if config.get("alpha_eps") is None else config["alpha_eps"]
+        return {"mode": "on-policy", **settings, "temperature": config.get("teacher_temperature")}
+    cache = read_manifest(Path(config["cache"]), "precompute", role="teacher cache")["config"]
+    settings = {"mode": "off-policy", "cache": config["cache"], **{k: cache.get(k) for k in TEACHER_KEYS}}
+    for key in ("alpha_scale", "alpha_eps"):  # distill may override them on a hidden-state cache
+        if config.get(key) is not None:
+            settings[key] = config[key]
+    return settings
+
+
+def _body(stage: str, config: dict, metrics: dict, title: str) -> str:
+    source = config.get("model") or config.get("student")
+    lines = [f"# {title}", "",
+             f"Trained by the `{stage}` stage of [aligndistil](https://arxiv.org/abs/2503.02832), a command-line "
+             "pipeline for token-level alignment with AlignDistil (Zhang et al., ACL 2025).", "",
+             f"- initialised from: `{source}`", f"- data: `{config.get('data')}`"]
+    for key in ("steps", "final_loss", "train_seconds"):
+        if metrics.get(key) is not None:
+            lines.append(f"- {key.replace('_', ' ')}: {metrics[key]}")
+    if stage == "distill":
+        lines += ["", "## Teacher", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | `{v}` |" for k, v in teacher_settings(config).items() if v is not None]
+    lines += ["", "## Evaluation", "", BEGIN, NOT_EVALUATED, END, "",
+              "## Configuration", "", f"The resolved `{stage}` config (also in `stage_config.json` and "
+              "`manifest.json`):", "", "```yaml", yaml.safe_dump(config, sort_keys=True).rstrip(), "```", "",
+              "## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)
+
+
+def write_card(out: Path, stage: str, config: dict, metrics: dict) -> None:
+    """README.md for a saved model; config is the stage's resolved config as plain data."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=base_model(config.get("model") or config.get("student")),
+        datasets=[config["data"]] if _hub_id(config.get("data")) else None,
+        tags=["aligndistil", *TAGS.get(stage, [])],
+        library_name="transformers",
+        pipeline_tag="text-generation",
+    )
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(stage, config, metrics, Path(out).resolve().name)}")
+    atomic_write_bytes(Path(out) / CARD, str(card).encode("utf-8"))
+
+
+def evaluation_section(name: str, eval_out: Path, table: list[str], verdict: str | None, plots: list[str]) -> str:
+    lines = [f"`aligndistil evaluate` measured this model as `{name}` (report: `{eval_out}/report.md`).", ""]
+    lines += table
+    if verdict:
+        lines += ["", verdict]
+    lines += [""] + [f"![{Path(p).stem.replace('_', ' ')}]({EVAL_DIR}/{Path(p).name})" for p in plots]
+    return "\n".join(lines)
+
+
+def add_evaluation(model_dir: Path, section: str, plots: list[Path]) -> bool:
+    """Put section (and copies of plots) into a complete aligndistil model's card; False when it has none."""
+    model_dir = Path(model_dir)
+    card = model_dir / CARD
+    if not (model_dir / MANIFEST).is_file() or not card.is_file():
+        return False
+    try:
+        read_manifest(model_dir)
+    except UserError:
+        return False
+    text = card.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    (model_dir / EVAL_DIR).mkdir(exist_ok=True)
+    copied = []
+    for plot in plots:
+        shutil.copyfile(plot, model_dir / EVAL_DIR / Path(plot).name)
+        copied.append(f"{EVAL_DIR}/{Path(plot).name}")
+    atomic_write_bytes(card, f"{head}{BEGIN}\n{section}\n{END}{tail}".encode())
+    record_outputs(model_dir, [CARD, *copied])
+    return True
