@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any, List, Optional
 
 import typer
-from rich.console import Console
 
 try:  # typer >= 0.20 vendors its own click; its exceptions are not the installed click's.
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.train import loop as training
 from aligndistil_cli import __version__
+from aligndistil_cli.core.console import stderr
 from aligndistil_cli.config.stages import field_types, load_config
 from aligndistil_cli.core.errors import UsageError, UserError
 from aligndistil_cli.stages import STAGES
@@ -39,7 +37,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-stderr = Console(stderr=True)
 
 
 def emit(text: str) -> None:
@@ -81,9 +78,12 @@ def stage_command(name: str, fixed: dict[str, Any] | None = None) -> None:
             if types[f.name] is dict and kwargs.get(f.name) is not None:
                 kwargs[f.name] = _parse_named_paths(kwargs[f.name], f.metadata.get("flag") or f.name) or None
         config = load_config(stage.config, config_file, {**kwargs, **(fixed or {})})
-        with distributed.session(config):
+        from aligndistil_cli.parallel import distributed
+        from aligndistil_cli.rundir.artifacts import input_fingerprints
+
+        with distributed.session(config, lambda: input_fingerprints(config)):
             main = distributed.is_main()
-            stderr.quiet = training.stderr.quiet = not main
+            stderr.quiet = not main
             out = stage.run(config)
         if main:
             emit(str(out))
@@ -104,6 +104,8 @@ for _name in STAGES:
 
 def _not_under_torchrun(command: str) -> None:
     """`run` and `sweep` start stages themselves; under torchrun every rank would run (and write) each stage alone."""
+    from aligndistil_cli.parallel import distributed
+
     if distributed.launched():
         raise UsageError(f"do not start `aligndistil {command}` with torchrun; "
                          "`aligndistil run PIPELINE --nproc-per-node N` launches each stage on N processes itself")

@@ -10,11 +10,13 @@ the same size is noticed even if the mtime is restored.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 1 << 20
 _FILE = "file-hashes.json"
@@ -84,3 +86,12 @@ def sha256_cached(path: Path) -> str:
     if _stamp(path) == stamp:  # not written to while we read it
         _remember(key, [stamp, digest])
     return digest
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_dict(config: Any) -> dict:
+    """A dataclass config as plain JSON-able data (paths as strings)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))

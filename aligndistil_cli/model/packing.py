@@ -246,7 +246,7 @@ def probe(model, tol: float = 1e-4) -> str | None:
 def enable(model, wanted: bool, desc: str) -> bool:
     """Switch model to padding-free attention when wanted and possible; else say why in one line."""
     from aligndistil_cli.model.loading import unwrap
-    from aligndistil_cli.train.loop import stderr
+    from aligndistil_cli.core.console import stderr
 
     if not wanted:
         return False

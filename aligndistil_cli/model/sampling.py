@@ -28,7 +28,7 @@ from aligndistil_cli.model.kv_cache import make as make_cache
 from aligndistil_cli.model.kv_cache import resolve as resolve_kv_cache
 from aligndistil_cli.model.kv_cache import select as select_cache_rows
 from aligndistil_cli.model.loading import sequence_logps, unwrap
-from aligndistil_cli.train.loop import progress
+from aligndistil_cli.core.console import progress
 
 _M32 = 0xFFFFFFFF
 

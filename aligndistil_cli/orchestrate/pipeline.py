@@ -32,24 +32,17 @@ from pathlib import Path
 
 import yaml
 
-from rich.console import Console
 
 from aligndistil_cli.train import checkpoint
-from aligndistil_cli.rundir.artifacts import (
-    MANIFEST,
-    config_dict,
-    portable_config,
-    read_manifest,
-    stale_inputs,
-    verify_outputs,
-)
+from aligndistil_cli.rundir.artifacts import MANIFEST, portable_config, read_manifest, stale_inputs, verify_outputs
+from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.config.stages import ConfigError, build_config, read_yaml
 from aligndistil_cli.core.errors import UserError, shown
 from aligndistil_cli.orchestrate.plan import check_stage_names, did_you_mean, make_plan, parse_sets, select
 from aligndistil_cli.stages import STAGES
 from aligndistil_cli.train.tracking import require
 
-console = Console(stderr=True)
+from aligndistil_cli.core.console import stderr as console
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 # A stage's name is its directory under the root: no separators, and not "." or "..".
 STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 
-from aligndistil_cli.rundir.artifacts import atomic_write_json, config_dict
+from aligndistil_cli.rundir.artifacts import atomic_write_json
+from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.config.stages import build_config, read_yaml
 from aligndistil_cli.core.errors import ConfigError, UserError
 from aligndistil_cli.orchestrate.pipeline import FIXED, for_rerun, is_up_to_date, substitute
@@ -39,7 +39,7 @@ from aligndistil_cli.orchestrate.summary import _norm, label, summary_options, w
 
 __all__ = ["load_spec", "plan", "run_sweep", "run_name", "write_summary"]
 
-console = Console(stderr=True)
+from aligndistil_cli.core.console import stderr as console
 _SPEC_KEYS = {"root", "seeds", "shared", "base", "defaults", "grid", "methods", "summary"}
 _METHOD_KEYS = {"knob", "chain", "values", "runs", "grid", "eval"}
 _BUILTINS = ("knob", "seed_dir")

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
+from typing import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.core.hashing import config_dict, sha256_json
 
 # A rank that dies leaves the others waiting in a collective; torchrun ends them when it sees the
 # death, and this bounds the wait when it cannot (a hung, not dead, peer).
@@ -250,22 +252,20 @@ def backend(cuda: bool, cpu_offload: bool) -> str:
 
 
 @contextmanager
-def session(config):
+def session(config, inputs: Callable[[], dict[str, str]] | None = None):
     """Join the torchrun process group for one stage, check that all ranks agree, and leave it after.
 
     Without torchrun this does nothing. Under torchrun it joins a group of
     backend()'s (a group that already exists is used and left open); a batch
     the world cannot split, ranks with different configs and ranks that read
-    different data or models under the same paths are refused before any model
-    loads. A refusal every rank reaches is marked (UserError.said_elsewhere) on
+    different data or models under the same paths (inputs(): {path: fingerprint},
+    rundir.artifacts.input_fingerprints) are refused before any model loads. A refusal every rank reaches is marked (UserError.said_elsewhere) on
     all but rank 0, which alone prints it; an error caused by a peer's death
     becomes "rank N exited; stopping".
     """
     if not launched():
         yield
         return
-    from aligndistil_cli.rundir.artifacts import config_dict, input_fingerprints, sha256_json
-
     owner = not active()
     if owner:
         cuda = torch.cuda.is_available() and getattr(config, "device", "auto") != "cpu"
@@ -276,7 +276,8 @@ def session(config):
     _sessions[0] += 1
     try:
         check_same_config(sha256_json(config_dict(config)))
-        check_same_inputs(input_fingerprints(config))
+        if inputs is not None:
+            check_same_inputs(inputs())
         if hasattr(config, "grad_accum"):
             check_batch(config.batch_size, config.grad_accum, world_size())
         if getattr(config, "lora_r", 0):

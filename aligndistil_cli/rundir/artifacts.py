@@ -7,7 +7,6 @@ rename), so a crash at any point leaves a directory no stage will consume.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -25,7 +24,7 @@ from typing import Any
 from aligndistil_cli.rundir import outdir
 from aligndistil_cli import __version__
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.core.hashing import sha256_cached, sha256_file
+from aligndistil_cli.core.hashing import config_dict, sha256_cached, sha256_file, sha256_json
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "stage_config.json"
@@ -101,15 +100,6 @@ def json_line(obj: Any) -> str:
 def atomic_write_json(path: Path, obj: Any, sort_keys: bool = True) -> None:
     text = json.dumps(finite_json(obj), indent=2, sort_keys=sort_keys, default=str, allow_nan=False)
     atomic_write_bytes(path, (text + "\n").encode())
-
-
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def config_dict(config: Any) -> dict:
-    """A dataclass config as plain JSON-able data (paths as strings)."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
 def check_output_dir(out: Path) -> Path:

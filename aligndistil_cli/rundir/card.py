@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from aligndistil_cli.rundir.artifacts import MANIFEST, atomic_write_bytes, read_manifest, record_outputs
-from aligndistil_cli.config.stages import parse_yaml
+from aligndistil_cli.core.yamlio import parse_yaml
 from aligndistil_cli.core.errors import UserError
 
 CARD = "README.md"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from aligndistil_cli.train import checkpoint
+from aligndistil_cli.core.console import say
 from aligndistil_cli.parallel import distributed
 from aligndistil_cli.parallel import fsdp
 from aligndistil_cli.rundir.artifacts import (
@@ -156,13 +157,11 @@ def final_teacher_kl(model, loss_fn, chunks: list, precision: str, device) -> fl
 
 def report_final_kl(out: Path, step: int, kl: float, tokens: int) -> None:
     """Append the final KL to metrics.jsonl (a last record at the last step) and print it (rank 0, which writes)."""
-    from rich.console import Console
-
     if not distributed.is_main():
         return
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json_line({"step": step, "final_kl_teacher": kl}))
-    Console(stderr=True).print(f"distill: final KL to the teacher {kl:.4f} nats/token (trained on {tokens:,} tokens)")
+    say(f"distill: final KL to the teacher {kl:.4f} nats/token (trained on {tokens:,} tokens)")
 
 
 def run(config: DistillConfig) -> Path:

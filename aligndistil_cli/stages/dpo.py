@@ -15,16 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from aligndistil_cli.train import checkpoint
 from aligndistil_cli.parallel import distributed
-from aligndistil_cli.rundir.artifacts import (
-    default_mode,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    finalize,
-    input_record,
-    prepare_output,
-    sha256_json,
-    writing,
-)
+from aligndistil_cli.rundir.artifacts import default_mode, fingerprint_model, fingerprint_tokenizer, finalize, input_record, prepare_output, writing
+from aligndistil_cli.core.hashing import sha256_json
 from aligndistil_cli.config.stages import DpoConfig
 from aligndistil_cli.data.encode import collate, data_fingerprint, data_input, encode_pairs, load_data
 from aligndistil_cli.losses.functions import dpo_loss

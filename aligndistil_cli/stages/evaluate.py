@@ -17,14 +17,8 @@ import torch
 
 from aligndistil_cli.parallel import distributed
 from aligndistil_cli.train import tracking
-from aligndistil_cli.rundir.artifacts import (
-    atomic_write_json,
-    config_dict,
-    fingerprint_model,
-    finalize,
-    input_record,
-    prepare_output,
-)
+from aligndistil_cli.rundir.artifacts import atomic_write_json, fingerprint_model, finalize, input_record, prepare_output
+from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.rundir.card import add_evaluation, evaluation_section
 from aligndistil_cli.config.stages import EvaluateConfig
 from aligndistil_cli.data.encode import (

@@ -23,18 +23,8 @@ from safetensors.torch import save_file
 
 from aligndistil_cli.parallel import distributed
 from aligndistil_cli.parallel import fsdp
-from aligndistil_cli.rundir.artifacts import (
-    content_key,
-    finalize,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    input_record,
-    prepare_output,
-    sha256_json,
-    tokenizer_difference,
-    tokenizer_parts,
-    writing,
-)
+from aligndistil_cli.rundir.artifacts import content_key, finalize, fingerprint_model, fingerprint_tokenizer, input_record, prepare_output, tokenizer_difference, tokenizer_parts, writing
+from aligndistil_cli.core.hashing import sha256_json
 from aligndistil_cli.teacher.cache import (
     HEADS,
     STORE_DTYPES,

@@ -12,50 +12,26 @@ import json
 import math
 import random
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from aligndistil_cli.train import checkpoint
 from aligndistil_cli.parallel import distributed
 from aligndistil_cli.parallel import fsdp
 from aligndistil_cli.train import tracking
-from aligndistil_cli.rundir.artifacts import config_dict, json_line, portable_config, sha256_json
+from aligndistil_cli.rundir.artifacts import json_line, portable_config
+from aligndistil_cli.core.hashing import config_dict, sha256_json
+from aligndistil_cli.core.console import progress, stderr
 from aligndistil_cli.core.errors import UserError
 
-stderr = Console(stderr=True)
 
 # Fields that may differ between a run and its resumption.
 RESUME_FREE = ("resume", "force", "save_every", "keep_checkpoints", "log_every", "device", "fsdp_cpu_offload",
                "shard_teachers", "report_to", "run_name", "project", "push_to_hub", "hub_private")
 
 LossFn = Callable[[object], tuple[torch.Tensor, dict]]
-
-
-@contextmanager
-def progress(desc: str, total: int):
-    """A rich progress bar on stderr with ETA and a free-text field for the running loss (rank 0 only)."""
-    if not distributed.is_main():
-        yield lambda advance=1, info="": None
-        return
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=stderr,
-        transient=False,
-    )
-    with bar:
-        task = bar.add_task(desc, total=total, info="")
-        yield lambda advance=1, info="": bar.update(task, advance=advance, info=info)
 
 
 def seed_everything(seed: int) -> None:

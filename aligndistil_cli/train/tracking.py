@@ -14,7 +14,6 @@ list (they are logs, not results).
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib.util
 import os
 import sys
@@ -22,25 +21,10 @@ import time
 import uuid
 from pathlib import Path
 
-from aligndistil_cli.core.errors import ConfigError, UserError
+from aligndistil_cli.config.trackers import MODULES, parse_report_to
+from aligndistil_cli.core.errors import UserError
 
 LOG_DIR = "logs"
-# backend -> the module its library is imported as (the extra has the backend's name).
-MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
-
-
-def parse_report_to(value: str | None) -> list[str]:
-    """'tensorboard,wandb' -> ['tensorboard', 'wandb']; 'none' -> []; a typo gets a did-you-mean."""
-    names = [v.strip() for v in (value or "none").split(",") if v.strip()]
-    for name in names:
-        if name != "none" and name not in MODULES:
-            close = difflib.get_close_matches(name, [*MODULES, "none"], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"config field 'report_to': unknown tracker {name!r}{hint} "
-                              f"(choose from none, {', '.join(MODULES)})")
-    return list(dict.fromkeys(n for n in names if n != "none"))
-
-
 def require(value: str | None) -> None:
     """One line naming the extra when a tracker's package is missing, before any work starts."""
     for name in parse_report_to(value):

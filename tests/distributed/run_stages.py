@@ -43,7 +43,7 @@ def refusal(fn, *args) -> str | None:
 
 def check_session(seed: int) -> None:
     config = load_config(STAGES["sft"].config, None, {"model": "m", "data": "d", "out": "o", "seed": seed})
-    with distributed.session(config):
+    with distributed.session(config, lambda: artifacts.input_fingerprints(config)):
         pass
 
 
@@ -104,7 +104,7 @@ def main(args: list[str]) -> None:
             continue
         stage = stage.split("/")[0]
         config = load_config(STAGES[stage].config, path, {"reverse": True} if stage == "train-reverse-dpo" else {})
-        with distributed.session(config):
+        with distributed.session(config, lambda: artifacts.input_fingerprints(config)):
             STAGES[stage].run(config)
     dist.barrier()
     # Every output is on disk and every collective done. A process that exits with its gloo group still

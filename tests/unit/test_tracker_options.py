@@ -8,15 +8,16 @@ from types import SimpleNamespace
 import pytest
 
 from aligndistil_cli.train import tracking
+from aligndistil_cli.config.trackers import parse_report_to
 from aligndistil_cli.core.errors import ConfigError
 
 
 def test_parse_report_to():
-    assert tracking.parse_report_to("none") == []
-    assert tracking.parse_report_to(None) == []
-    assert tracking.parse_report_to(" tensorboard, wandb ,tensorboard") == ["tensorboard", "wandb"]
+    assert parse_report_to("none") == []
+    assert parse_report_to(None) == []
+    assert parse_report_to(" tensorboard, wandb ,tensorboard") == ["tensorboard", "wandb"]
     with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'; did you mean 'tensorboard'"):
-        tracking.parse_report_to("tensorbord")
+        parse_report_to("tensorbord")
 
 
 def test_scalars_keep_numbers_only():
