@@ -129,6 +129,8 @@ class TrainingFields(DataFields, TrackingFields, HubFields):
     weight_decay: float = opt(0.0, "AdamW weight decay.", nonneg=True)
     adam_beta1: float = opt(0.9, "AdamW beta1.", nonneg=True)
     adam_beta2: float = opt(0.95, "AdamW beta2.", nonneg=True)
+    adam_eps: float = opt(1e-8, "AdamW epsilon: gradients far below it take steps proportional to them, not of size lr.",
+                          positive=True)
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 disables).", nonneg=True)
     max_length: int = opt(128, "Maximum tokens of prompt + response.", positive=True)
     max_prompt_length: int = opt(96, "Maximum prompt tokens (prompts are cut from the left).", positive=True)
