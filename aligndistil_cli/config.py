@@ -301,6 +301,11 @@ class DistillConfig(TrainingFields, TeacherShardingFields):
                                        "--format hidden cache). On-policy: default 20.", nonneg=True)
     alpha_eps: Optional[float] = opt(None, "eps of alpha_t. Off-policy: overrides the cache's (hidden cache). "
                                      "On-policy: default 1e-3.", positive=True)
+    alpha_max: Optional[float] = opt(None, "Ours: cap on alpha_t. Off-policy: overrides the cache's (hidden cache). "
+                                     "On-policy: default none (the paper).", positive=True)
+    extrapolate_eos: Optional[bool] = opt(None, "Ours: --no-extrapolate-eos keeps the DPO model's EOS probability. "
+                                          "Off-policy: overrides the cache's (hidden cache). On-policy: default "
+                                          "--extrapolate-eos (the paper).")
     dpo: Optional[str] = opt(None, "On-policy: the DPO model (run live). Off-policy, optional: the cache must "
                              "have been built from this model.")
     rev: Optional[str] = opt(None, "On-policy: the reverse-DPO model (run live). Off-policy, optional: checked "

@@ -33,14 +33,14 @@ from ..packing import MIN_PADDING, collate_for, enable as enable_padding_free
 from ..sampling import generate
 from ..teacher import TeacherSpec
 from ..training import seed_everything, step_batches, train
-from .distill import FINAL_KL_ROWS, final_teacher_kl, report_final_kl, teacher_loss
+from .distill import FINAL_KL_ROWS, final_teacher_kl, report_final_kl, spec_overrides, teacher_loss
 from .precompute import check_same_tokenizers, teacher_for_batch, teacher_heads
 
 
-def on_policy_spec(config: DistillConfig) -> TeacherSpec:
-    return TeacherSpec(config.variant, config.beta, config.kl_coef,
-                       20.0 if config.alpha_scale is None else config.alpha_scale,
-                       1e-3 if config.alpha_eps is None else config.alpha_eps, config.teacher_temperature)
+def on_policy_spec(config: DistillConfig, eos_id: int) -> TeacherSpec:
+    """The live teacher: the paper's (r 20, eps 1e-3), with distill's own options over it."""
+    paper = TeacherSpec(config.variant, config.beta, config.kl_coef, 20.0, 1e-3, config.teacher_temperature)
+    return dataclasses.replace(paper, **spec_overrides(config, eos_id))
 
 
 def load_teachers(config: DistillConfig, spec: TeacherSpec, device, student_tokenizer) -> dict:
@@ -185,8 +185,8 @@ def at_rollout_boundaries(config: DistillConfig) -> DistillConfig:
 def run(config: DistillConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
-    spec = on_policy_spec(config)
     tokenizer = load_tokenizer(config.student, **hub_options(config))
+    spec = on_policy_spec(config, tokenizer.eos_token_id)
     teachers = load_teachers(config, spec, device, tokenizer)
     rows, data_stats = load_data(config, "prompts")
     rows, _ = encode_prompts(tokenizer, rows, config, data_stats)

@@ -32,6 +32,15 @@ def test_sampled_sequence_mask_covers_first_token_and_eos_only():
     assert batch.loss_mask[1].tolist() == [False, True, True, False, False, False]
 
 
+def test_on_policy_teacher_takes_the_alpha_cap_and_the_kept_eos():
+    config = DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo="d", rev="r", alpha_max=2.0,
+                           extrapolate_eos=False, alpha_scale=5.0)
+    spec = on_policy_spec(config, EOS)
+    assert (spec.alpha_scale, spec.alpha_eps, spec.alpha_max, spec.keep_eos) == (5.0, 1e-3, 2.0, EOS)
+    paper = on_policy_spec(DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo="d", rev="r"), EOS)
+    assert (paper.alpha_scale, paper.alpha_max, paper.keep_eos) == (20.0, None, None)
+
+
 def test_live_teacher_and_cache_give_the_same_loss(runs, tmp_path):
     """Sampled sequences through the off-policy cache path give the live path's loss (one implementation)."""
     tok = load_tokenizer(runs / "sft")
@@ -52,7 +61,7 @@ def test_live_teacher_and_cache_give_the_same_loss(runs, tmp_path):
     cache = TeacherCache(cache_dir)
     batch = collate([Encoded(s.prompt_ids, s.response_ids) for s in samples], tok.pad_token_id)
     config = DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo=values["dpo"], rev=values["rev"])
-    spec = on_policy_spec(config)
+    spec = on_policy_spec(config, tok.eos_token_id)
     teachers = {n: load_model(values[n], CPU).eval() for n in ("dpo", "rev")}
     live = teacher_for_batch(teachers, teacher_heads(teachers), batch, spec, "hidden", len(tok), torch.float32, host=False)
     # The teachers' parameters require grad here, but no autograd graph may be built over their forwards.
