@@ -147,11 +147,13 @@ def sweep_command(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. pipelines/experiments.yaml.")],
     force: ForceOption = False,
     root: RootOption = None,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Seeds run at once, each in a process of its own "
+                                      "(one per core, with OMP_NUM_THREADS=1).")] = 1,
 ) -> None:
     from .sweep import run_sweep
 
     _not_under_torchrun("sweep")
-    emit(str(run_sweep(spec, root=root, force=force)))
+    emit(str(run_sweep(spec, root=root, force=force, jobs=jobs)))
 
 
 @app.command("verify", help="Check every file of an output directory against its manifest's sha256.\n\n"

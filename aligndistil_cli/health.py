@@ -104,15 +104,3 @@ def stop_warning(health: dict) -> str | None:
     return (f"warning: the teacher would not stop: its p(EOS) where chosen responses end is {teacher:.2g}, against "
             f"{dpo:.2g} under the DPO model, so its students run to the length cap; cap alpha_t (--alpha-max, e.g. 2) "
             "or keep the DPO model's EOS probability (--no-extrapolate-eos)")
-
-
-def health_line(health: dict) -> str:
-    """The health record in one line: p(EOS) at the ends, alpha_t and TVD_t quantiles, the mirror cosine."""
-    names = {"ref": "reference", "dpo": "DPO", "rev": "reverse DPO", "teacher": "teacher"}
-    eos = ", ".join(f"{names[k]} {v:.3g}" for k, v in health["p_eos_at_end"].items() if v is not None)
-    a, t = health["alpha"], health["tvd"]
-    mirror = health.get("mirror_cosine_median")
-    return (f"teacher health (r {health['spec']['alpha_scale']:g}, {health['responses_ending_in_eos']} chosen responses): "
-            f"p(EOS) where they end: {eos}; alpha_t median {a['p50']:.3g} (p95 {a['p95']:.3g}, max {a['max']:.3g}); "
-            f"TVD median {t['p50']:.3g} (p95 {t['p95']:.3g}); "
-            + (f"mirror cosine median {mirror:.2f}" if mirror is not None else "mirror cosine: no reference"))

@@ -30,8 +30,9 @@ from ..cache import HEADS, STORE_DTYPES, ShardRecord, plan_shards, shard_is_done
 from ..config import PrecomputeConfig
 from ..data import collate, data_input, encode_rows, load_data
 from ..errors import UserError
-from ..health import HEALTH_ROWS, health_line, teacher_health
+from ..health import HEALTH_ROWS, teacher_health
 from ..modeling import bf16_enabled, hub_options, load_model, load_tokenizer, output_head, pick_device, response_hidden
+from ..report import health_line
 from ..teacher import (LOGITS_MAX_BYTES_PER_TOKEN, TeacherSpec, bytes_per_position, check_head_reproduces,
                        encode_chunk, float32_heads)
 from ..training import progress, seed_everything
