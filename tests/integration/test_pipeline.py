@@ -219,7 +219,7 @@ def test_the_experiments_sweep_spec_resolves(tmp_path):
     from aligndistil_cli.sweep import load_spec, plan
 
     bases, runs = plan(load_spec(REPO / "pipelines" / "experiments.yaml"), tmp_path)
-    assert len(bases) == 2 and len(runs) >= 2 * 20
+    assert len(bases) == 5 and len(runs) >= 5 * 20
     bases, runs = plan(load_spec(REPO / "pipelines" / "experiments-full.yaml"), tmp_path)
     assert len(bases) == 5 and len(runs) >= 5 * 180
 
