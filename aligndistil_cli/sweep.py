@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import subprocess
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,24 +219,30 @@ def plan(spec: dict, root: Path) -> tuple[dict[int, list], list[Run]]:
     return base, runs
 
 
-def _run_stage(stage: str, config, force: bool, done: set[str], root: Path) -> None:
+def _run_stage(stage: str, config, force: bool, done: set[str], root: Path) -> bool:
+    """Run the stage unless it is done or up to date; whether it ran."""
     if config.out in done:  # shared with an earlier run of this sweep: already run or checked
-        return
-    if not force and is_up_to_date(config, root):
-        console.print(f"[dim]skip[/dim] {stage}: {config.out} is complete and up to date")
-    else:
+        return False
+    ran = force or not is_up_to_date(config, root)
+    if ran:
         config = for_rerun(config, force)
         console.print(f"[bold]run[/bold] {stage} -> {config.out}")
         STAGES[stage].run(config)
+    else:
+        console.print(f"[dim]skip[/dim] {stage}: {config.out} is complete and up to date")
     done.add(config.out)
+    return ran
 
 
-def _run_chain(stages: list, force: bool, done: set[str], root: Path) -> None:
+def _run_chain(stages: list, force: bool, done: set[str], root: Path) -> int:
+    """Run (or skip) the stages in order; the number that ran."""
+    ran = 0
     for stage, config in stages:
         if stage == SELECT:  # cheap, and its choice depends on the candidates: made again on every run
             choose_teachers(config)
         else:
-            _run_stage(stage, config, force, done, root)
+            ran += _run_stage(stage, config, force, done, root)
+    return ran
 
 
 def _write_run_json(root: Path, run: Run) -> None:
@@ -245,26 +254,43 @@ def _write_run_json(root: Path, run: Run) -> None:
                                              "eval": evaluation, "lr": lr, "epochs": epochs})
 
 
-def _run_seed(spec_path: Path, root: Path, seed: int, force: bool) -> list[str]:
-    """Run (or skip) one seed's base stages and runs; the failures (UserError), one line each."""
+def _run_seed(spec_path: Path, root: Path, seed: int, force: bool) -> tuple[list[str], int]:
+    """Run (or skip) one seed's base stages and runs: the failures (UserError, one line each) and the stages run."""
     base, runs = plan(load_spec(Path(spec_path)), root)
     seed_runs = [r for r in runs if r.seed == seed]
     for run in seed_runs:  # run.json marks a finished run: written back only once all its stages are
         (run.dir / "run.json").unlink(missing_ok=True)
     done: set[str] = set()
     try:
-        _run_chain(base[seed], force, done, root)
+        ran = _run_chain(base[seed], force, done, root)
     except UserError as e:
-        return [f"seed {seed}, base stages (its runs were skipped): {e}"]
+        return [f"seed {seed}, base stages (its runs were skipped): {e}"], 0
     failed = []
     for run in seed_runs:
         try:
-            _run_chain(run.stages, force, done, root)
+            ran += _run_chain(run.stages, force, done, root)
         except UserError as e:
             failed.append(f"{run.dir}: {e}")
             continue
         _write_run_json(root, run)
-    return failed
+    return failed, ran
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def sweep_record(spec_path: Path, jobs: int, started: float, ran: int) -> dict:
+    """Where the sweep's numbers come from: the commit and command, the wall time and the machine's load."""
+    return {"command": f"aligndistil sweep {spec_path}" + (f" --jobs {jobs}" if jobs > 1 else ""),
+            "commit": _git("rev-parse", "--short", "HEAD") or None,
+            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+            "wall_s": round(time.time() - started), "stages_run": ran, "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_at_end": list(os.getloadavg())}
 
 
 def run_sweep(spec_path: Path, root: Path | None = None, force: bool = False, jobs: int = 1) -> Path:
@@ -275,17 +301,21 @@ def run_sweep(spec_path: Path, root: Path | None = None, force: bool = False, jo
     does not stop the others: the summary is written from what finished, and the failures are
     raised together at the end.
     """
+    started = time.time()
     spec = load_spec(Path(spec_path))
     root = Path(root or spec.get("root", "runs/experiments"))
     base, _ = plan(spec, root)
     shared = base[spec["seeds"][0]][: len(spec.get("shared") or [])]
-    _run_chain(shared, force, set(), root)
+    ran = _run_chain(shared, force, set(), root)
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(_run_seed, *zip(*[(spec_path, root, seed, force) for seed in base])))
     else:
         results = [_run_seed(spec_path, root, seed, force) for seed in base]
-    failed = [line for lines in results for line in lines]
+    failed = [line for lines, _ in results for line in lines]
+    ran += sum(n for _, n in results)
+    if ran:  # a rerun that computed nothing leaves the record of the run that did
+        atomic_write_json(root / "sweep.json", sweep_record(spec_path, jobs, started, ran))
     out = write_summary(root, root / "summary.md", **summary_options(spec.get("summary") or {}))
     if failed:
         raise UserError(f"sweep: {len(failed)} failure(s), {out} covers the rest: " + "; ".join(failed))

@@ -300,7 +300,7 @@ def test_run_sweep_reuses_shared_work_and_reports_failures(tmp_path, monkeypatch
 
     def fake_stage(stage, config, force, done, root):
         if config.out in done:
-            return
+            return False
         done.add(config.out)
         calls.append(config.out)
         if "beta-0.05" in config.out:
@@ -311,6 +311,7 @@ def test_run_sweep_reuses_shared_work_and_reports_failures(tmp_path, monkeypatch
                 name: {"reward": _ci(0.1), "kl": _ci(0.2), "length": {"mean": 9.0, "cap_rate": 0.0}}
                 for name in ("reference", "model")}}
             (Path(config.out) / "report.json").write_text(json.dumps(report))
+        return True
 
     monkeypatch.setattr(sweep, "_run_stage", fake_stage)
     path = tmp_path / "spec.yaml"
@@ -322,6 +323,8 @@ def test_run_sweep_reuses_shared_work_and_reports_failures(tmp_path, monkeypatch
     assert not (tmp_path / "exp/seed-0/dpo-beta/beta-0.05/run.json").exists()
     assert json.loads((tmp_path / "exp/seed-0/dpo-beta/beta-0.1/run.json").read_text())["model"] == "seed-0/dpo"
     assert "| beta = 0.2 | 2 (0, 1) |" in (tmp_path / "exp/summary.md").read_text()
+    record = json.loads((tmp_path / "exp/sweep.json").read_text())  # where the numbers come from; 14 - 2 failed
+    assert record["command"] == f"aligndistil sweep {path}" and record["stages_run"] == 12 and record["wall_s"] >= 0
 
 
 def test_plan_grid_shared_stages_and_eval_overrides(tmp_path):
