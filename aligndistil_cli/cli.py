@@ -156,6 +156,22 @@ def sweep_command(
     emit(str(run_sweep(spec, root=root, force=force, jobs=jobs)))
 
 
+@app.command("results", help="Write the published numbers from a finished sweep and the default run: "
+                             "docs/results/summary.json, docs/frontier.png and the results blocks of docs/RESULTS.md "
+                             "and README.md.\n\n\b\nExample:\n  aligndistil results")
+def results_command(
+    spec: Annotated[Path, typer.Option("--spec", help="The sweep's spec (its summary options).")] =
+        Path("pipelines/experiments.yaml"),
+    root: Annotated[Path, typer.Option("--root", help="The sweep's root.")] = Path("runs/experiments"),
+    default: Annotated[Path, typer.Option("--default", help="The default run's evaluation.")] = Path("runs/tiny/eval"),
+    docs: Annotated[Path, typer.Option("--docs", help="The docs directory (RESULTS.md).")] = Path("docs"),
+    readme: Annotated[Path, typer.Option("--readme", help="The README with the headline block.")] = Path("README.md"),
+) -> None:
+    from .results import publish
+
+    emit(str(publish(root, spec, default, docs, readme)))
+
+
 @app.command("verify", help="Check every file of an output directory against its manifest's sha256.\n\n"
                             "\b\nExample:\n  aligndistil verify runs/tiny/teacher")
 def verify(directory: Annotated[Path, typer.Argument(help="A stage's output directory.")]) -> None:

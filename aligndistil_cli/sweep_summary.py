@@ -289,7 +289,7 @@ def verdict(d: dict | None) -> str:
     return "wins" if d["lo"] > 0 else "loses" if d["hi"] < 0 else "ties"
 
 
-def _paired_table(records: list[dict], budgets: tuple, baseline: str) -> list[str]:
+def paired_table(records: list[dict], budgets: tuple, baseline: str) -> list[str]:
     diffs = paired_differences(records, budgets, baseline)
     if not diffs:
         return [f"No method besides the baseline {baseline}."]
@@ -341,7 +341,7 @@ def summary_data(root: Path, budgets: tuple = (2, 5, 10), length_budgets: tuple 
             "sweep": _read_json(root / "sweep.json"), "selection": selection, "records": collect(root)}
 
 
-def _records(data: dict) -> list[dict]:
+def records_of(data: dict) -> list[dict]:
     """The records of summary_data, with the tuples JSON turned into lists back."""
     return [{**r, "order": tuple(r["order"])} for r in data["records"]]
 
@@ -354,7 +354,7 @@ _INTRO = ("Every value is the mean over seeds ± the half-width of a normal-appr
 
 def render_summary(data: dict) -> list[str]:
     """The summary's markdown (without a title) from summary_data."""
-    records = _records(data)
+    records = records_of(data)
     opts = data["options"]
     budgets, converged_kl = tuple(opts["budgets"]), opts["converged_kl"]
     if not records:
@@ -373,7 +373,7 @@ def render_summary(data: dict) -> list[str]:
               "(the same seed: the same SFT model, pairs and teachers); mean ± half-width of a Student-t 95% interval "
               "over the seeds where both have a converged run within the budget (their number in parentheses). "
               "wins / loses: the interval is above / below 0; ties: it holds 0.", ""]
-    lines += _paired_table(kept, budgets, opts["baseline"])
+    lines += paired_table(kept, budgets, opts["baseline"])
     lines += ["", "## Best reward within a KL budget, pooled", "",
               "From each method's frontier over its settings' means over seeds (setting in parentheses; "
               "— : none within it).", ""] + _budget_table(kept_agg, budgets)
@@ -423,5 +423,5 @@ def plot_frontiers(data: dict, path: Path) -> None:
     matplotlib.use("Agg")  # before pyplot: sweeps run on headless machines
     import matplotlib.pyplot as plt
 
-    records = _records(data)
+    records = records_of(data)
     _plot_frontiers(plt, aggregate(records, data["options"]["converged_kl"]), records, path)
