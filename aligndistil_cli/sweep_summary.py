@@ -391,7 +391,8 @@ def render_summary(data: dict) -> list[str]:
               "knob values.", ""] + _tokens_table(kept_agg, budgets)
     lines += ["", "## The teachers each seed chose", "",
               "Held-out implicit-reward accuracy of DPO (chosen over rejected) and of reverse DPO (rejected over "
-              "chosen) at every budget of the grid; the pair with the best mean is the seed's teachers.", ""]
+              "chosen) at every budget of the grid; the seed's teachers are the least-trained pair (smallest "
+              "lr × epochs) whose mean is within one standard error of the best (selection.py).", ""]
     lines += _selection_table(data["selection"])
     lines += ["", "## Teacher health: p(EOS) where chosen responses end, α_t, TVD and the mirror effect", "",
               "From `evaluate --teacher --pairs`: the mean probability of EOS where chosen responses end, the "

@@ -251,5 +251,5 @@ def test_teacher_selection_links_the_pair_with_the_best_held_out_accuracy(runs, 
     assert record["chosen"] == {"lr": 1e-3, "epochs": 3}
     assert (tmp_path / "teachers" / "dpo").resolve() == Path(dpo.out).resolve()
     assert (tmp_path / "teachers" / "rev").resolve() == Path(rev.out).resolve()
-    first, second = record["candidates"]
-    assert second["score"] > 0.5 > first["score"] and record["held_out_pairs"] == len(pairs.read_text().splitlines()) - 5
+    first, second = record["candidates"]  # the swapped pair is the smaller budget, but not within one SE
+    assert second["score"] - second["standard_error"] > first["score"] and record["held_out_pairs"] == len(pairs.read_text().splitlines()) - 5
