@@ -47,12 +47,13 @@ def default_run(eval_dir: Path) -> dict:
 def _provenance(data: dict) -> str:
     sweep = data.get("sweep") or {}
     seeds = sorted({r["seed"] for r in data["records"]})
-    load = ", ".join(f"{x:.1f}" for x in sweep.get("load_average_at_end", []))
+    load = "; ".join(", ".join(f"{x:.1f}" for x in sweep.get(f"load_average_at_{when}", [])) for when in ("start", "end"))
     return (f"Written by `aligndistil results` from `{sweep.get('command', '?')}` at commit {sweep.get('commit', '?')}"
             + (" (with uncommitted changes)" if sweep.get("uncommitted_changes") else "")
             + f", {len(seeds)} whole-pipeline seeds, started {sweep.get('started', '?')}: "
             f"{sweep.get('wall_s', 0) / 60:.0f} min of wall time on {sweep.get('cpus', '?')} cores, "
-            f"OMP_NUM_THREADS={sweep.get('omp_num_threads')}, load average {load} (1, 5, 15 min) at the end.")
+            f"OMP_NUM_THREADS={sweep.get('omp_num_threads')}, load average {load} (1, 5, 15 min; at the start; at "
+            "the end: the machine was shared).")
 
 
 def render_results(data: dict) -> list[str]:

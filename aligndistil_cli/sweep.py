@@ -283,14 +283,21 @@ def _git(*args: str) -> str:
         return ""
 
 
-def sweep_record(spec_path: Path, jobs: int, started: float, ran: int) -> dict:
-    """Where the sweep's numbers come from: the commit and command, the wall time and the machine's load."""
+def sweep_start(spec_path: Path, jobs: int) -> dict:
+    """Where the sweep's numbers come from, taken when it starts: the commit, the command, the machine's load."""
     return {"command": f"aligndistil sweep {spec_path}" + (f" --jobs {jobs}" if jobs > 1 else ""),
             "commit": _git("rev-parse", "--short", "HEAD") or None,
             "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
-            "wall_s": round(time.time() - started), "stages_run": ran, "cpus": os.cpu_count(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_at_end": list(os.getloadavg())}
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "start": time.time(),
+            "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_average_at_start": list(os.getloadavg())}
+
+
+def sweep_end(start: dict, ran: int) -> dict:
+    """The start record with the wall time, the stages run and the load at the end."""
+    record = {k: v for k, v in start.items() if k != "start"}
+    return {**record, "wall_s": round(time.time() - start["start"]), "stages_run": ran,
+            "load_average_at_end": list(os.getloadavg())}
 
 
 def run_sweep(spec_path: Path, root: Path | None = None, force: bool = False, jobs: int = 1) -> Path:
@@ -301,7 +308,7 @@ def run_sweep(spec_path: Path, root: Path | None = None, force: bool = False, jo
     does not stop the others: the summary is written from what finished, and the failures are
     raised together at the end.
     """
-    started = time.time()
+    start = sweep_start(spec_path, jobs)
     spec = load_spec(Path(spec_path))
     root = Path(root or spec.get("root", "runs/experiments"))
     base, _ = plan(spec, root)
@@ -315,7 +322,7 @@ def run_sweep(spec_path: Path, root: Path | None = None, force: bool = False, jo
     failed = [line for lines, _ in results for line in lines]
     ran += sum(n for _, n in results)
     if ran:  # a rerun that computed nothing leaves the record of the run that did
-        atomic_write_json(root / "sweep.json", sweep_record(spec_path, jobs, started, ran))
+        atomic_write_json(root / "sweep.json", sweep_end(start, ran))
     out = write_summary(root, root / "summary.md", **summary_options(spec.get("summary") or {}))
     if failed:
         raise UserError(f"sweep: {len(failed)} failure(s), {out} covers the rest: " + "; ".join(failed))
