@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup full-pipeline test bench experiments experiments-full lint clean
+.PHONY: setup full-pipeline test bench experiments experiments-full results lint clean
 
 setup: $(STAMP)
 
@@ -35,10 +35,15 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench.run
 
-# Not part of `make test`: seeds x methods x knobs x training budgets on the embedded task (docs/RESULTS.md).
-# On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread oversubscription.
+# Not part of `make test`: whole-pipeline seeds x methods x knobs on the embedded task (docs/RESULTS.md), two
+# seeds at a time, one thread each (a second busy thread per process would oversubscribe 2 cores).
 experiments: setup
-	$(BIN)/aligndistil sweep pipelines/experiments.yaml
+	OMP_NUM_THREADS=1 $(BIN)/aligndistil sweep pipelines/experiments.yaml --jobs 2
+
+# The published numbers (docs/RESULTS.md, README.md's results block, docs/results/summary.json) from the finished
+# `make experiments` and `make full-pipeline`; tests/unit/test_results_docs.py checks the docs against them.
+results: setup
+	$(BIN)/aligndistil results
 
 # The full grid of issue 13 (5 seeds, lr x epochs 3 x 3, every r and w): hours on 2 cores.
 experiments-full: setup

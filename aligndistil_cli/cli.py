@@ -151,11 +151,29 @@ def sweep_command(
     spec: Annotated[Path, typer.Argument(help="Sweep spec YAML, e.g. pipelines/experiments.yaml.")],
     force: ForceOption = False,
     root: RootOption = None,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Seeds run at once, each in a process of its own "
+                                      "(one per core, with OMP_NUM_THREADS=1).")] = 1,
 ) -> None:
     from aligndistil_cli.orchestrate.sweep import run_sweep
 
     _not_under_torchrun("sweep")
-    emit(str(run_sweep(spec, root=root, force=force)))
+    emit(str(run_sweep(spec, root=root, force=force, jobs=jobs)))
+
+
+@app.command("results", help="Write the published numbers from a finished sweep and the default run: "
+                             "docs/results/summary.json, docs/frontier.png and the results blocks of docs/RESULTS.md "
+                             "and README.md.\n\n\b\nExample:\n  aligndistil results")
+def results_command(
+    spec: Annotated[Path, typer.Option("--spec", help="The sweep's spec (its summary options).")] =
+        Path("pipelines/experiments.yaml"),
+    root: Annotated[Path, typer.Option("--root", help="The sweep's root.")] = Path("runs/experiments"),
+    default: Annotated[Path, typer.Option("--default", help="The default run's evaluation.")] = Path("runs/tiny/eval"),
+    docs: Annotated[Path, typer.Option("--docs", help="The docs directory (RESULTS.md).")] = Path("docs"),
+    readme: Annotated[Path, typer.Option("--readme", help="The README with the headline block.")] = Path("README.md"),
+) -> None:
+    from aligndistil_cli.orchestrate.results import publish
+
+    emit(str(publish(root, spec, default, docs, readme)))
 
 
 @app.command("verify", help="Check every file of an output directory against its manifest's sha256.\n\n"

@@ -146,6 +146,8 @@ class TrainingFields(DataFields, TrackingFields, HubFields):
     weight_decay: float = opt(0.0, "AdamW weight decay.", nonneg=True)
     adam_beta1: float = opt(0.9, "AdamW beta1.", nonneg=True, below=1.0)
     adam_beta2: float = opt(0.95, "AdamW beta2.", nonneg=True, below=1.0)
+    adam_eps: float = opt(1e-8, "AdamW epsilon: gradients far below it take steps proportional to them, not of size lr.",
+                          positive=True)
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 disables).", nonneg=True)
     max_length: int = opt(128, "Maximum tokens of prompt + response.", positive=True)
     max_prompt_length: int = opt(96, "Maximum prompt tokens (prompts are cut from the left).", positive=True)
@@ -321,6 +323,11 @@ class DistillConfig(TrainingFields, TeacherShardingFields):
                                        "--format hidden cache). On-policy: default 20.", nonneg=True)
     alpha_eps: Optional[float] = opt(None, "eps of alpha_t. Off-policy: overrides the cache's (hidden cache). "
                                      "On-policy: default 1e-3.", positive=True)
+    alpha_max: Optional[float] = opt(None, "Ours: cap on alpha_t. Off-policy: overrides the cache's (hidden cache). "
+                                     "On-policy: default none (the paper).", positive=True)
+    extrapolate_eos: Optional[bool] = opt(None, "Ours: --no-extrapolate-eos keeps the DPO model's EOS probability. "
+                                          "Off-policy: overrides the cache's (hidden cache). On-policy: default "
+                                          "--extrapolate-eos (the paper).")
     dpo: Optional[str] = opt(None, "On-policy: the DPO model (run live). Off-policy, optional: the cache must "
                              "have been built from this model.", input="model")
     rev: Optional[str] = opt(None, "On-policy: the reverse-DPO model (run live). Off-policy, optional: checked "

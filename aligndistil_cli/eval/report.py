@@ -19,7 +19,20 @@ _Z95 = 1.96
 _TIE_EPS = 1e-9
 # eval_reward / eval_kl appear when the stage ran with --eval-every (monitor.py).
 _TRAINING_KEYS = ("loss", "alpha_mean", "coef_mean", "kl_teacher", "eval_reward", "eval_kl")
-COLUMNS = ("model", "gold reward", "KL to ref", "win rate vs ref", "mean length", "cap rate")
+# nats per token: a distilled student further than this from its teacher (distill's final_kl_teacher) did not converge
+CONVERGED_KL = 0.05
+
+
+def columns(report: dict) -> list[str]:
+    """The results table's header; the reward column is named after the reward that scored it."""
+    return ["model", report.get("reward_name", "gold reward"), "KL to ref", "win rate vs ref", "mean length",
+            "cap rate", "final KL to teacher"]
+
+
+def unconverged(res: dict) -> bool:
+    """A distilled student whose final KL to its teacher is above CONVERGED_KL."""
+    kl = res.get("final_kl_teacher")
+    return kl is not None and kl > CONVERGED_KL
 
 
 def mean_ci(values: list[float]) -> dict:
@@ -66,6 +79,18 @@ def length_stats(lengths: list[int], cap: int) -> dict:
             "max": ordered[-1], "cap_rate": sum(1 for x in ordered if x >= cap) / n}
 
 
+def health_line(health: dict) -> str:
+    """The health record in one line: p(EOS) at the ends, alpha_t and TVD_t quantiles, the mirror cosine."""
+    names = {"ref": "reference", "dpo": "DPO", "rev": "reverse DPO", "teacher": "teacher"}
+    eos = ", ".join(f"{names[k]} {v:.3g}" for k, v in health["p_eos_at_end"].items() if v is not None)
+    a, t = health["alpha"], health["tvd"]
+    mirror = health.get("mirror_cosine_median")
+    return (f"teacher health (r {health['spec']['alpha_scale']:g}, {health['responses_ending_in_eos']} chosen responses): "
+            f"p(EOS) where they end: {eos}; alpha_t median {a['p50']:.3g} (p95 {a['p95']:.3g}, max {a['max']:.3g}); "
+            f"TVD median {t['p50']:.3g} (p95 {t['p95']:.3g}); "
+            + (f"mirror cosine median {mirror:.2f}" if mirror is not None else "mirror cosine: no reference"))
+
+
 def format_ci(d: dict | None, digits: int = 3) -> str:
     """'0.412 ± 0.051'; '—' where there is no value (the reference's win rate against itself)."""
     if d is None:
@@ -78,13 +103,15 @@ def _row(name: str, res: dict) -> list[str]:
     length = res.get("length") or {}
     mean_len = f"{length['mean']:.1f}" if "mean" in length else "—"
     cap = f"{100 * length['cap_rate']:.1f}%" if "cap_rate" in length else "—"
-    return [name, format_ci(res.get("reward")), format_ci(res.get("kl")), format_ci(res.get("win_rate")), mean_len, cap]
+    teacher_kl = "—" if res.get("final_kl_teacher") is None else f"{res['final_kl_teacher']:.3f}"
+    return [name + (" (unconverged)" if unconverged(res) else ""), format_ci(res.get("reward")), format_ci(res.get("kl")),
+            format_ci(res.get("win_rate")), mean_len, cap, teacher_kl]
 
 
 def results_table(report: dict) -> Table:
     """The report's per-model numbers as a rich table for the terminal."""
     table = Table(title=f"{report.get('task', 'evaluation')} ({report.get('num_prompts', '?')} prompts)")
-    for i, col in enumerate(COLUMNS):
+    for i, col in enumerate(columns(report)):
         table.add_column(col, justify="left" if i == 0 else "right")
     for name, res in report["models"].items():
         table.add_row(*_row(name, res))
@@ -104,7 +131,7 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def results_markdown(report: dict) -> list[str]:
     """The per-model results table as markdown lines (report.md and the model cards)."""
-    return md_table(list(COLUMNS), [_row(n, r) for n, r in report["models"].items()])
+    return md_table(columns(report), [_row(n, r) for n, r in report["models"].items()])
 
 
 def _plot_reward_vs_kl(plt, report: dict, path: Path) -> None:
@@ -115,8 +142,8 @@ def _plot_reward_vs_kl(plt, report: dict, path: Path) -> None:
                     fmt="o", capsize=4)
         ax.annotate(name, (kl["mean"], rw["mean"]), textcoords="offset points", xytext=(6, 6))
     ax.set_xlabel(f"KL to reference ({report['reference']}), nats")
-    ax.set_ylabel("gold reward")
-    ax.set_title("Gold reward vs KL (95% CI)")
+    ax.set_ylabel(report.get("reward_name", "gold reward"))
+    ax.set_title("Reward vs KL (95% CI)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -212,15 +239,21 @@ def _plot_training(plt, training: dict, out_dir: Path, path: Path) -> bool:
 def _markdown(report: dict, plots: list[str]) -> str:
     lines = ["# AlignDistil evaluation report", "",
              f"Task: {report['task']}. Each model answered the same {report['num_prompts']} prompts "
-             f"(at most {report['max_new_tokens']} new tokens); rewards are from the gold reward model, "
-             f"KL and win rate are against the reference model `{report['reference']}`, and intervals are 95% "
-             "normal-approximation confidence intervals.", "", "## Results", ""]
-    lines += md_table(list(COLUMNS), [_row(n, r) for n, r in report["models"].items()])
+             f"(at most {report['max_new_tokens']} new tokens); rewards are from the "
+             f"{report.get('reward_name', 'gold reward')}, KL and win rate are against the reference model "
+             f"`{report['reference']}`, and intervals are 95% normal-approximation confidence intervals. A distilled "
+             f"student whose final KL to its teacher is above {CONVERGED_KL} nats/token is marked unconverged: it "
+             "shows where training stopped, not what its method reaches.", "", "## Results", ""]
+    lines += results_markdown(report)
     acc = report.get("implicit_accuracy")
     if acc:
         lines += ["", "## Implicit-reward accuracy", "",
                   f"On {acc['num_pairs']} held-out preference pairs: DPO implicit reward {acc['dpo']:.3f}, "
                   f"contrastive implicit reward {acc['contrastive']:.3f}."]
+    if report.get("teacher_health"):
+        lines += ["", "## Teacher health", ""]
+        for name, health in report["teacher_health"].items():
+            lines += [f"- {name}: {health_line(health)}"] + ([f"  **{health['warning']}**"] if health["warning"] else [])
     if report.get("verdict"):
         lines += ["", "## Verdict", ""] + [f"- {s}" for s in report["verdict"]]
     lines += ["", "## Plots", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({p})\n" for p in plots]

@@ -18,7 +18,7 @@ from aligndistil_cli.data.sources import flatten_plain
 class ToyScorer:
     """The embedded task's gold reward (toy.gold_reward): a function of the response text."""
 
-    name = "toy gold reward"
+    name = column = "toy gold reward"
 
     def score(self, samples) -> list[float]:
         return [toy.gold_reward(s.text) for s in samples]
@@ -47,6 +47,7 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.name = f"reward model {path}"
+        self.column = f"reward ({Path(path).name})"
         self.batch_size = batch_size
         self.chat_template = chat_template and bool(getattr(self.tokenizer, "chat_template", None))
 
@@ -74,3 +75,14 @@ def make_scorer(config, device: torch.device):
     if config.reward_model:
         return RewardModelScorer(config.reward_model, device, chat_template=config.chat_template)
     return ToyScorer()
+
+
+def refuse_foreign_prompts(prompts: list, source: str) -> None:
+    """Without --reward-model the only scorer is the toy gold reward, which means nothing on another task's prompts."""
+    known = set(toy.all_prompts())
+    for i, prompt in enumerate(prompts, start=1):
+        text = flatten_plain(prompt)
+        if text not in known:
+            raise UserError(f"{source}: prompt {i} ({text[:60]!r}) is not one of the embedded task's, and the toy gold "
+                            "reward scores only those; pass a reward model for these prompts: --reward-model PATH "
+                            "(an AutoModelForSequenceClassification with one output)")

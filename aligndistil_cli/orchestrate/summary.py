@@ -18,9 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from aligndistil_cli.eval.report import format_ci, md_table, mean_ci
-
-CONVERGED_KL = 0.05  # nats per token: the default threshold on a student's final KL to its teacher
+from aligndistil_cli.eval.report import CONVERGED_KL, format_ci, md_table, mean_ci
 
 
 def _norm(value: Any) -> Any:
@@ -41,7 +39,8 @@ def summary_options(opts: dict) -> dict:
     """write_summary's keyword arguments from a spec's summary section."""
     return {"budgets": tuple(opts.get("budgets", (2, 5, 10))),
             "length_budgets": tuple(opts.get("length_budgets", ())),
-            "converged_kl": float(opts.get("converged_kl", CONVERGED_KL))}
+            "converged_kl": float(opts.get("converged_kl", CONVERGED_KL)),
+            "baseline": opts.get("baseline", "dpo")}
 
 
 def _manifest_metrics(model_dir: Path) -> dict:
@@ -69,8 +68,7 @@ def collect(root: Path) -> list[dict]:
             "cap_rate": res["length"]["cap_rate"], "win_rate": (res.get("win_rate") or {}).get("mean"),
             "ref_reward": ref["reward"]["mean"], "ref_length": ref["length"]["mean"],
             "teacher": "teacher_spec" in res, "diagnostics": report.get("teacher_diagnostics"),
-            "final_kl_teacher": trained.get("final_kl_teacher"), "train_tokens": trained.get("train_tokens"),
-            "metrics": str(root / run["model"] / "metrics.jsonl")})
+            "final_kl_teacher": trained.get("final_kl_teacher"), "train_tokens": trained.get("train_tokens")})
     return sorted(records, key=lambda r: (r["order"], r["lr"] or 0, r["epochs"] or 0, r["seed"]))
 
 
@@ -182,9 +180,10 @@ def diagnostics_table(records: list[dict]) -> list[str]:
 
     rows = [[rs[0]["method"], setting_name(rs[0]), str(len(rs))]
             + [mean_of(rs, "p_eos_at_end", k) for k in ("ref", "dpo", "rev", "teacher")]
-            + [mean_of(rs, "mirror_cosine_median")] for rs in groups.values()]
+            + [mean_of(rs, "alpha", "p50"), mean_of(rs, "alpha", "max"), mean_of(rs, "tvd", "p50"),
+               mean_of(rs, "mirror_cosine_median")] for rs in groups.values()]
     return md_table(["teacher", "setting", "seeds", "p(EOS) SFT", "p(EOS) DPO", "p(EOS) reverse DPO", "p(EOS) teacher",
-                     "mirror cosine (median)"], rows)
+                     "α_t median", "α_t max", "TVD median", "mirror cosine (median)"], rows)
 
 
 def _plot_frontiers(plt, agg: list[dict], records: list[dict], path: Path) -> None:
@@ -203,7 +202,7 @@ def _plot_frontiers(plt, agg: list[dict], records: list[dict], path: Path) -> No
     ax.plot([0], [ref], "k*", markersize=12, label="reference (SFT)")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("KL to the SFT reference, nats (symlog)")
-    ax.set_ylabel("gold reward")
+    ax.set_ylabel("reward")
     ax.set_title("Pareto frontiers (mean over seeds; converged runs only)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -248,64 +247,182 @@ def _convergence_table(agg: list[dict], threshold: float) -> list[str]:
     return md_table(["method", "setting", "final KL to teacher (mean)", "min–max", f"seeds ≤ {label(threshold)}"], rows)
 
 
-def _runs_table(agg: list[dict]) -> list[str]:
-    rows = [[a["method"], f"{a['knob']} = {setting_name(a)}", str(a["n"]), format_ci(a["reward"]),
-             format_ci(a["kl"]), format_ci(a["length"], 1), f"{100 * a['cap_rate']['mean']:.1f}%",
-             "yes" if a["converged"] else "**no**"] for a in agg]
-    return md_table(["method", "setting", "seeds", "gold reward", "KL to SFT", "mean length", "cap rate", "converged"],
-                    rows)
+# Two-sided 95% Student-t quantiles by degrees of freedom: paired differences over a handful of seeds.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_ci(values: list[float]) -> dict:
+    """Mean with a Student-t 95% interval over len(values) seeds (half-width 0 for one value)."""
+    n = len(values)
+    m = math.fsum(values) / n
+    h = _T95.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n) if n >= 2 else 0.0
+    return {"mean": m, "lo": m - h, "hi": m + h, "n": n}
+
+
+def paired_differences(records: list[dict], budgets, baseline: str) -> dict:
+    """method -> budget -> t_ci over seeds of (the method's best reward within the budget minus the baseline's, in
+    the same seed: same SFT model, pairs and teachers), over the seeds where both have a run within it; or None."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in records:
+        runs.setdefault((r["method"], r["seed"]), []).append(r)
+    seeds = sorted({r["seed"] for r in records})
+
+    def best(method, seed, b):
+        return max((r["reward"] for r in runs.get((method, seed), []) if r["kl"] <= b), default=None)
+
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        if method == baseline:
+            continue
+        out[method] = {}
+        for b in budgets:
+            diffs = [x - y for x, y in ((best(method, s, b), best(baseline, s, b)) for s in seeds)
+                     if x is not None and y is not None]
+            out[method][b] = t_ci(diffs) if diffs else None
+    return out
+
+
+def verdict(d: dict | None) -> str:
+    """wins / loses / ties from a paired interval; — without two seeds to measure it on."""
+    if d is None or d["n"] < 2:
+        return "—"
+    return "wins" if d["lo"] > 0 else "loses" if d["hi"] < 0 else "ties"
+
+
+def paired_table(records: list[dict], budgets: tuple, baseline: str) -> list[str]:
+    diffs = paired_differences(records, budgets, baseline)
+    if not diffs:
+        return [f"No method besides the baseline {baseline}."]
+    rows = [[method] + ["—" if d is None else f"{d['mean']:+.3f} ± {(d['hi'] - d['lo']) / 2:.3f} ({d['n']}): "
+                        f"{verdict(d)}" for d in (per[b] for b in budgets)] for method, per in diffs.items()]
+    return md_table([f"method − {baseline}"] + [f"KL ≤ {label(b)}" for b in budgets], rows)
+
+
+def _method_tables(agg: list[dict]) -> list[str]:
+    """One table per method: every setting with the seeds that back it and whether they converged."""
+    lines = []
+    for method in dict.fromkeys(a["method"] for a in agg):
+        rows = [[f"{a['knob']} = {setting_name(a)}", f"{a['n']} ({', '.join(map(str, a['seeds']))})",
+                 format_ci(a["reward"]), format_ci(a["kl"], 2), format_ci(a["length"], 1),
+                 f"{100 * a['cap_rate']['mean']:.1f}%",
+                 "—" if a["train_tokens"] is None else f"{a['train_tokens']:,.0f}",
+                 "yes" if a["converged"] else "**no**"] for a in agg if a["method"] == method]
+        lines += ["", f"### {method}", ""] + md_table(
+            ["setting", "seeds", "reward", "KL to SFT", "mean length", "cap rate", "training tokens", "converged"], rows)
+    return lines
+
+
+def _selection_table(selection: list[dict]) -> list[str]:
+    if not selection:
+        return ["The teachers were not selected (no `select` in the spec)."]
+    rows = [[str(s["seed"]), f"lr {label(s['chosen']['lr'])}, {s['chosen']['epochs']} ep", str(s["held_out_pairs"])]
+            + [f"{c['dpo']['accuracy']:.3f} / {c['rev']['accuracy']:.3f}" for c in s["candidates"]] for s in selection]
+    budgets = [f"lr {label(c['lr'])}, {c['epochs']} ep: DPO / reverse acc." for c in selection[0]["candidates"]]
+    return md_table(["seed", "chosen teachers", "held-out pairs"] + budgets, rows)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def summary_data(root: Path, budgets: tuple = (2, 5, 10), length_budgets: tuple = (),
+                 converged_kl: float = CONVERGED_KL, baseline: str = "dpo") -> dict:
+    """Everything the summary's tables are rendered from (render_summary), JSON-ready: the options, the sweep's
+    record (commit, command, time and load), each seed's teacher selection and one record per finished run."""
+    root = Path(root)
+    selection = [{"seed": int(p.parent.parent.name.split("-", 1)[1]), **json.loads(p.read_text(encoding="utf-8"))}
+                 for p in sorted(root.glob("seed-*/*/selection.json"))]
+    for s in selection:
+        for c in s["candidates"]:  # absolute paths of one machine: not part of the result
+            c.pop("dpo_dir", None)
+            c.pop("rev_dir", None)
+    return {"options": {"budgets": list(budgets), "length_budgets": list(length_budgets),
+                        "converged_kl": converged_kl, "baseline": baseline},
+            "sweep": _read_json(root / "sweep.json"), "selection": selection, "records": collect(root)}
+
+
+def records_of(data: dict) -> list[dict]:
+    """The records of summary_data, with the tuples JSON turned into lists back."""
+    return [{**r, "order": tuple(r["order"])} for r in data["records"]]
 
 
 _INTRO = ("Every value is the mean over seeds ± the half-width of a normal-approximation 95% interval over seeds "
-          "(1.96·s/√n; with few seeds it is narrower than a t interval would be). Rewards and KL come from each "
-          "run's final evaluation on held-out prompts; KL is to the SFT model, in nats per response.")
+          "(1.96·s/√n; with few seeds it is narrower than a t interval would be), with the number of seeds that back "
+          "it. Rewards and KL come from each run's final evaluation on held-out prompts; KL is to the SFT model, in "
+          "nats per response. Seeds are whole-pipeline seeds where the spec says so (docs/RESULTS.md).")
+
+
+def render_summary(data: dict) -> list[str]:
+    """The summary's markdown (without a title) from summary_data."""
+    records = records_of(data)
+    opts = data["options"]
+    budgets, converged_kl = tuple(opts["budgets"]), opts["converged_kl"]
+    if not records:
+        return ["No finished runs yet."]
+    agg = aggregate(records, converged_kl)
+    kept = [r for r in records if converged(r, converged_kl)]
+    kept_agg = [a for a in agg if a["converged"]]
+    seeds = sorted({r["seed"] for r in records})
+    lines = [f"{len(agg)} settings over seeds {', '.join(map(str, seeds))} ({len(records)} runs). " + _INTRO, "",
+             f"**Converged runs only.** {len(records) - len(kept)} of {len(records)} runs are distilled students "
+             f"whose final KL to their teacher is above {label(converged_kl)} nats/token: they are listed under "
+             "'Every setting' and 'Distillation convergence', and are no point of any frontier or table.", "",
+             "![frontier](frontier.png)", ""]
+    lines += ["## Paired differences against the baseline", "",
+              f"Per seed, each method's best reward within the KL budget minus {opts['baseline']}'s best within it "
+              "(the same seed: the same SFT model, pairs and teachers); mean ± half-width of a Student-t 95% interval "
+              "over the seeds where both have a converged run within the budget (their number in parentheses). "
+              "wins / loses: the interval is above / below 0; ties: it holds 0.", ""]
+    lines += paired_table(kept, budgets, opts["baseline"])
+    lines += ["", "## Best reward within a KL budget, pooled", "",
+              "From each method's frontier over its settings' means over seeds (setting in parentheses; "
+              "— : none within it).", ""] + _budget_table(kept_agg, budgets)
+    lines += ["", "## Best reward within a KL budget, per seed", "",
+              "Each seed's frontier read at the budget, then the mean over the seeds that have a run within it "
+              "(k/n seeds).", ""] + _per_seed_table(kept, budgets)
+    if opts["length_budgets"]:
+        lines += ["", "## Best reward at a matched mean length", "",
+                  f"Longer answers score differently on this task; the reference's mean length is "
+                  f"{statistics.mean(r['ref_length'] for r in records):.1f} tokens.", ""]
+        lines += _budget_table(kept_agg, tuple(opts["length_budgets"]), "length", "mean length")
+    lines += ["", "## Reward against training tokens at matched KL", "",
+              "Per method and number of epochs: the tokens trained on (DPO: chosen and rejected; distillation: "
+              "the responses distilled) and the best reward within each KL budget over its learning rates and "
+              "knob values.", ""] + _tokens_table(kept_agg, budgets)
+    lines += ["", "## The teachers each seed chose", "",
+              "Held-out implicit-reward accuracy of DPO (chosen over rejected) and of reverse DPO (rejected over "
+              "chosen) at every budget of the grid; the seed's teachers are the least-trained pair (smallest "
+              "lr × epochs) whose mean is within one standard error of the best (selection.py).", ""]
+    lines += _selection_table(data["selection"])
+    lines += ["", "## Teacher health: p(EOS) where chosen responses end, α_t, TVD and the mirror effect", "",
+              "From `evaluate --teacher --pairs`: the mean probability of EOS where chosen responses end, the "
+              "medians of α_t and TVD_t over response positions, and the median of "
+              "cos(log π_dpo − log π_sft, −(log π_rev − log π_sft)).", ""]
+    lines += diagnostics_table(records)
+    lines += ["", "## Distillation convergence", ""] + _convergence_table(agg, converged_kl)
+    lines += ["", "## Every setting, per method", ""] + _method_tables(agg)
+    return lines
 
 
 def write_summary(root: Path, out_md: Path, budgets: tuple = (2, 5, 10), length_budgets: tuple = (),
-                  converged_kl: float = CONVERGED_KL) -> Path:
-    """summary.md with frontier.png next to it, from every finished run under root."""
+                  converged_kl: float = CONVERGED_KL, baseline: str = "dpo") -> Path:
+    """summary.md, with summary.json (its data) and frontier.png next to it, from every finished run under root."""
+    root, out_md = Path(root), Path(out_md)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    data = summary_data(root, budgets, length_budgets, converged_kl, baseline)
+    (out_md.parent / "summary.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    if data["records"]:
+        plot_frontiers(data, out_md.parent / "frontier.png")
+    lines = ["# AlignDistil sweep: reward against KL", ""] + render_summary(data)
+    out_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out_md
+
+
+def plot_frontiers(data: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # before pyplot: sweeps run on headless machines
     import matplotlib.pyplot as plt
 
-    root, out_md = Path(root), Path(out_md)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    records = collect(root)
-    lines = ["# AlignDistil sweep: gold reward against KL", ""]
-    if not records:
-        out_md.write_text("\n".join(lines + ["No finished runs under " + str(root) + " yet."]) + "\n", encoding="utf-8")
-        return out_md
-    agg = aggregate(records, converged_kl)
-    kept = [r for r in records if converged(r, converged_kl)]
-    kept_agg = [a for a in agg if a["converged"]]
-    seeds = sorted({r["seed"] for r in records})
-    lines += [f"{len(agg)} settings over seeds {', '.join(map(str, seeds))} ({len(records)} runs). " + _INTRO, "",
-              f"**Converged runs only.** {len(records) - len(kept)} of {len(records)} runs are distilled students "
-              f"whose final KL to their teacher is above {label(converged_kl)} nats/token: they are listed under "
-              "'Every setting' and 'Distillation convergence', and are no point of any frontier or table.", "",
-              "![frontier](frontier.png)", ""]
-    _plot_frontiers(plt, agg, records, out_md.parent / "frontier.png")
-    lines += ["## Best gold reward within a KL budget, pooled", "",
-              "From each method's frontier over its settings' means over seeds (setting in parentheses; "
-              "— : none within it).", ""] + _budget_table(kept_agg, budgets)
-    lines += ["", "## Best gold reward within a KL budget, per seed", "",
-              "Each seed's frontier read at the budget, then the mean over the seeds that have a run within it "
-              "(k/n seeds).", ""] + _per_seed_table(kept, budgets)
-    if length_budgets:
-        lines += ["", "## Best gold reward at a matched mean length", "",
-                  f"Longer answers score differently on this task; the reference's mean length is "
-                  f"{statistics.mean(r['ref_length'] for r in records):.1f} tokens.", ""]
-        lines += _budget_table(kept_agg, length_budgets, "length", "mean length")
-    lines += ["", "## Gold reward against training tokens at matched KL", "",
-              "Per method and number of epochs: the tokens trained on (DPO: chosen and rejected; distillation: "
-              "the responses distilled) and the best reward within each KL budget over its learning rates and "
-              "knob values.", ""] + _tokens_table(kept_agg, budgets)
-    lines += ["", "## p(EOS) at the ends of chosen responses, and the mirror effect", "",
-              "From `evaluate --teacher --pairs`: the mean probability of EOS where chosen responses end, and the "
-              "median over response positions of cos(log π_dpo − log π_sft, −(log π_rev − log π_sft)).", ""]
-    lines += diagnostics_table(records)
-    lines += ["", "## Distillation convergence", ""] + _convergence_table(agg, converged_kl)
-    lines += ["", "## Every setting", ""] + _runs_table(agg)
-    out_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out_md
+    records = records_of(data)
+    _plot_frontiers(plt, aggregate(records, data["options"]["converged_kl"]), records, path)

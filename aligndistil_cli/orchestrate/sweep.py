@@ -1,7 +1,10 @@
 """`aligndistil sweep SPEC`: reward-vs-KL frontiers over seeds, knobs and training budgets, in summary.md.
 
 A spec (pipelines/experiments.yaml) has root, seeds, base (pipeline-style stages shared by every
-run of a seed, in ROOT/seed-S/NAME), defaults (`with` values per command; `evaluate` is required),
+run of a seed, in ROOT/seed-S/NAME), an optional select {name: DIR, pairs: HELD-OUT PAIRS} (the
+teachers of each seed: DPO and reverse DPO at every budget of the grid, the pair with the best
+held-out implicit-reward accuracy linked as ROOT/seed-S/DIR/dpo and rev, which "{dpo}" and "{rev}"
+name from then on; selection.py), defaults (`with` values per command; `evaluate` is required),
 an optional grid {lr: [...], epochs: [...]}, methods and summary (budgets, length_budgets,
 converged_kl; sweep_summary.py). A method is
 
@@ -24,6 +27,11 @@ skipped when pipeline.is_up_to_date says it is complete, so a rerun only compute
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,16 +42,18 @@ from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.config.stages import build_config, read_yaml
 from aligndistil_cli.core.errors import ConfigError, UserError
 from aligndistil_cli.orchestrate.pipeline import FIXED, for_rerun, is_up_to_date, substitute
+from aligndistil_cli.orchestrate.selection import Selection, choose_teachers
 from aligndistil_cli.stages import STAGES
 from aligndistil_cli.orchestrate.summary import _norm, label, summary_options, write_summary
+from aligndistil_cli.core.console import stderr as console
 
 __all__ = ["load_spec", "plan", "run_sweep", "run_name", "write_summary"]
 
-from aligndistil_cli.core.console import stderr as console
-_SPEC_KEYS = {"root", "seeds", "shared", "base", "defaults", "grid", "methods", "summary"}
+_SPEC_KEYS = {"root", "seeds", "shared", "base", "select", "defaults", "grid", "methods", "summary"}
 _METHOD_KEYS = {"knob", "chain", "values", "runs", "grid", "eval"}
 _BUILTINS = ("knob", "seed_dir")
 SHARED_SEED = 0  # the seed of `shared` stages, unless their `with` gives one
+SELECT = "select"  # a base list's (SELECT, selection.Selection) entry: the teachers are chosen there
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,27 @@ class _Planner:
             outs[name] = stages[-1][1].out
         return stages
 
+    def select(self, entry: dict, grid: dict | None, where: str = "sweep select") -> list:
+        """The teacher candidates (DPO and reverse DPO at every budget of the grid) and their Selection
+        (selection.py); "{dpo}" and "{rev}" name the chosen pair from then on."""
+        if not isinstance(entry, dict) or set(entry) != {"name", "pairs"} or not grid:
+            raise ConfigError(f"{where}: expected {{name: DIR, pairs: HELD-OUT PAIRS}} and the spec's grid (lr, epochs)")
+        out = self.seed_dir / str(entry["name"])
+        stages, candidates = [], []
+        for lr in grid["lr"]:
+            for epochs in grid["epochs"]:
+                budget = (_norm(lr), int(epochs))
+                pair = [self.resolve({"name": name, "stage": stage, "with": {"lr": budget[0], "epochs": budget[1]}},
+                                     out / f"lr-{label(budget[0])}_ep-{budget[1]}" / name, self.outs, where)
+                        for name, stage in (("dpo", "train-dpo"), ("rev", "train-reverse-dpo"))]
+                stages += pair
+                candidates.append((budget, pair[0][1], pair[1][1]))
+        evaluation = substitute(self.defaults.get("evaluate") or {}, self.outs, where)
+        selection = Selection(str(out), tuple(candidates), substitute({"p": entry["pairs"]}, self.outs, where)["p"],
+                              (evaluation["prompts"], int(evaluation.get("num_prompts") or 0)))
+        self.outs.update(dpo=str(out / "dpo"), rev=str(out / "rev"))
+        return stages + [(SELECT, selection)]
+
     def run(self, method: str, spec: dict, value: Any, overrides: dict, order: tuple[int, int],
             budget: tuple | None = None) -> Run:
         run_dir = self.seed_dir / method / run_name(spec["knob"], value, budget)
@@ -180,27 +211,38 @@ def plan(spec: dict, root: Path) -> tuple[dict[int, list], list[Run]]:
         planner = _Planner(spec, root, seed)
         planner.outs.update({k: v for k, v in sharer.outs.items() if k != "seed_dir"})
         base[seed] = shared + planner.chain(spec["base"], planner.seed_dir, planner.outs, "sweep base")
+        if spec.get("select") is not None:
+            base[seed] += planner.select(spec["select"], spec.get("grid"))
         for i, (method, mspec) in enumerate(spec["methods"].items()):
             for j, (value, overrides, budget) in enumerate(_method_runs(method, mspec, spec.get("grid"))):
                 runs.append(planner.run(method, mspec, value, overrides, (i, j), budget))
     return base, runs
 
 
-def _run_stage(stage: str, config, force: bool, done: set[str], root: Path) -> None:
+def _run_stage(stage: str, config, force: bool, done: set[str], root: Path) -> bool:
+    """Run the stage unless it is done or up to date; whether it ran."""
     if config.out in done:  # shared with an earlier run of this sweep: already run or checked
-        return
-    if not force and is_up_to_date(config, root):
-        console.print(f"[dim]skip[/dim] {stage}: {config.out} is complete and up to date")
-    else:
+        return False
+    ran = force or not is_up_to_date(config, root)
+    if ran:
         config = for_rerun(config, force)
         console.print(f"[bold]run[/bold] {stage} -> {config.out}")
         STAGES[stage].run(config)
+    else:
+        console.print(f"[dim]skip[/dim] {stage}: {config.out} is complete and up to date")
     done.add(config.out)
+    return ran
 
 
-def _run_chain(stages: list, force: bool, done: set[str], root: Path) -> None:
+def _run_chain(stages: list, force: bool, done: set[str], root: Path) -> int:
+    """Run (or skip) the stages in order; the number that ran."""
+    ran = 0
     for stage, config in stages:
-        _run_stage(stage, config, force, done, root)
+        if stage == SELECT:  # cheap, and its choice depends on the candidates: made again on every run
+            choose_teachers(config)
+        else:
+            ran += _run_stage(stage, config, force, done, root)
+    return ran
 
 
 def _write_run_json(root: Path, run: Run) -> None:
@@ -212,36 +254,76 @@ def _write_run_json(root: Path, run: Run) -> None:
                                              "eval": evaluation, "lr": lr, "epochs": epochs})
 
 
-def run_sweep(spec_path: Path, root: Path | None = None, force: bool = False) -> Path:
+def _run_seed(spec_path: Path, root: Path, seed: int, force: bool) -> tuple[list[str], int]:
+    """Run (or skip) one seed's base stages and runs: the failures (UserError, one line each) and the stages run."""
+    base, runs = plan(load_spec(Path(spec_path)), root)
+    seed_runs = [r for r in runs if r.seed == seed]
+    for run in seed_runs:  # run.json marks a finished run: written back only once all its stages are
+        (run.dir / "run.json").unlink(missing_ok=True)
+    done: set[str] = set()
+    try:
+        ran = _run_chain(base[seed], force, done, root)
+    except UserError as e:
+        return [f"seed {seed}, base stages (its runs were skipped): {e}"], 0
+    failed = []
+    for run in seed_runs:
+        try:
+            ran += _run_chain(run.stages, force, done, root)
+        except UserError as e:
+            failed.append(f"{run.dir}: {e}")
+            continue
+        _write_run_json(root, run)
+    return failed, ran
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def sweep_start(spec_path: Path, jobs: int) -> dict:
+    """Where the sweep's numbers come from, taken when it starts: the commit, the command, the machine's load."""
+    return {"command": f"aligndistil sweep {spec_path}" + (f" --jobs {jobs}" if jobs > 1 else ""),
+            "commit": _git("rev-parse", "--short", "HEAD") or None,
+            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "start": time.time(),
+            "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_average_at_start": list(os.getloadavg())}
+
+
+def sweep_end(start: dict, ran: int) -> dict:
+    """The start record with the wall time, the stages run and the load at the end."""
+    record = {k: v for k, v in start.items() if k != "start"}
+    return {**record, "wall_s": round(time.time() - start["start"]), "stages_run": ran,
+            "load_average_at_end": list(os.getloadavg())}
+
+
+def run_sweep(spec_path: Path, root: Path | None = None, force: bool = False, jobs: int = 1) -> Path:
     """Run (or skip) every stage of the sweep, then write ROOT/summary.md; returns its path.
 
-    A failing run (UserError) does not stop the others: the summary is written from what
-    finished, and the failures are raised together at the end.
+    Every config is planned (and checked) before anything runs. Seeds run one after another, or
+    `jobs` at a time in processes of their own, after the shared stages. A failing run (UserError)
+    does not stop the others: the summary is written from what finished, and the failures are
+    raised together at the end.
     """
+    start = sweep_start(spec_path, jobs)
     spec = load_spec(Path(spec_path))
     root = Path(root or spec.get("root", "runs/experiments"))
-    base, runs = plan(spec, root)
-    done: set[str] = set()
-    failed: list[str] = []
-    for seed, stages in base.items():
-        seed_runs = [r for r in runs if r.seed == seed]
-        for run in seed_runs:  # run.json marks a finished run: written back only once all its stages are
-            (run.dir / "run.json").unlink(missing_ok=True)
-        try:
-            _run_chain(stages, force, done, root)
-        except UserError as e:
-            failed.append(f"seed {seed}, shared stages (its runs were skipped): {e}")
-            continue
-        for run in seed_runs:
-            try:
-                _run_chain(run.stages, force, done, root)
-            except UserError as e:
-                failed.append(f"{run.dir}: {e}")
-                continue
-            _write_run_json(root, run)
+    base, _ = plan(spec, root)
+    shared = base[spec["seeds"][0]][: len(spec.get("shared") or [])]
+    ran = _run_chain(shared, force, set(), root)
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_run_seed, *zip(*[(spec_path, root, seed, force) for seed in base])))
+    else:
+        results = [_run_seed(spec_path, root, seed, force) for seed in base]
+    failed = [line for lines, _ in results for line in lines]
+    ran += sum(n for _, n in results)
+    if ran:  # a rerun that computed nothing leaves the record of the run that did
+        atomic_write_json(root / "sweep.json", sweep_end(start, ran))
     out = write_summary(root, root / "summary.md", **summary_options(spec.get("summary") or {}))
     if failed:
         raise UserError(f"sweep: {len(failed)} failure(s), {out} covers the rest: " + "; ".join(failed))
     return out
-
-

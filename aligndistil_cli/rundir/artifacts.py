@@ -389,6 +389,13 @@ def input_fingerprints(config) -> dict[str, str]:
     return {**{str(p): fingerprint_model(p) for p in model_paths(config)}, **{str(p): fingerprint_data(p) for p in data}}
 
 
+def recorded_path(record: dict, out: Path | None = None) -> Path:
+    """An input's path as a manifest in out recorded it: relative to out first, so a moved run still finds it."""
+    if out is not None and record.get("relpath") and (Path(out) / record["relpath"]).exists():
+        return Path(out) / record["relpath"]
+    return Path(record["path"])
+
+
 def stale_inputs(manifest: dict, out: Path | None = None) -> list[str]:
     """Names of recorded model/data inputs whose fingerprint no longer matches (or that fail their own check).
 
@@ -400,9 +407,7 @@ def stale_inputs(manifest: dict, out: Path | None = None) -> list[str]:
         refingerprint = _REFINGERPRINT.get(rec.get("kind"))
         if not refingerprint:
             continue
-        path = Path(rec["path"])
-        if out is not None and rec.get("relpath") and (Path(out) / rec["relpath"]).exists():
-            path = Path(out) / rec["relpath"]
+        path = recorded_path(rec, out)
         try:
             same = refingerprint(path) == rec["fingerprint"]
         except UserError:

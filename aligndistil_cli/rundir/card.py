@@ -35,7 +35,10 @@ CITATION = """@inproceedings{zhang-etal-2025-aligndistil,
     doi = "10.18653/v1/2025.acl-long.972",
     pages = "19791--19807"
 }"""
-TEACHER_KEYS = ("variant", "beta", "kl_coef", "alpha_scale", "alpha_eps", "temperature", "format", "dpo", "rev", "ref")
+TEACHER_KEYS = ("variant", "beta", "kl_coef", "alpha_scale", "alpha_eps", "alpha_max", "extrapolate_eos", "temperature",
+                "format", "dpo", "rev", "ref")
+# distill's options over a hidden-state cache's teacher (distill.spec_overrides)
+OVERRIDES = ("alpha_scale", "alpha_eps", "alpha_max", "extrapolate_eos")
 
 
 def is_model_dir(out: Path) -> bool:
@@ -71,10 +74,12 @@ def teacher_settings(config: dict) -> dict:
         settings = {k: config.get(k) for k in ("variant", "beta", "kl_coef", "dpo", "rev", "ref")}
         settings["alpha_scale"] = 20.0 if config.get("alpha_scale") is None else config["alpha_scale"]
         settings["alpha_eps"] = 1e-3 if config.get("alpha_eps") is None else config["alpha_eps"]
+        settings["alpha_max"] = config.get("alpha_max")
+        settings["extrapolate_eos"] = config.get("extrapolate_eos") is not False
         return {"mode": "on-policy", **settings, "temperature": config.get("teacher_temperature")}
     cache = read_manifest(Path(config["cache"]), "precompute", role="teacher cache")["config"]
     settings = {"mode": "off-policy", "cache": config["cache"], **{k: cache.get(k) for k in TEACHER_KEYS}}
-    for key in ("alpha_scale", "alpha_eps"):  # distill may override them on a hidden-state cache
+    for key in OVERRIDES:
         if config.get(key) is not None:
             settings[key] = config[key]
     return settings

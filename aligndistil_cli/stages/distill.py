@@ -84,12 +84,22 @@ def data_difference(cache: Path, recorded: dict, data: str) -> str:
     return f"was computed on other data ({recorded['path']}), not {data}"
 
 
-def cache_spec(cache: TeacherCache, config: DistillConfig) -> TeacherSpec:
-    """The cache's teacher, with r / eps overridden where the format allows it."""
-    overrides = {k: v for k, v in (("alpha_scale", config.alpha_scale), ("alpha_eps", config.alpha_eps)) if v is not None}
+def spec_overrides(config: DistillConfig, eos_id: int) -> dict:
+    """TeacherSpec fields that distill's own options set: r, eps, the alpha_t cap and the kept EOS."""
+    overrides = {k: getattr(config, k) for k in ("alpha_scale", "alpha_eps", "alpha_max")
+                 if getattr(config, k) is not None}
+    if config.extrapolate_eos is not None:
+        overrides["keep_eos"] = None if config.extrapolate_eos else eos_id
+    return overrides
+
+
+def cache_spec(cache: TeacherCache, config: DistillConfig, eos_id: int) -> TeacherSpec:
+    """The cache's teacher, with r / eps / the alpha_t cap / the kept EOS overridden where the format allows it."""
+    overrides = spec_overrides(config, eos_id)
     if overrides and cache.format != "hidden":
-        raise UserError(f"teacher cache {cache.path} has format {cache.format!r}, which bakes alpha into the teacher; "
-                        "--alpha-scale/--alpha-eps at distill time need a cache with --format hidden")
+        raise UserError(f"teacher cache {cache.path} has format {cache.format!r}, which bakes the teacher in; "
+                        "--alpha-scale/--alpha-eps/--alpha-max/--[no-]extrapolate-eos at distill time need a cache "
+                        "with --format hidden")
     return dataclasses.replace(cache.spec, **overrides)
 
 
@@ -178,7 +188,7 @@ def run(config: DistillConfig) -> Path:
     examples, truncated = encode_rows(tokenizer, rows, "chosen", config, data_stats)
     if len(examples) != cache.num_rows:
         raise UserError(f"teacher cache {cache.path} has {cache.num_rows} rows, data {config.data} has {len(examples)}")
-    spec = cache_spec(cache, config)
+    spec = cache_spec(cache, config, tokenizer.eos_token_id)
     model = load_student(config.student, device, config)
     out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
     pack = collate_for(enable_padding_free(model, config.padding_free, "distill"), MIN_PADDING)

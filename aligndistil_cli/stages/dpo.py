@@ -15,7 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from aligndistil_cli.train import checkpoint
 from aligndistil_cli.parallel import distributed
-from aligndistil_cli.rundir.artifacts import default_mode, fingerprint_model, fingerprint_tokenizer, finalize, input_record, prepare_output, writing
+from aligndistil_cli.rundir.artifacts import (
+    default_mode,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    finalize,
+    input_record,
+    prepare_output,
+    writing,
+)
 from aligndistil_cli.core.hashing import sha256_json
 from aligndistil_cli.config.stages import DpoConfig
 from aligndistil_cli.data.encode import collate, data_fingerprint, data_input, encode_pairs, load_data
@@ -33,7 +41,8 @@ from aligndistil_cli.model.loading import (
 )
 from aligndistil_cli.eval.monitor import make_monitor
 from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
-from aligndistil_cli.train.loop import progress, seed_everything, step_batches, total_steps, train
+from aligndistil_cli.train.loop import seed_everything, step_batches, total_steps, train
+from aligndistil_cli.core.console import progress
 
 REF_CACHE_VERSION = 1
 

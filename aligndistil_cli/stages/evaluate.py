@@ -17,7 +17,14 @@ import torch
 
 from aligndistil_cli.parallel import distributed
 from aligndistil_cli.train import tracking
-from aligndistil_cli.rundir.artifacts import atomic_write_json, fingerprint_model, finalize, input_record, prepare_output
+from aligndistil_cli.rundir.artifacts import (
+    atomic_write_json,
+    fingerprint_model,
+    finalize,
+    input_record,
+    prepare_output,
+    recorded_path,
+)
 from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.rundir.card import add_evaluation, evaluation_section
 from aligndistil_cli.config.stages import EvaluateConfig
@@ -34,17 +41,20 @@ from aligndistil_cli.data.sources import flatten_plain
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.model.loading import hub_options, load_model, load_tokenizer, pick_device, sequence_logps
 from aligndistil_cli.eval.report import (
+    CONVERGED_KL,
+    health_line,
     kl_estimate,
     length_stats,
     mean_ci,
     results_markdown,
     results_table,
+    unconverged,
     win_rate,
     write_report,
 )
 from aligndistil_cli.model.sampling import generate, score_samples
 from aligndistil_cli.eval.export import export, make_generate_fn, read_questions
-from aligndistil_cli.eval.scoring import make_scorer
+from aligndistil_cli.eval.scoring import make_scorer, refuse_foreign_prompts
 from aligndistil_cli.teacher.sampling import generate_teacher
 from aligndistil_cli.train.loop import seed_everything
 from aligndistil_cli.stages.evaluate_teacher import LoadedTeacher, load_teacher, teacher_diagnostics
@@ -69,6 +79,21 @@ def summarise(path: str, samples, rewards: list[float], own: list[float], ref: l
     }
 
 
+def manifest_of(path) -> dict:
+    """A local output directory's manifest ({} for a hub model or a directory without one)."""
+    file = Path(path) / "manifest.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def cache_health(path) -> dict | None:
+    """The teacher health check recorded by the precompute behind path: a cache, or a student distilled from one."""
+    manifest = manifest_of(path)
+    if manifest.get("stage") != "precompute":
+        record = manifest.get("inputs", {}).get("cache")
+        manifest = manifest_of(recorded_path(record, Path(path))) if record else {}
+    return manifest.get("metrics", {}).get("health")
+
+
 def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards=None):
     model = ref_model if path is None else load_model(path, device, **hub_options(config)).eval()
     ids = held_out_ids(tokenizer, prompts, config)
@@ -85,7 +110,9 @@ def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, sc
                Path(config.out) / "exports")
     own = score_samples(model, tokenizer, samples, config.batch_size, split=True)
     ref = own if model is ref_model else score_samples(ref_model, tokenizer, samples, config.batch_size, split=True)
-    return summarise(str(path) if path else str(config.ref), samples, rewards, own, ref, config, ref_rewards), rewards
+    result = summarise(str(path) if path else str(config.ref), samples, rewards, own, ref, config, ref_rewards)
+    final_kl = manifest_of(path).get("metrics", {}).get("final_kl_teacher") if path else None
+    return ({**result, "final_kl_teacher": final_kl} if final_kl is not None else result), rewards
 
 
 def evaluate_teacher(teacher: LoadedTeacher, ref_model, tokenizer, prompts, config, scorer, ref_rewards) -> dict:
@@ -132,24 +159,53 @@ def implicit_accuracy(config: EvaluateConfig, ref_model, tokenizer, device) -> d
     return result
 
 
+# KLs within this share of the larger one are matched: a reward difference then compares like with like.
+MATCHED_KL = 0.2
+
+
+def _compare(a: dict, b: dict) -> tuple[str, float]:
+    """('beats' | 'is worse than' | 'is not distinguishable (...) from', reward difference) of a against b."""
+    ra, rb = a["reward"], b["reward"]
+    if ra["lo"] > rb["hi"]:
+        return "beats", ra["mean"] - rb["mean"]
+    if ra["hi"] < rb["lo"]:
+        return "is worse than", ra["mean"] - rb["mean"]
+    return "is not distinguishable (overlapping 95% intervals) from", ra["mean"] - rb["mean"]
+
+
+def _kl_clause(a: dict, b: dict) -> str:
+    ka, kb = a["kl"]["mean"], b["kl"]["mean"]
+    if abs(ka - kb) <= MATCHED_KL * max(abs(ka), abs(kb)):
+        return f"at matched KL ({ka:.2f} and {kb:.2f} nats)"
+    return f"at KLs that differ by {abs(ka - kb):.2f} nats ({ka:.2f} against {kb:.2f}), so not like for like"
+
+
+def _label(name: str, res: dict) -> str:
+    if not unconverged(res):
+        return name
+    return (f"{name} (unconverged: final KL to its teacher {res['final_kl_teacher']:.3f} > {CONVERGED_KL} nats/token, "
+            "so not a result of its method)")
+
+
 def verdicts(report: dict) -> list[str]:
-    """One honest sentence per model: better, worse or indistinguishable from the reference."""
+    """One honest sentence per model against the reference, then per pair of other models: better, worse or
+    indistinguishable on the reward, whether their KLs match, and whether a student converged."""
+    reward = report.get("reward_name", "gold reward")
     ref_name = report["reference"]
-    ref = report["models"][ref_name]["reward"]
+    models = report["models"]
+    others = [n for n in models if n != ref_name]
     lines = []
-    for name, res in report["models"].items():
-        if name == ref_name:
-            continue
-        r, diff = res["reward"], res["reward"]["mean"] - ref["mean"]
-        if r["lo"] > ref["hi"]:
-            word = "beats"
-        elif r["hi"] < ref["lo"]:
-            word = "is worse than"
-        else:
-            word = "is not distinguishable (overlapping 95% intervals) from"
-        lines.append(f"{name} {word} {ref_name} on gold reward ({r['mean']:+.3f} vs {ref['mean']:+.3f}, "
-                     f"difference {diff:+.3f}) at KL {res['kl']['mean']:.2f} nats and mean length "
-                     f"{res['length']['mean']:.1f} tokens (cap rate {res['length']['cap_rate']:.0%}).")
+    for name in others:
+        res, ref = models[name], models[ref_name]
+        word, diff = _compare(res, ref)
+        lines.append(f"{_label(name, res)} {word} {ref_name} on {reward} ({res['reward']['mean']:+.3f} vs "
+                     f"{ref['reward']['mean']:+.3f}, difference {diff:+.3f}) at KL {res['kl']['mean']:.2f} nats from "
+                     f"it and mean length {res['length']['mean']:.1f} tokens (cap rate {res['length']['cap_rate']:.0%}).")
+    for i, a in enumerate(others):
+        for b in others[i + 1 :]:
+            word, diff = _compare(models[a], models[b])
+            lines.append(f"{_label(a, models[a])} {word} {_label(b, models[b])} on {reward} (difference {diff:+.3f}) "
+                         f"{_kl_clause(models[a], models[b])}.")
     return lines
 
 
@@ -161,6 +217,8 @@ def run(config: EvaluateConfig) -> Path:
     rows, data_stats = load_data(config, "prompts", config.prompts)
     tokenizer = load_tokenizer(config.ref, **hub_options(config))
     prompts = [r["prompt"] for r in encode_prompts(tokenizer, rows, config, data_stats)[0]][: config.num_prompts]
+    if not config.reward_model:
+        refuse_foreign_prompts(prompts, config.prompts)
     ref_model = load_model(config.ref, device, **hub_options(config)).eval()
     out = prepare_output(Path(config.out), "evaluate", config.force)
     scorer = make_scorer(config, device)
@@ -174,13 +232,14 @@ def run(config: EvaluateConfig) -> Path:
                                                        ref_rewards)
     training = {name: str(Path(path) / "metrics.jsonl") for name, path in config.models.items()
                 if (Path(path) / "metrics.jsonl").is_file()}
+    diagnostics = teacher_diagnostics(config, teacher, ref_model, tokenizer, device) if teacher and config.pairs else None
     report = {"task": f"held-out prompts from {config.prompts}, scored by the {scorer.name}",
-              "num_prompts": len(prompts), "max_new_tokens": config.max_new_tokens, "reference": config.ref_name,
-              "models": models, "training": training,
+              "reward_name": scorer.column, "num_prompts": len(prompts), "max_new_tokens": config.max_new_tokens,
+              "reference": config.ref_name, "models": models, "training": training,
               "implicit_accuracy": implicit_accuracy(config, ref_model, tokenizer, device)
               if config.pairs and config.dpo else None,
-              "teacher_diagnostics": teacher_diagnostics(config, teacher, ref_model, tokenizer, device)
-              if teacher and config.pairs else None}
+              "teacher_diagnostics": diagnostics,
+              "teacher_health": teacher_health_of(config, diagnostics)}
     report["verdict"] = verdicts(report)
     if distributed.is_main():
         atomic_write_json(out / "report.json", report, sort_keys=False)
@@ -197,6 +256,16 @@ def run(config: EvaluateConfig) -> Path:
         add_to_cards({config.ref_name: config.ref, **config.models}, report, out, [out / p for p in written[1:]])
         print_report(out)
     return out
+
+
+def teacher_health_of(config: EvaluateConfig, diagnostics: dict | None) -> dict:
+    """name -> the teacher health check behind each evaluated model: its cache's (precompute's record), and the
+    sampled teacher's own (diagnostics, when --pairs gave chosen responses to check it on)."""
+    health = {name: cache_health(path) for name, path in config.models.items()}
+    if config.teacher:
+        health[config.teacher_name] = diagnostics or (cache_health(config.teacher) if config.teacher != "models"
+                                                      else None)
+    return {name: h for name, h in health.items() if h}
 
 
 def log_report(config: EvaluateConfig, out: Path, report: dict) -> None:
@@ -231,5 +300,9 @@ def print_report(out: Path) -> None:
     report = json.loads((Path(out) / "report.json").read_text())
     console = Console()
     console.print(results_table(report))
+    for name, health in (report.get("teacher_health") or {}).items():
+        console.print(f"{name}: {health_line(health)}", highlight=False)
+        if health["warning"]:
+            console.print(f"[yellow]{name}: {health['warning']}[/yellow]", highlight=False)
     for line in report["verdict"]:
         console.print(f"- {line}", highlight=False)

@@ -41,8 +41,8 @@ from aligndistil_cli.model.loading import (
     autocast,
     bf16_enabled,
     hub_options,
-    load_student,
     load_teacher,
+    load_student,
     load_tokenizer,
     pick_device,
     save_model,
@@ -52,14 +52,20 @@ from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as en
 from aligndistil_cli.model.sampling import generate
 from aligndistil_cli.teacher.compose import TeacherSpec
 from aligndistil_cli.train.loop import seed_everything, step_batches, train
-from aligndistil_cli.stages.distill import FINAL_KL_ROWS, final_teacher_kl, report_final_kl, teacher_loss
+from aligndistil_cli.stages.distill import (
+    FINAL_KL_ROWS,
+    final_teacher_kl,
+    report_final_kl,
+    spec_overrides,
+    teacher_loss,
+)
 from aligndistil_cli.stages.precompute import check_same_tokenizers, teacher_for_batch, teacher_heads
 
 
-def on_policy_spec(config: DistillConfig) -> TeacherSpec:
-    return TeacherSpec(config.variant, config.beta, config.kl_coef,
-                       20.0 if config.alpha_scale is None else config.alpha_scale,
-                       1e-3 if config.alpha_eps is None else config.alpha_eps, config.teacher_temperature)
+def on_policy_spec(config: DistillConfig, eos_id: int) -> TeacherSpec:
+    """The live teacher: the paper's (r 20, eps 1e-3), with distill's own options over it."""
+    paper = TeacherSpec(config.variant, config.beta, config.kl_coef, 20.0, 1e-3, config.teacher_temperature)
+    return dataclasses.replace(paper, **spec_overrides(config, eos_id))
 
 
 def load_teachers(config: DistillConfig, spec: TeacherSpec, device, student_tokenizer) -> dict:
@@ -200,8 +206,8 @@ def at_rollout_boundaries(config: DistillConfig) -> DistillConfig:
 def run(config: DistillConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
-    spec = on_policy_spec(config)
     tokenizer = load_tokenizer(config.student, **hub_options(config))
+    spec = on_policy_spec(config, tokenizer.eos_token_id)
     teachers = load_teachers(config, spec, device, tokenizer)
     rows, data_stats = load_data(config, "prompts")
     rows, _ = encode_prompts(tokenizer, rows, config, data_stats)

@@ -15,6 +15,7 @@ throwaway batches) and the shards are the same either way.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +24,18 @@ from safetensors.torch import save_file
 
 from aligndistil_cli.parallel import distributed
 from aligndistil_cli.parallel import fsdp
-from aligndistil_cli.rundir.artifacts import content_key, finalize, fingerprint_model, fingerprint_tokenizer, input_record, prepare_output, tokenizer_difference, tokenizer_parts, writing
+from aligndistil_cli.rundir.artifacts import (
+    content_key,
+    finalize,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    input_record,
+    prepare_output,
+    recorded_path,
+    tokenizer_difference,
+    tokenizer_parts,
+    writing,
+)
 from aligndistil_cli.core.hashing import sha256_json
 from aligndistil_cli.teacher.cache import (
     HEADS,
@@ -36,16 +48,20 @@ from aligndistil_cli.teacher.cache import (
 )
 from aligndistil_cli.config.stages import PrecomputeConfig
 from aligndistil_cli.data.encode import collate, data_input, encode_rows, load_data
+from aligndistil_cli.core.console import say, stderr
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.teacher.health import HEALTH_ROWS, teacher_health
 from aligndistil_cli.model.loading import (
     bf16_enabled,
     hub_options,
+    load_model,
     load_teacher,
     load_tokenizer,
     output_head,
     pick_device,
     response_hidden,
 )
+from aligndistil_cli.eval.report import health_line
 from aligndistil_cli.teacher.compose import (
     LOGITS_MAX_BYTES_PER_TOKEN,
     TeacherSpec,
@@ -54,7 +70,8 @@ from aligndistil_cli.teacher.compose import (
     encode_chunk,
     float32_heads,
 )
-from aligndistil_cli.train.loop import progress, seed_everything
+from aligndistil_cli.train.loop import seed_everything
+from aligndistil_cli.core.console import progress
 
 SHAPE_SETTINGS = ("format", "top_k", "dtype", "max_length", "max_prompt_length")
 POSITION_CHUNK = 1024
@@ -163,6 +180,33 @@ def shard_tensors(parts: list[dict], examples: list) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def reference_path(config: PrecomputeConfig) -> str | None:
+    """The reference of the health check: --ref, else the model the DPO model was trained from (its manifest)."""
+    if config.ref:
+        return config.ref
+    manifest = Path(config.dpo) / "manifest.json"
+    record = json.loads(manifest.read_text(encoding="utf-8")).get("inputs", {}).get("model") \
+        if manifest.is_file() else None
+    return str(recorded_path(record, manifest.parent)) if record else None
+
+
+def check_health(config: PrecomputeConfig, models: dict, heads: dict, spec: TeacherSpec, examples: list, tokenizer,
+                 device, dtype: torch.dtype) -> dict | None:
+    """The teacher health check (health.py) on the first chosen responses, printed to stderr: precompute's
+    user hears that the teacher would not stop before spending a distillation on it."""
+    ref = reference_path(config)
+    if "ref" not in models and ref:
+        ref_model = load_model(ref, device, dtype, config.attn_implementation, **hub_options(config)).eval()
+        models, heads = {**models, "ref": ref_model}, {**heads, **teacher_heads({"ref": ref_model})}
+    health = teacher_health(models, heads, spec, examples[:HEALTH_ROWS], tokenizer.pad_token_id, len(tokenizer),
+                            tokenizer.eos_token_id, config.batch_size, device)
+    if health:
+        say(health_line(health))
+        if health["warning"]:
+            stderr.print(f"[yellow]{health['warning']}[/yellow]", highlight=False)
+    return health
+
+
 def run(config: PrecomputeConfig) -> Path:
     seed_everything(config.seed)
     device = pick_device(config.device)
@@ -223,6 +267,7 @@ def run(config: PrecomputeConfig) -> Path:
             write_shard(out / plan.name, plan, settings_key,
                         shard_tensors(parts, examples[plan.row_start : plan.row_end]), record)
 
+    health = check_health(config, models, heads, spec, examples, tokenizer, device, dtype)
     # Held after the last forward (a sharded teacher's gathered layers are freed again); rank 0's, in the manifest.
     teacher_bytes = sum(fsdp.local_bytes(m) for m in models.values())
     reused = len(plans) - int(distributed.all_reduce_sum(torch.tensor(len(todo))).item())
@@ -235,6 +280,6 @@ def run(config: PrecomputeConfig) -> Path:
                           "settings": settings, "settings_key": settings_key, "shards": shards})
     metrics = {"format": fmt, "rows": len(examples), "positions": positions, "shards": len(plans),
                "shards_reused": reused, "bytes_per_position": per_position, "truncated": truncated,
-               "teacher_param_bytes_per_rank": teacher_bytes, "data": data_stats}
+               "teacher_param_bytes_per_rank": teacher_bytes, "data": data_stats, "health": health}
     finalize(out, "precompute", config, inputs, metrics)
     return out

@@ -273,7 +273,7 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     fsdp.shard(model, bf16_enabled(cfg.precision, device), cfg.fsdp_cpu_offload)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(n_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
     # Paths relative to OUT's parent (the run root), so that a moved run directory still resumes.
     config_hash = sha256_json(portable_config({k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE},

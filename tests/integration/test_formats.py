@@ -54,7 +54,7 @@ def live_loss(runs: Path, rows: list[int], variant_kwargs: dict | None = None):
 def cached_loss(cache_dir: Path, student, tok, config, rows: list[int], alpha_scale=None):
     cache = TeacherCache(cache_dir)
     spec = distill.cache_spec(cache, DistillConfig(out="x", student="s", cache=str(cache_dir), data="d",
-                                                   alpha_scale=alpha_scale))
+                                                   alpha_scale=alpha_scale), tok.eos_token_id)
     data = load_rows(config.data, PAIR_FIELDS)
     chunk = [(i, encode(tok, data[i]["prompt"], data[i]["chosen"], config.max_length, config.max_prompt_length))
              for i in rows]
@@ -150,7 +150,7 @@ def test_hidden_cache_serves_other_r(runs, caches):
 def test_other_r_needs_a_hidden_cache(caches):
     with pytest.raises(UserError, match="format hidden"):
         distill.cache_spec(TeacherCache(caches["logits"]),
-                           DistillConfig(out="x", student="s", cache="c", data="d", alpha_scale=5.0))
+                           DistillConfig(out="x", student="s", cache="c", data="d", alpha_scale=5.0), 2)
 
 
 def test_logits_format_refused_for_a_large_vocabulary():

@@ -33,6 +33,15 @@ def test_sampled_sequence_mask_covers_first_token_and_eos_only():
     assert batch.loss_mask[1].tolist() == [False, True, True, False, False, False]
 
 
+def test_on_policy_teacher_takes_the_alpha_cap_and_the_kept_eos():
+    config = DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo="d", rev="r", alpha_max=2.0,
+                           extrapolate_eos=False, alpha_scale=5.0)
+    spec = on_policy_spec(config, EOS)
+    assert (spec.alpha_scale, spec.alpha_eps, spec.alpha_max, spec.keep_eos) == (5.0, 1e-3, 2.0, EOS)
+    paper = on_policy_spec(DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo="d", rev="r"), EOS)
+    assert (paper.alpha_scale, paper.alpha_max, paper.keep_eos) == (20.0, None, None)
+
+
 def test_live_teacher_and_cache_give_the_same_loss(runs, tmp_path):
     """Sampled sequences through the off-policy cache path give the live path's loss (one implementation)."""
     tok = load_tokenizer(runs / "sft")
@@ -53,7 +62,7 @@ def test_live_teacher_and_cache_give_the_same_loss(runs, tmp_path):
     cache = TeacherCache(cache_dir)
     batch = collate([Encoded(s.prompt_ids, s.response_ids) for s in samples], tok.pad_token_id)
     config = DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo=values["dpo"], rev=values["rev"])
-    spec = on_policy_spec(config)
+    spec = on_policy_spec(config, tok.eos_token_id)
     teachers = {n: load_model(values[n], CPU).eval() for n in ("dpo", "rev")}
     live = teacher_for_batch(teachers, teacher_heads(teachers), batch, spec, "hidden", len(tok), torch.float32, host=False)
     # The teachers' parameters require grad here, but no autograd graph may be built over their forwards.
@@ -99,13 +108,22 @@ def timing_free(out) -> list[dict]:
 
 def test_on_policy_does_not_depend_on_grad_accum(runs, tmp_path):
     """The same global batch split into 2 micro-batches samples the same responses, mixes in the same
-    off-policy rows and normalises over the same sequences as 1 micro-batch: same losses, same weights."""
+    off-policy rows and normalises over the same sequences as 1 micro-batch: same losses, same weights.
+
+    The two gradients differ by float32 rounding only (summed over 1 or 2 backward passes: 4e-7 relative
+    at the first step). Adam divides each element by its own RMS, so an element whose gradient is
+    itself at the rounding scale (3e-9 against a median of 3e-6 in layers.0.mlp.up_proj) would step by
+    about lr * g / (|g| + eps) and turn a 1e-11 rounding difference into a 6e-6 weight difference at
+    eps 1e-8 (the default), more or less by luck of the thread count. At eps 1e-6 a gradient below eps
+    steps by lr * g / eps, so the weights compare the gradients themselves (largest difference 7e-7,
+    with 1 thread and with 2).
+    """
     from safetensors.torch import load_file
 
     values = {"student": str(runs / "sft"), "data": str(runs / "prefs" / "pairs.jsonl"), "mode": "on-policy",
               "dpo": str(runs / "dpo"), "rev": str(runs / "rev"), "batch_size": 8, "samples_per_prompt": 2,
               "max_steps": 3, "mix_off_policy": 0.25, "max_new_tokens": 8, "max_length": 64,
-              "max_prompt_length": 32, "lr": 1e-2}
+              "max_prompt_length": 32, "lr": 1e-2, "adam_eps": 1e-6}
     one = distill.run(DistillConfig(out=str(tmp_path / "one"), grad_accum=1, **values))
     two = distill.run(DistillConfig(out=str(tmp_path / "two"), grad_accum=2, **values))
     a, b = timing_free(one), timing_free(two)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -235,7 +236,7 @@ def test_the_experiments_sweep_spec_resolves(tmp_path):
     from aligndistil_cli.orchestrate.sweep import load_spec, plan
 
     bases, runs = plan(load_spec(REPO / "pipelines" / "experiments.yaml"), tmp_path)
-    assert len(bases) == 2 and len(runs) >= 2 * 20
+    assert len(bases) == 5 and len(runs) >= 5 * 20
     bases, runs = plan(load_spec(REPO / "pipelines" / "experiments-full.yaml"), tmp_path)
     assert len(bases) == 5 and len(runs) >= 5 * 180
 
@@ -250,3 +251,21 @@ def test_distill_refuses_a_cache_built_from_another_dpo_model(runs, tmp_path):
     out = distill.run(load_config(DistillConfig, None, values | {"dpo": teacher["dpo"], "rev": teacher["rev"],
                                                                  "max_steps": 1, "out": str(tmp_path / "ok")}))
     assert (out / "manifest.json").is_file()
+
+
+def test_teacher_selection_links_the_pair_with_the_best_held_out_accuracy(runs, tmp_path):
+    """A candidate whose 'DPO' is the reverse model (and the reverse) ranks pairs the wrong way round: never chosen.
+    Evaluation prompts are left out of the held-out pairs."""
+    from aligndistil_cli.config.stages import DpoConfig
+    from aligndistil_cli.orchestrate.selection import Selection, choose_teachers
+
+    dpo, rev = (load_config(DpoConfig, None, json.loads((runs / n / "stage_config.json").read_text())) for n in ("dpo", "rev"))
+    swapped = (dataclasses.replace(dpo, out=rev.out), dataclasses.replace(rev, out=dpo.out))
+    pairs = runs / "prefs" / "pairs.jsonl"
+    record = choose_teachers(Selection(str(tmp_path / "teachers"), (((1e-3, 1), *swapped), ((1e-3, 3), dpo, rev)),
+                                       str(pairs), (str(pairs), 5)))
+    assert record["chosen"] == {"lr": 1e-3, "epochs": 3}
+    assert (tmp_path / "teachers" / "dpo").resolve() == Path(dpo.out).resolve()
+    assert (tmp_path / "teachers" / "rev").resolve() == Path(rev.out).resolve()
+    first, second = record["candidates"]  # the swapped pair is the smaller budget, but not within one SE
+    assert second["score"] - second["standard_error"] > first["score"] and record["held_out_pairs"] == len(pairs.read_text().splitlines()) - 5

@@ -80,3 +80,14 @@ def test_evaluate_exports_alpaca_eval_answers(runs, tmp_path):
         assert [a["instruction"] for a in answers] == [q["instruction"] for q in json.loads(questions.read_text())]
         assert all(a["generator"] == name and isinstance(a["output"], str) for a in answers)
     assert "exports/alpaca_eval/dpo.json" in json.loads((out / "manifest.json").read_text())["outputs"]
+
+
+def test_evaluate_refuses_another_tasks_prompts_without_a_reward_model(runs, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "we visited on monday . write a review about the pizza and the staff ."})
+                       + "\n" + json.dumps({"prompt": "What is the capital of France?"}) + "\n")
+    with pytest.raises(UserError, match="--reward-model PATH") as refused:
+        evaluate.run(EvaluateConfig(out=str(tmp_path / "e"), ref=str(runs / "sft"), prompts=str(prompts),
+                                    num_prompts=2, max_new_tokens=4))
+    assert "prompt 2 ('What is the capital of France?')" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "e").exists()  # refused before anything was sampled or written

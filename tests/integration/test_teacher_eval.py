@@ -117,3 +117,43 @@ def test_evaluate_reports_the_teacher_row_and_diagnostics(runs, tmp_path):
     d_rev = torch.log_softmax(z["rev"], -1) - torch.log_softmax(z["sft"], -1)
     cos = (d_dpo * -d_rev).sum(-1) / d_dpo.norm(dim=-1) / d_rev.norm(dim=-1)
     assert diag["mirror_cosine_median"] == pytest.approx(statistics.median(cos.tolist()), abs=1e-4)
+
+
+def eos_raising_rev(runs, out) -> str:
+    """The DPO model with its EOS logit raised by about 4 where chosen responses end: the mirror image that
+    drives z* = z_dpo + alpha (z_dpo - z_rev) away from EOS exactly where the data stops."""
+    from aligndistil_cli.model.loading import response_hidden, save_model
+
+    tok = load_tokenizer(runs / "dpo")
+    model = load_model(runs / "dpo", CPU)
+    config = load_config(DistillConfig, None, {"out": "-", "student": "-", "data": str(runs / "prefs" / "pairs.jsonl"),
+                                               "cache": "-", "max_length": 64, "max_prompt_length": 32})
+    rows, stats = load_data(config, "pairs")
+    batch = collate(encode_rows(tok, rows[:16], "chosen", config, stats)[0], tok.pad_token_id)
+    with torch.no_grad():
+        hidden = response_hidden(model, batch)
+        u = hidden[batch.targets[batch.loss_mask] == tok.eos_token_id].mean(0)
+        model.lm_head.weight[tok.eos_token_id] += 4 * u / u.dot(u)
+    save_model(model, tok, out)
+    return str(out)
+
+
+@pytest.mark.parametrize("extrapolate_eos", [True, False])
+def test_precompute_health_warns_when_the_teacher_would_not_stop(runs, tmp_path, capsys, extrapolate_eos):
+    from aligndistil_cli.config.stages import PrecomputeConfig
+    from aligndistil_cli.stages import precompute
+
+    values = json.loads((runs / "teacher" / "stage_config.json").read_text())
+    out = precompute.run(PrecomputeConfig(**{**values, "out": str(tmp_path / "c"), "rev": eos_raising_rev(runs, tmp_path / "rev"),
+                                             "extrapolate_eos": extrapolate_eos}))
+    health = json.loads((out / "manifest.json").read_text())["metrics"]["health"]
+    p = health["p_eos_at_end"]
+    assert p["ref"] is not None and health["mirror_cosine_median"] is not None  # the reference: the DPO model's own
+    assert health["alpha"]["max"] >= health["alpha"]["p50"] > 0 and 0 <= health["tvd"]["p50"] <= 1
+    err = capsys.readouterr().err
+    assert "teacher health" in err
+    if extrapolate_eos:  # extrapolated away from the raised EOS: the teacher would not stop
+        assert p["teacher"] < 0.1 * p["dpo"] and "--alpha-max" in health["warning"] and "--no-extrapolate-eos" in err
+    else:  # the same teacher with the DPO model's own EOS probability stops where DPO does
+        assert p["teacher"] == pytest.approx(p["dpo"], rel=1e-4) and health["warning"] is None
+        assert "would not stop" not in err

@@ -142,7 +142,7 @@ def _check_written(out, written):
     assert "report.md" in written
     for name in ("sft", "dpo", "aligndistil"):
         assert name in md
-    assert "| model | gold reward | KL to ref | win rate vs ref | mean length | cap rate |" in md
+    assert "| model | gold reward | KL to ref | win rate vs ref | mean length | cap rate | final KL to teacher |" in md
     images = _referenced_images(md)
     assert images
     for img in images:
@@ -189,9 +189,39 @@ def test_write_report_training_with_only_missing_files_has_no_curves(tmp_path):
 def test_results_table_rows_and_columns():
     table = results_table(_report())
     assert [c.header for c in table.columns] == [
-        "model", "gold reward", "KL to ref", "win rate vs ref", "mean length", "cap rate"]
+        "model", "gold reward", "KL to ref", "win rate vs ref", "mean length", "cap rate", "final KL to teacher"]
     assert table.row_count == 3
     console = Console(width=200, record=True)
     console.print(table)
     text = console.export_text()
     assert "aligndistil" in text and "0.800 ± 0.120" in text and "25.0%" in text
+
+
+def test_unconverged_student_is_marked_in_the_table_and_every_verdict():
+    from aligndistil_cli.eval.report import results_markdown
+    from aligndistil_cli.stages.evaluate import verdicts
+
+    report = {**_report(), "reward_name": "toy gold reward"}
+    report["models"]["aligndistil"]["final_kl_teacher"] = 1.8  # > 0.05 nats/token
+    report["models"]["dpo"]["final_kl_teacher"] = None
+    table = "\n".join(results_markdown(report))
+    assert "| aligndistil (unconverged) |" in table and "| 1.800 |" in table
+    assert "| toy gold reward |" in table.splitlines()[0].replace("| model ", "")
+    lines = verdicts(report)
+    mentions = [v for v in lines if "aligndistil" in v]
+    assert len(mentions) == 2 and all("unconverged: final KL to its teacher 1.800" in v for v in mentions)
+    assert not any("unconverged" in v for v in lines if "aligndistil" not in v)
+    assert all("on toy gold reward" in v for v in lines)
+    report["models"]["aligndistil"]["final_kl_teacher"] = 0.01
+    assert not any("unconverged" in v for v in verdicts(report))
+
+
+def test_verdicts_state_how_far_apart_the_kls_are():
+    from aligndistil_cli.stages.evaluate import verdicts
+
+    report = _report()  # dpo at KL 0.3, aligndistil at KL 0.2: 0.1 apart, more than 20% of 0.3
+    pair = verdicts(report)[-1]
+    assert pair.startswith("dpo ") and "at KLs that differ by 0.10 nats (0.30 against 0.20)" in pair
+    report["models"]["aligndistil"]["kl"] = _ci(0.28, 0.02)
+    assert "at matched KL (0.30 and 0.28 nats)" in verdicts(report)[-1]
+    assert "at KL 0.30 nats from it" in verdicts(report)[0]

@@ -216,9 +216,14 @@ def test_write_summary_tables_and_plots(synthetic_root):
     assert "| ad | r | 0.700 ± 0.023 (20, lr 0.001, 3 ep) | 0.700 ± 0.023 (20, lr 0.001, 3 ep) |" in text
     assert "| dpo | 3 | 3,000 | — | — | 0.450 (0.1, lr 0.001, 3 ep) |" in text
     # teacher p(EOS) 0.01, 0.02, 0.03: mean 0.02, s = 0.01, half = 1.96 * 0.01 / sqrt(3) = 0.011
-    assert "| teacher | 5 | 3 | 0.300 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.020 ± 0.011 | 0.900 ± 0.000 |" in text
+    assert "| teacher | 5 | 3 | 0.300 ± 0.000 | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.020 ± 0.011 | — | — | — | 0.900 ± 0.000 |" \
+        in text
     assert "| ad | 5, lr 0.001, 1 ep | 0.300 | 0.300–0.300 | 0/3 |" in text
-    assert "| ad | r = 5, lr 0.001, 1 ep | 3 | 0.900 ± 0.023 | 0.900 ± 0.000 | 12.0 ± 0.0 | 2.0% | **no** |" in text
+    assert "| r = 5, lr 0.001, 1 ep | 3 (0, 1, 2) | 0.900 ± 0.023 | 0.90 ± 0.00 | 12.0 ± 0.0 | 2.0% | 500 | **no** |" in text
+    # paired with dpo in each seed: within KL 1, ad's best (r=5, 3 ep: 0.5 + bump) minus dpo's (1 ep: 0.3 + bump) = 0.2
+    # in every seed; within KL 0.5 ad has no converged run
+    assert "| ad | — | +0.200 ± 0.000 (3): wins | +0.250 ± 0.000 (3): wins |" in text
+    assert json.loads((synthetic_root / "summary.json").read_text())["options"]["baseline"] == "dpo"
 
 
 def test_write_summary_without_runs(tmp_path):
@@ -295,7 +300,7 @@ def test_run_sweep_reuses_shared_work_and_reports_failures(tmp_path, monkeypatch
 
     def fake_stage(stage, config, force, done, root):
         if config.out in done:
-            return
+            return False
         done.add(config.out)
         calls.append(config.out)
         if "beta-0.05" in config.out:
@@ -306,6 +311,7 @@ def test_run_sweep_reuses_shared_work_and_reports_failures(tmp_path, monkeypatch
                 name: {"reward": _ci(0.1), "kl": _ci(0.2), "length": {"mean": 9.0, "cap_rate": 0.0}}
                 for name in ("reference", "model")}}
             (Path(config.out) / "report.json").write_text(json.dumps(report))
+        return True
 
     monkeypatch.setattr(sweep, "_run_stage", fake_stage)
     path = tmp_path / "spec.yaml"
@@ -316,7 +322,9 @@ def test_run_sweep_reuses_shared_work_and_reports_failures(tmp_path, monkeypatch
     assert len(calls) == 14 and len(set(calls)) == 14
     assert not (tmp_path / "exp/seed-0/dpo-beta/beta-0.05/run.json").exists()
     assert json.loads((tmp_path / "exp/seed-0/dpo-beta/beta-0.1/run.json").read_text())["model"] == "seed-0/dpo"
-    assert "| dpo-beta | beta = 0.2 | 2 |" in (tmp_path / "exp/summary.md").read_text()
+    assert "| beta = 0.2 | 2 (0, 1) |" in (tmp_path / "exp/summary.md").read_text()
+    record = json.loads((tmp_path / "exp/sweep.json").read_text())  # where the numbers come from; 14 - 2 failed
+    assert record["command"] == f"aligndistil sweep {path}" and record["stages_run"] == 12 and record["wall_s"] >= 0
 
 
 def test_plan_grid_shared_stages_and_eval_overrides(tmp_path):
@@ -361,8 +369,29 @@ def _grid_methods(spec: dict) -> dict:
     return {m: v for m, v in spec["methods"].items() if v.get("grid")}
 
 
+def test_the_experiments_spec_seeds_the_whole_pipeline_and_tunes_teachers_like_dpo():
+    spec = sweep.load_spec(REPO / "pipelines" / "experiments.yaml")
+    base, runs = sweep.plan(spec, Path("runs/experiments"))
+    assert len(spec["seeds"]) >= 5 and not spec.get("shared")
+    for seed, stages in base.items():  # the task split, SFT, pairs and teachers all take the seed
+        assert {c.seed for s, c in stages if s != sweep.SELECT} == {seed}
+        (selection,) = [c for s, c in stages if s == sweep.SELECT]
+        dpo_budgets = {r.budget: r.model for r in runs if r.seed == seed and r.method == "dpo"}
+        # the teachers' DPO and reverse DPO are trained at every budget the DPO baseline gets, the DPO ones shared
+        assert {b for b, _, _ in selection.candidates} == set(dpo_budgets)
+        assert all(dpo_budgets[b] == d.out and (r.lr, r.epochs) == b and r.reverse for b, d, r in selection.candidates)
+        seed_runs = [r for r in runs if r.seed == seed]
+        caches = {c.out: c for r in seed_runs for s, c in r.stages if s == "precompute"}
+        assert len(caches) == 1 and next(iter(caches.values())).format == "hidden"  # one teacher pass per seed
+        assert next(iter(caches.values())).dpo == str(Path(selection.out) / "dpo")
+        students = [r for r in seed_runs if r.method == "aligndistil"]
+        assert {r.value for r in students} >= {0.5, 1, 2, 5, 10, 20}
+        assert all(next(c for s, c in r.stages if c.out == r.model).alpha_scale == r.value for r in students)
+        assert {r.value for r in seed_runs if r.method == "teacher"} == {r.value for r in students}
+
+
 def test_experiments_specs_give_every_method_the_same_budget_grid():
-    for name, seeds, lrs, epochs in (("experiments.yaml", 2, 2, 2), ("experiments-full.yaml", 5, 3, 3)):
+    for name, seeds, lrs, epochs in (("experiments-full.yaml", 5, 3, 3),):
         spec = sweep.load_spec(REPO / "pipelines" / name)
         base, runs = sweep.plan(spec, Path("runs/experiments"))
         assert len(spec["seeds"]) >= seeds

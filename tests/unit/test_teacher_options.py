@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from aligndistil_cli.stages.evaluate_teacher import mirror_cosine, summarise_diagnostics
+from aligndistil_cli.teacher.health import mirror_cosine, stop_warning, summarise
 from aligndistil_cli.teacher.compose import TeacherSpec, cap_alpha, compose, keep_token, realpha
 
 
@@ -76,15 +76,26 @@ def test_mirror_cosine_by_hand():
 
 def test_summarise_diagnostics_by_hand():
     parts = [{"ref": torch.tensor([0.1, 0.5]), "dpo": torch.tensor([0.2, 0.6]), "rev": torch.tensor([0.3, 0.7]),
-              "teacher": torch.tensor([0.0, 0.2]), "mirror": torch.tensor([0.9, 0.1])},
+              "teacher": torch.tensor([0.0, 0.2]), "mirror": torch.tensor([0.9, 0.1]),
+              "alpha": torch.tensor([1.0, 2.0]), "tvd": torch.tensor([0.05, 0.1])},
              {"ref": torch.tensor([0.3]), "dpo": torch.tensor([0.4]), "rev": torch.tensor([0.5]),
-              "teacher": torch.tensor([0.4]), "mirror": torch.tensor([0.5])}]
-    out = summarise_diagnostics(parts, torch.tensor([False, True, True]))
+              "teacher": torch.tensor([0.4]), "mirror": torch.tensor([0.5]), "alpha": torch.tensor([3.0]),
+              "tvd": torch.tensor([0.15])}]
+    out = summarise(parts, torch.tensor([False, True, True]), spec())
     assert out["responses_ending_in_eos"] == 2 and out["positions"] == 3
     assert out["p_eos_at_end"] == pytest.approx({"ref": 0.4, "dpo": 0.5, "rev": 0.6, "teacher": 0.3})
     assert out["p_eos_elsewhere"] == pytest.approx({"ref": 0.1, "dpo": 0.2, "rev": 0.3, "teacher": 0.0})
     assert out["mirror_cosine_median"] == pytest.approx(0.5)
     assert out["mirror_cosine_median_at_end"] == pytest.approx(0.3)  # median of 0.1 and 0.5
+    assert out["alpha"]["p50"] == pytest.approx(2.0) and out["alpha"]["max"] == pytest.approx(3.0)
+    assert out["tvd"]["p50"] == pytest.approx(0.1)
+    assert out["warning"] is None  # the teacher's 0.3 against DPO's 0.5 at the ends: it stops
+
+
+def test_stop_warning_names_both_options():
+    health = {"p_eos_at_end": {"ref": 0.4, "dpo": 0.32, "rev": 0.4, "teacher": 1e-4}}
+    assert "--alpha-max" in stop_warning(health) and "--no-extrapolate-eos" in stop_warning(health)
+    assert stop_warning({"p_eos_at_end": {**health["p_eos_at_end"], "teacher": 0.1}}) is None
 
 
 def test_head_check_uses_the_head_it_is_given():

@@ -1,0 +1,132 @@
+"""`aligndistil results`: the published numbers, written from a finished sweep and the default run.
+
+  docs/results/summary.json  the sweep's summary_data (sweep_summary.py) and the default run's table
+  docs/RESULTS.md            its tables, between the lines BEGIN and END
+  README.md                  the headline, between the same lines
+  docs/frontier.png          the frontier plot
+
+Every block names the commit and the command that measured it. tests/unit/test_results_docs.py
+renders summary.json again and compares it with the docs, so a hand-edited number fails the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.eval.report import format_ci, md_table, unconverged
+from aligndistil_cli.orchestrate.summary import (
+    converged,
+    label,
+    paired_table,
+    plot_frontiers,
+    records_of,
+    render_summary,
+    summary_data,
+    summary_options,
+)
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _manifest(path: Path) -> dict:
+    file = Path(path) / "manifest.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def default_run(eval_dir: Path) -> dict:
+    """The default run's results (its evaluate report) and the r of its distilled student."""
+    path = Path(eval_dir) / "report.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no report of the default run; run `make full-pipeline` first")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    rows = {name: {k: res.get(k) for k in ("reward", "kl", "length", "final_kl_teacher")}
+            for name, res in report["models"].items()}
+    students = [res["path"] for res in report["models"].values() if res.get("final_kl_teacher") is not None]
+    config = _manifest(students[0]).get("config", {}) if students else {}
+    cache = _manifest(config["cache"]).get("config", {}) if config.get("cache") else {}
+    r = config.get("alpha_scale") if config.get("alpha_scale") is not None else cache.get("alpha_scale")
+    return {"pipeline": "pipelines/tiny.yaml", "reward_name": report.get("reward_name"), "reference": report["reference"],
+            "num_prompts": report["num_prompts"], "models": rows, "student_r": r}
+
+
+def _provenance(data: dict) -> str:
+    sweep = data.get("sweep") or {}
+    seeds = sorted({r["seed"] for r in data["records"]})
+    load = "; ".join(", ".join(f"{x:.1f}" for x in sweep.get(f"load_average_at_{when}", [])) for when in ("start", "end"))
+    return (f"Written by `aligndistil results` from `{sweep.get('command', '?')}` at commit {sweep.get('commit', '?')}"
+            + (" (with uncommitted changes)" if sweep.get("uncommitted_changes") else "")
+            + f", {len(seeds)} whole-pipeline seeds, started {sweep.get('started', '?')}: "
+            f"{sweep.get('wall_s', 0) / 60:.0f} min of wall time on {sweep.get('cpus', '?')} cores, "
+            f"OMP_NUM_THREADS={sweep.get('omp_num_threads')}, load average {load} (1, 5, 15 min; at the start; at "
+            "the end: the machine was shared).")
+
+
+def render_results(data: dict) -> list[str]:
+    """docs/RESULTS.md's block."""
+    return [_provenance(data), ""] + render_summary(data)
+
+
+def _spread(data: dict, method: str, value) -> str:
+    runs = [r for r in records_of(data) if r["method"] == method and r["value"] == value and r["lr"] is None
+            and converged(r, data["options"]["converged_kl"])]
+    if len(runs) < 2:
+        return f"The sweep has fewer than two converged seeds of {method} at r = {label(value)}: no spread to give."
+    sd = {k: statistics.stdev(r[k] for r in runs) for k in ("reward", "kl")}
+    return (f"Across the sweep's {len(runs)} whole-pipeline seeds, the same method ({method}, r = {label(value)}) "
+            f"varies by a standard deviation of {sd['reward']:.3f} in reward and {sd['kl']:.2f} nats in KL: a run of "
+            "the default on another machine (another seed, other rounding) may land about that far from the table.")
+
+
+def render_headline(data: dict) -> list[str]:
+    """README.md's block: the default run's table, its spread over seeds, and the sweep's paired differences."""
+    d = data["default"]
+    rows = [[name + (" (unconverged)" if unconverged(res) else ""), format_ci(res["reward"]), format_ci(res["kl"], 2),
+             f"{res['length']['mean']:.1f}", f"{100 * res['length']['cap_rate']:.1f}%",
+             "—" if res["final_kl_teacher"] is None else f"{res['final_kl_teacher']:.3f}"]
+            for name, res in d["models"].items()]
+    opts = data["options"]
+    return ([f"`make full-pipeline` ({d['pipeline']}, seed 0, {d['num_prompts']} held-out prompts; the student "
+             f"distilled at r = {label(d['student_r'])}):", ""]
+            + md_table(["model", d["reward_name"], f"KL to {d['reference']}", "mean length", "cap rate",
+                        "final KL to teacher"], rows)
+            + ["", _spread(data, "aligndistil", d["student_r"]), "",
+               f"`make experiments` (docs/RESULTS.md), each method's best reward within a KL budget minus "
+               f"{opts['baseline']}'s, paired by seed (Student-t 95% interval; seeds in parentheses):", ""]
+            + paired_table([r for r in records_of(data) if converged(r, opts["converged_kl"])], tuple(opts["budgets"]),
+                            opts["baseline"])
+            + ["", _provenance(data)])
+
+
+def fill_block(path: Path, lines: list[str]) -> None:
+    """Replace what lies between BEGIN and END in path with lines."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise UserError(f"{path}: no block between the lines {BEGIN} and {END} to write the results into")
+    path.write_text(text[: start + len(BEGIN)] + "\n" + "\n".join(lines) + "\n" + text[end:], encoding="utf-8")
+
+
+def block(path: Path) -> str:
+    """What lies between BEGIN and END in path (what fill_block wrote)."""
+    text = path.read_text(encoding="utf-8")
+    return text[text.index(BEGIN) + len(BEGIN) + 1 : text.index(END)]
+
+
+def publish(root: Path, spec_path: Path, default_eval: Path, docs: Path, readme: Path) -> Path:
+    """Write docs/results/summary.json, docs/frontier.png and the blocks of docs/RESULTS.md and README.md."""
+    from aligndistil_cli.config.stages import read_yaml
+
+    data = summary_data(Path(root), **summary_options(read_yaml(Path(spec_path)).get("summary") or {}))
+    if not data["records"]:
+        raise UserError(f"{root}: no finished sweep runs; run `make experiments` first")
+    data["default"] = default_run(default_eval)
+    out = Path(docs) / "results" / "summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    plot_frontiers(data, Path(docs) / "frontier.png")
+    fill_block(Path(docs) / "RESULTS.md", render_results(data))
+    fill_block(Path(readme), render_headline(data))
+    return out
