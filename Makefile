@@ -50,8 +50,8 @@ experiments-full: setup
 	$(BIN)/aligndistil sweep pipelines/experiments-full.yaml
 
 lint: setup
-	$(BIN)/python -m pip install -q ruff
-	$(BIN)/ruff check aligndistil_cli tests
+	$(BIN)/ruff check aligndistil_cli tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf runs bench/results.json

@@ -23,8 +23,8 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
 from aligndistil_cli import __version__
-from aligndistil_cli.core.console import stderr
 from aligndistil_cli.config.stages import field_types, load_config
+from aligndistil_cli.core.console import stderr
 from aligndistil_cli.core.errors import UsageError, UserError
 from aligndistil_cli.stages import STAGES
 

@@ -17,8 +17,8 @@ import torch
 
 from aligndistil_cli.model.loading import compile_layers, quiet_transformers
 
-from .run import PRESETS, QUICK, ROOT, autocast, build_model, make_batch, pick, sft_loss, sync
 from . import write_result
+from .run import PRESETS, QUICK, ROOT, autocast, build_model, make_batch, pick, sft_loss, sync
 
 
 def step_fn(model, batch, vocab, device):

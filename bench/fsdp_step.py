@@ -1,6 +1,7 @@
 """FSDP2 on one device against the plain path: the step time of an SFT step (issue 11).
 
-    python3 -m torch.distributed.run --nproc-per-node 1 -m bench.fsdp_step [--preset gpu|cpu] [--quick] [--out bench/results-fsdp.json]
+    python3 -m torch.distributed.run --nproc-per-node 1 -m bench.fsdp_step [--preset gpu|cpu] [--quick] \
+        [--out bench/results-fsdp.json]
 
 Under torchrun with world size 1, two copies of the bench model (same seed)
 train side by side: one plain, one sharded with the project's fsdp.shard. Both
@@ -17,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
 from aligndistil_cli.model.loading import sequence_logps
+from aligndistil_cli.parallel import distributed, fsdp
 from aligndistil_cli.train.loop import accumulate
-from bench.run import CHUNK, PRESETS, QUICK, build_model, device_name, make_batch, summary, time_interleaved
 from bench import write_result
+from bench.run import CHUNK, PRESETS, QUICK, build_model, device_name, make_batch, summary, time_interleaved
 
 TARGET = 1.05
 

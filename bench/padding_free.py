@@ -21,8 +21,8 @@ from aligndistil_cli.model.packing import collate_for, enable
 from aligndistil_cli.stages.dpo import policy_logps
 from aligndistil_cli.train.loop import step_batches
 
-from .trl_dpo import HP, ROOT, SHAPE, build_model, build_tokenizer, synthetic_pairs
 from . import write_result
+from .trl_dpo import HP, ROOT, SHAPE, build_model, build_tokenizer, synthetic_pairs
 
 
 def main() -> None:

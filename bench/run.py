@@ -29,17 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from aligndistil_cli.teacher.cache import STORE_DTYPES
 from aligndistil_cli.data.encode import Encoded, collate
-from aligndistil_cli.losses.functions import (
-    aligndistil_loss,
-    compose_teacher,
-    dpo_loss,
-    fused_head_kl_loss,
-    position_weights,
-    reverse_kl,
-    token_logps_from_hidden,
-)
+from aligndistil_cli.losses.functions import dpo_loss, fused_head_kl_loss, position_weights, reverse_kl
 from aligndistil_cli.model.loading import (
     final_hidden,
     head_logps,
@@ -49,9 +40,11 @@ from aligndistil_cli.model.loading import (
     sequence_ids,
 )
 from aligndistil_cli.stages.dpo import policy_logps
-from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
+from aligndistil_cli.teacher.cache import STORE_DTYPES
 from aligndistil_cli.teacher.compose import TeacherSpec, bytes_per_position, logq_fn
+from aligndistil_cli.teacher.live import teacher_for_batch, teacher_heads
 from bench import write_result
+from bench.reference import aligndistil_loss, compose_teacher, token_logps_from_hidden
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {

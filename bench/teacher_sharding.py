@@ -45,14 +45,13 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
 from aligndistil_cli.data.encode import collate
-from aligndistil_cli.stages.distill import teacher_loss
-from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
+from aligndistil_cli.parallel import distributed, fsdp
+from aligndistil_cli.teacher.live import teacher_for_batch, teacher_heads
+from aligndistil_cli.teacher.objective import teacher_loss
 from aligndistil_cli.train.loop import accumulate
-from bench.run import SPEC, make_examples
 from bench import write_result
+from bench.run import SPEC, make_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1024, vocab=8192, batch=4, prompt=32, response=96)

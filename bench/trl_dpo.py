@@ -31,7 +31,8 @@ import torch
 from aligndistil_cli.data.encode import collate, encode
 from aligndistil_cli.losses.functions import dpo_loss
 from aligndistil_cli.model.loading import quiet_transformers
-from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
+from aligndistil_cli.model.packing import MIN_PADDING, collate_for
+from aligndistil_cli.model.packing import enable as enable_padding_free
 from aligndistil_cli.stages.dpo import policy_logps, reference_logps
 from aligndistil_cli.train.loop import accumulate, lr_lambda, step_batches
 from bench import write_result

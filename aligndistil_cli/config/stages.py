@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-
 from aligndistil_cli.config.trackers import parse_report_to
-from aligndistil_cli.core.yamlio import parse_yaml
 from aligndistil_cli.core.errors import ConfigError, shown
-from aligndistil_cli.model.kv_cache import KV_CACHE_HELP, KV_CACHES
 from aligndistil_cli.core.variants import VARIANTS
+from aligndistil_cli.core.yamlio import parse_yaml
 from aligndistil_cli.data.sources import FORMATS as SOURCE_FORMATS
+from aligndistil_cli.model.kv_cache import KV_CACHE_HELP, KV_CACHES
 
 
 def opt(default: Any = None, help: str = "", *, required: bool = False, choices: tuple | None = None,
@@ -204,7 +203,8 @@ class InitToyConfig(StageConfig):
     num_layers: int = opt(4, "Transformer layers.", positive=True)
     num_heads: int = opt(4, "Attention heads.", positive=True)
     intermediate_size: int = opt(256, "MLP width.", positive=True)
-    pad_vocab_to: int = opt(32, "Pad the embedding rows to a multiple of this, past the tokenizer (as real models do).", positive=True)
+    pad_vocab_to: int = opt(32, "Pad the embedding rows to a multiple of this, past the tokenizer (as real models do).",
+                            positive=True)
 
 
 @dataclass
@@ -296,7 +296,8 @@ class PrecomputeConfig(TeacherFields, DataFields, TeacherShardingFields):
                       "auto picks logits for small vocabularies and hidden otherwise.",
                       choices=("auto", "logits", "hidden", "topk"))
     top_k: int = opt(64, "Log-probs kept per position by --format topk.", positive=True)
-    dtype: str = opt("float32", "dtype of the stored log-probs or hidden states (the combination itself is always float32).", choices=("float32", "bfloat16"))
+    dtype: str = opt("float32", "dtype of the stored log-probs or hidden states (the combination itself is always "
+                     "float32).", choices=("float32", "bfloat16"))
     batch_size: int = opt(32, "Sequences per forward pass.", positive=True)
     precision: str = opt("auto", "Teacher weights: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32. "
                          "The combination is float32 either way.", choices=("auto", "bf16", "fp32"))
@@ -529,5 +530,3 @@ def config_inputs(config) -> list[Input]:
     return found
 
 
-def resolve_path(value: str | None) -> Path | None:
-    return Path(value) if value else None

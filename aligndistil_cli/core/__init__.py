@@ -1,1 +1,2 @@
-"""The lowest room: user-facing errors, the console the library prints through, hashing, variant names. Imports nothing of the package."""
+"""The lowest room: user-facing errors, the console the library prints through, hashing, YAML,
+variant names. Imports nothing else of the package."""

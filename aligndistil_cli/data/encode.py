@@ -173,8 +173,8 @@ def _encode_messages(tokenizer, prompt: list[dict], response: list[dict], max_le
 
 def load_data(config, kind: str, data: str | None = None) -> tuple[list[dict], dict]:
     """Rows of config.data (or data) normalised by sources.load_source; stats printed and returned."""
-    from aligndistil_cli.data.sources import load_source
     from aligndistil_cli.core.console import stderr
+    from aligndistil_cli.data.sources import load_source
 
     rows, stats = load_source(data or config.data, kind=kind, split=config.split, subset=config.subset,
                               data_format=config.data_format, prompt_key=config.prompt_key,
@@ -189,8 +189,8 @@ def load_data(config, kind: str, data: str | None = None) -> tuple[list[dict], d
 
 def data_fingerprint(config, data: str | None = None) -> str:
     """The data's bytes (or hub id) plus every setting that changes how rows are read."""
-    from aligndistil_cli.rundir.artifacts import fingerprint_data
     from aligndistil_cli.core.hashing import sha256_json
+    from aligndistil_cli.rundir.artifacts import fingerprint_data
 
     settings = {k: getattr(config, k) for k in ("split", "subset", "data_format", "prompt_key", "chosen_key",
                                                   "rejected_key", "messages_key", "skip_bad_rows", "chat_template",

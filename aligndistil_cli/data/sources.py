@@ -301,7 +301,8 @@ def detect_format(columns: list[str], first_row: dict, kind: str) -> str:
         return "standard" if isinstance(prompt, str) and isinstance(chosen, str) else "conversational"
     raise UserError(
         f"cannot tell the {kind} data format from the columns {sorted(cols)}; "
-        f"rename columns with the *-key options or choose one of {', '.join(ALLOWED_FORMATS.get(kind, FORMATS))} with --data-format"
+        "rename columns with the *-key options or choose one of "
+        f"{', '.join(ALLOWED_FORMATS.get(kind, FORMATS))} with --data-format"
     )
 
 

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aligndistil_cli.rundir.artifacts import atomic_write_bytes
 from aligndistil_cli.core.errors import UserError, where
 from aligndistil_cli.data.readers import read_jsonl
+from aligndistil_cli.rundir.artifacts import atomic_write_bytes
 
 BENCHMARKS = ("alpaca-eval", "mt-bench", "arena-hard")
 

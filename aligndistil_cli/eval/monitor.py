@@ -11,9 +11,9 @@ from typing import Callable
 import torch
 
 from aligndistil_cli.data.encode import load_data, prompt_ids, truncate
+from aligndistil_cli.eval.scoring import make_scorer
 from aligndistil_cli.model.loading import hub_options, load_model
 from aligndistil_cli.model.sampling import generate, score_samples
-from aligndistil_cli.eval.scoring import make_scorer
 
 
 def make_monitor(config, tokenizer, reference: str, device: torch.device) -> Callable | None:

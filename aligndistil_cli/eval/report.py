@@ -12,6 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 _Z95 = 1.96
@@ -290,3 +291,16 @@ def write_report(out_dir: Path, report: dict) -> list[str]:
         curves.unlink(missing_ok=True)
     (out_dir / "report.md").write_text(_markdown(report, plots), encoding="utf-8")
     return ["report.md"] + plots
+
+
+def print_report(out: Path) -> None:
+    """Print a finished evaluation's table (used by `aligndistil run`)."""
+    report = json.loads((Path(out) / "report.json").read_text())
+    console = Console()  # stdout: the table is the result
+    console.print(results_table(report))
+    for name, health in (report.get("teacher_health") or {}).items():
+        console.print(f"{name}: {health_line(health)}", highlight=False)
+        if health["warning"]:
+            console.print(f"[yellow]{name}: {health['warning']}[/yellow]", highlight=False)
+    for line in report["verdict"]:
+        console.print(f"- {line}", highlight=False)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.data import toy
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.model.loading import refuse_pickle_weights
+from aligndistil_cli.data import toy
 from aligndistil_cli.data.sources import flatten_plain
+from aligndistil_cli.model.loading import refuse_pickle_weights
 
 
 class ToyScorer:

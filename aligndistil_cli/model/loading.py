@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
-from aligndistil_cli.rundir.artifacts import check_model_input, writing
-from aligndistil_cli.data.encode import Batch
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.rundir.hub import hub_offline, hub_reachable, looks_like_path
+from aligndistil_cli.data.encode import Batch
 from aligndistil_cli.losses.functions import fused_token_logps, head_logits
+from aligndistil_cli.parallel import distributed, fsdp
+from aligndistil_cli.parallel.fsdp import unwrap
+from aligndistil_cli.rundir.artifacts import check_model_input, writing
+from aligndistil_cli.rundir.hub import hub_offline, hub_reachable, looks_like_path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -251,11 +251,6 @@ def add_lora(model, cfg):
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=target, lora_dropout=0.0,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def unwrap(model):
-    """The transformers model under a peft wrapper (adapters stay injected in its layers)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def reference_mode(model):

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from aligndistil_cli.parallel import fsdp
 from aligndistil_cli.data.encode import Batch
+from aligndistil_cli.parallel import fsdp
 
 VARLEN = "aligndistil_varlen_sdpa"
 _PACKABLE = ("sdpa", "eager", VARLEN)
@@ -245,8 +245,8 @@ def probe(model, tol: float = 1e-4) -> str | None:
 
 def enable(model, wanted: bool, desc: str) -> bool:
     """Switch model to padding-free attention when wanted and possible; else say why in one line."""
-    from aligndistil_cli.model.loading import unwrap
     from aligndistil_cli.core.console import stderr
+    from aligndistil_cli.parallel.fsdp import unwrap
 
     if not wanted:
         return False

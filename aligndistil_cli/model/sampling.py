@@ -21,14 +21,14 @@ from typing import Protocol
 
 import torch
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
+from aligndistil_cli.core.console import progress
 from aligndistil_cli.data.encode import Encoded, collate
 from aligndistil_cli.model.kv_cache import make as make_cache
 from aligndistil_cli.model.kv_cache import resolve as resolve_kv_cache
 from aligndistil_cli.model.kv_cache import select as select_cache_rows
-from aligndistil_cli.model.loading import sequence_logps, unwrap
-from aligndistil_cli.core.console import progress
+from aligndistil_cli.model.loading import sequence_logps
+from aligndistil_cli.parallel import distributed, fsdp
+from aligndistil_cli.parallel.fsdp import unwrap
 
 _M32 = 0xFFFFFFFF
 

@@ -1,1 +1,2 @@
-"""Running many stages: pipeline files (run), their plan (--dry-run, --only, --from, --until, --set), and sweeps with their summary."""
+"""Running many stages: pipeline files (run), their plan (--dry-run, --only, --from, --until, --set),
+sweeps with their teacher selection and summary, and the published results."""

@@ -32,17 +32,16 @@ from pathlib import Path
 
 import yaml
 
-
-from aligndistil_cli.train import checkpoint
-from aligndistil_cli.rundir.artifacts import MANIFEST, portable_config, read_manifest, stale_inputs, verify_outputs
-from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.config.stages import ConfigError, build_config, read_yaml
+from aligndistil_cli.core.console import stderr as console
 from aligndistil_cli.core.errors import UserError, shown
+from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.orchestrate.plan import check_stage_names, did_you_mean, make_plan, parse_sets, select
+from aligndistil_cli.rundir.artifacts import MANIFEST, portable_config, read_manifest, stale_inputs, verify_outputs
 from aligndistil_cli.stages import STAGES
+from aligndistil_cli.train import checkpoint
 from aligndistil_cli.train.tracking import require
 
-from aligndistil_cli.core.console import stderr as console
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)\}")
 # A stage's name is its directory under the root: no separators, and not "." or "..".
 STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -198,7 +197,7 @@ def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: i
     nproc (default: the file's nproc_per_node, else 1) > 1 runs each stage that can use several processes
     under torch.distributed.run. dry_run prints the plan (each stage: run or skip, and why) and runs nothing.
     """
-    from aligndistil_cli.stages.evaluate import print_report
+    from aligndistil_cli.eval.report import print_report
 
     nproc = nproc_per_node(Path(path), nproc)
     resolved = load_pipeline(Path(path), root, parse_sets(sets or []))

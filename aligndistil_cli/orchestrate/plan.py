@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aligndistil_cli.train import checkpoint
-from aligndistil_cli.rundir.artifacts import MANIFEST, stale_inputs
+from aligndistil_cli.core.errors import ConfigError, UsageError
 from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.core.yamlio import parse_yaml
-from aligndistil_cli.core.errors import ConfigError, UsageError
+from aligndistil_cli.rundir.artifacts import MANIFEST, stale_inputs
+from aligndistil_cli.train import checkpoint
 
 _PLACEHOLDER = re.compile(r"\{[A-Za-z0-9_-]+\}")
 

@@ -7,8 +7,8 @@ rejected one, and reverse DPO's at its own task (the rejected over the chosen). 
 the one-standard-error rule: the least-trained pair (smallest lr x epochs) whose score is within one
 standard error of the best score. Scores a few hundred pairs apart are noise, and a longer-trained
 pair extrapolates further from the reference for no measured gain. The held-out pairs leave out
-every pair whose prompt is one of the evaluation prompts. The chosen pair is linked as DIR/dpo and DIR/rev, with selection.json beside
-them, so that "{dpo}" and "{rev}" name it before it is known.
+every pair whose prompt is one of the evaluation prompts. The chosen pair is linked as DIR/dpo and DIR/rev,
+with selection.json beside them, so that "{dpo}" and "{rev}" name it before it is known.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from aligndistil_cli.core.console import say
-from aligndistil_cli.rundir.artifacts import atomic_write_json
 from aligndistil_cli.config.stages import DpoConfig
+from aligndistil_cli.core.console import say
 from aligndistil_cli.data.encode import collate, encode_pairs, load_data
-from aligndistil_cli.model.loading import load_model, load_tokenizer, pick_device, sequence_logps
 from aligndistil_cli.data.sources import flatten_plain
+from aligndistil_cli.model.loading import load_model, load_tokenizer, pick_device, sequence_logps
+from aligndistil_cli.rundir.artifacts import atomic_write_json
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-from aligndistil_cli.rundir.artifacts import atomic_write_json
-from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.config.stages import build_config, read_yaml
+from aligndistil_cli.core.console import stderr as console
 from aligndistil_cli.core.errors import ConfigError, UserError
+from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.orchestrate.pipeline import FIXED, for_rerun, is_up_to_date, substitute
 from aligndistil_cli.orchestrate.selection import Selection, choose_teachers
-from aligndistil_cli.stages import STAGES
 from aligndistil_cli.orchestrate.summary import _norm, label, summary_options, write_summary
-from aligndistil_cli.core.console import stderr as console
+from aligndistil_cli.rundir.artifacts import atomic_write_json
+from aligndistil_cli.stages import STAGES
 
 __all__ = ["load_spec", "plan", "run_sweep", "run_name", "write_summary"]
 

@@ -15,9 +15,9 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -259,7 +259,8 @@ def session(config, inputs: Callable[[], dict[str, str]] | None = None):
     backend()'s (a group that already exists is used and left open); a batch
     the world cannot split, ranks with different configs and ranks that read
     different data or models under the same paths (inputs(): {path: fingerprint},
-    rundir.artifacts.input_fingerprints) are refused before any model loads. A refusal every rank reaches is marked (UserError.said_elsewhere) on
+    rundir.artifacts.input_fingerprints) are refused before any model loads.
+    A refusal every rank reaches is marked (UserError.said_elsewhere) on
     all but rank 0, which alone prints it; an error caused by a peer's death
     becomes "rank N exited; stopping".
     """
@@ -296,3 +297,27 @@ def session(config, inputs: Callable[[], dict[str, str]] | None = None):
         _peers.clear()
         if owner:
             dist.destroy_process_group()
+
+
+def micro_batches(batch: list, n: int) -> list[list]:
+    """Split a step's batch into at most n non-empty micro-batches of near-equal size."""
+    size = -(-len(batch) // n)
+    return [batch[i : i + size] for i in range(0, len(batch), size)]
+
+
+def rank_micro_batches(batch: list, n: int, index: int | None = None, size: int | None = None) -> list[tuple[list, bool]]:
+    """Rank index's micro-batches (this rank's by default) of a step's global batch over size ranks, as
+    (micro-batch, live) pairs.
+
+    Each rank takes its contiguous share of the batch and splits it into at
+    most n micro-batches. Under several ranks every rank runs exactly n, since
+    the collectives of FSDP's forward and backward must pair up across ranks:
+    a rank short of data (an epoch's last, smaller batch, of which it may get
+    no row at all) runs the batch's first item at weight 0 instead (live False).
+    """
+    size = world_size() if size is None else size
+    mine = share(batch, index, size)
+    micros = [(m, True) for m in micro_batches(mine, n)] if mine else []
+    if size > 1:
+        micros += [(batch[:1], False)] * (n - len(micros))
+    return micros

@@ -26,17 +26,17 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _unwrap(model):
-    """The transformers model under a peft wrapper (modeling.unwrap; not imported, modeling imports this module)."""
+def unwrap(model):
+    """The transformers model under a peft wrapper (adapters stay injected in its layers)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
     """The transformer blocks: modules of the classes transformers declares unsplittable."""
-    names = set(getattr(_unwrap(model), "_no_split_modules", None) or ())
+    names = set(getattr(unwrap(model), "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise RuntimeError(f"cannot find the decoder layers of {type(_unwrap(model)).__name__} to shard")
+        raise RuntimeError(f"cannot find the decoder layers of {type(unwrap(model)).__name__} to shard")
     return layers
 
 
@@ -86,7 +86,7 @@ def _shard(model, options: dict, own_groups: bool = False):
 
     for layer in _decoder_layers(model):
         fully_shard(layer, **options)
-    inner = _unwrap(model)
+    inner = unwrap(model)
     embed, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     if head is not None and head.weight is embed.weight:
         fully_shard([embed, head], **options)

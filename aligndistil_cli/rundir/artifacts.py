@@ -13,18 +13,15 @@ import json
 import math
 import os
 import re
-import shutil
 import stat
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aligndistil_cli.rundir import outdir
-from aligndistil_cli import __version__
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.core.hashing import config_dict, sha256_cached, sha256_file, sha256_json
+from aligndistil_cli.core.hashing import sha256_cached, sha256_file, sha256_json
+from aligndistil_cli.rundir import outdir
 
 MANIFEST = "manifest.json"
 CONFIG_FILE = "stage_config.json"
@@ -150,7 +147,7 @@ def prepare_output(out: Path, stage: str, force: bool = False, keep: tuple[str, 
 UNLISTED_DIRS = ("checkpoints", "logs")
 
 
-def _output_files(out: Path) -> list[Path]:
+def output_files(out: Path) -> list[Path]:
     return sorted(
         p for p in out.rglob("*")
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
@@ -158,52 +155,13 @@ def _output_files(out: Path) -> list[Path]:
     )
 
 
-def _with_relpath(record: Any, out: Path) -> Any:
+def with_relpath(record: Any, out: Path) -> Any:
     """An input record plus its path relative to out, so that a moved run directory still finds its inputs."""
     if not isinstance(record, dict) or "path" not in record or not Path(record["path"]).exists():
         return record
     return {**record, "relpath": os.path.relpath(os.path.abspath(record["path"]), os.path.abspath(out))}
 
 
-def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics: dict[str, Any] | None = None) -> dict:
-    """Write stage_config.json, then the manifest: the directory is now complete. Then drop the checkpoints.
-
-    The manifest comes before the checkpoints go, so a kill in between leaves a
-    complete directory with some scratch, never a finished one with neither.
-    Under torchrun only rank 0 writes (the others return {}), after every rank has written its part.
-    """
-    from aligndistil_cli.parallel import distributed
-
-    distributed.barrier()
-    if not distributed.is_main():
-        return {}
-    out = Path(out)
-    atomic_write_json(out / CONFIG_FILE, config_dict(config))
-    from aligndistil_cli.rundir.card import is_model_dir, write_card
-
-    if is_model_dir(out):
-        write_card(out, stage, config_dict(config), metrics or {})
-    files = _output_files(out)
-    for p in files:
-        default_mode(p)
-    outputs = {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_cached(p)} for p in files}
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "complete": True,
-        "stage": stage,
-        "tool_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": config_dict(config),
-        "inputs": {name: _with_relpath(rec, out) for name, rec in inputs.items()},
-        "outputs": outputs,
-        "metrics": metrics or {},
-        "launch": {"world_size": distributed.world_size(), "command": distributed.launch_command()},
-    }
-    atomic_write_json(out / MANIFEST, manifest)
-    # Training checkpoints (and precompute's shard record) are scratch for a rerun; a finished stage needs none.
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    outdir.release(out)
-    return manifest
 
 
 def record_outputs(out: Path, rels: list[str]) -> None:
@@ -271,7 +229,7 @@ def verify_full(path: Path) -> list[str]:
     for rel, info in manifest["outputs"].items():
         if sha256_file(path / rel) != info["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
-    unlisted = [str(p.relative_to(path)) for p in _output_files(path)
+    unlisted = [str(p.relative_to(path)) for p in output_files(path)
                 if str(p.relative_to(path)) not in manifest["outputs"]]
     problems += [f"{rel}: not listed in the manifest" for rel in unlisted]
     problems += [f"{rel}: not a file that stage {manifest.get('stage')} writes"
@@ -307,10 +265,6 @@ def is_complete(path: Path) -> bool:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model")
-
-
 def fingerprint_files(files: list[Path], root: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(files):

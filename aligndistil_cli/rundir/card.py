@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from aligndistil_cli.rundir.artifacts import MANIFEST, atomic_write_bytes, read_manifest, record_outputs
-from aligndistil_cli.core.yamlio import parse_yaml
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.core.yamlio import parse_yaml
+from aligndistil_cli.rundir.artifacts import MANIFEST, atomic_write_bytes, read_manifest, record_outputs
 
 CARD = "README.md"
 EVAL_DIR = "evaluation"

@@ -54,8 +54,8 @@ def hub_reachable() -> bool:
 
 def push(out: Path, repo_id: str, private: bool = False) -> str:
     """Upload out/ (its manifest must be complete) to the model repo repo_id; return the commit URL."""
-    from aligndistil_cli.rundir.artifacts import read_manifest
     from aligndistil_cli.core.errors import UserError
+    from aligndistil_cli.rundir.artifacts import read_manifest
 
     read_manifest(Path(out), role="output")
     where = f"--push-to-hub {repo_id}: {out} is saved and complete, but the upload"

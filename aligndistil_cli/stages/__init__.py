@@ -23,6 +23,11 @@ class Stage:
     summary: str
     example: str
     distributed: bool = True  # runs under torchrun (`aligndistil run --nproc-per-node N` launches it so)
+    by_mode: tuple[tuple[str, str], ...] = ()  # (config.mode, module) pairs: a stage whose modes are separate modules
+
+    def module_for(self, config) -> str:
+        """The module that runs config: the one its mode names, else the stage's own."""
+        return dict(self.by_mode).get(getattr(config, "mode", None), self.module)
 
     @property
     def run(self) -> Callable:
@@ -30,11 +35,9 @@ class Stage:
         by the --push-to-hub upload once the output is complete."""
         import importlib
 
-        run = importlib.import_module(f"{__name__}.{self.module}").run
-
         def checked(config):
             preflight(config)
-            out = run(config)
+            out = importlib.import_module(f"{__name__}.{self.module_for(config)}").run(config)
             from aligndistil_cli.train.tracking import is_main_process
 
             if getattr(config, "push_to_hub", None) and is_main_process():  # once, not from every torchrun rank
@@ -50,8 +53,8 @@ def preflight(config) -> None:
     """Fail in one line, before any data or model loads, on an output directory that cannot be written, on
     a model that is neither a directory nor a reachable hub id (a mistyped path), on an --out that overlaps an
     input, and on a --report-to tracker whose package is missing."""
-    from aligndistil_cli.rundir.artifacts import check_output_dir, model_paths
     from aligndistil_cli.model.loading import model_source
+    from aligndistil_cli.rundir.artifacts import check_output_dir, model_paths
     from aligndistil_cli.train.tracking import require
 
     require(getattr(config, "report_to", None))
@@ -84,15 +87,22 @@ STAGES: dict[str, Stage] = {
     "sft": Stage(C.SftConfig, "sft", "Supervised fine-tuning on prompt/response data.",
                  "aligndistil sft --model runs/tiny/toy/model --data runs/tiny/toy/sft.jsonl --out runs/tiny/sft"),
     "make-prefs": Stage(C.MakePrefsConfig, "make_prefs", "Sample k responses per prompt, score them, write best-vs-worst pairs.",
-                        "aligndistil make-prefs --model runs/tiny/sft --data runs/tiny/toy/prompts.jsonl --num-samples 4 --out runs/tiny/prefs"),
+                        "aligndistil make-prefs --model runs/tiny/sft --data runs/tiny/toy/prompts.jsonl --num-samples 4"
+                        " --out runs/tiny/prefs"),
     "train-dpo": Stage(C.DpoConfig, "dpo", "Train DPO against cached reference log-probs.",
                        "aligndistil train-dpo --model runs/tiny/sft --data runs/tiny/prefs/pairs.jsonl --out runs/tiny/dpo"),
-    "train-reverse-dpo": Stage(C.DpoConfig, "dpo", "Train reverse DPO (chosen and rejected swapped); same as train-dpo --reverse.",
-                               "aligndistil train-reverse-dpo --model runs/tiny/sft --data runs/tiny/prefs/pairs.jsonl --out runs/tiny/rev"),
-    "precompute": Stage(C.PrecomputeConfig, "precompute", "Compose the AlignDistil teacher once and cache it as safetensors shards.",
-                        "aligndistil precompute --dpo runs/tiny/dpo --rev runs/tiny/rev --data runs/tiny/prefs/pairs.jsonl --out runs/tiny/teacher"),
+    "train-reverse-dpo": Stage(C.DpoConfig, "dpo",
+                               "Train reverse DPO (chosen and rejected swapped); same as train-dpo --reverse.",
+                               "aligndistil train-reverse-dpo --model runs/tiny/sft --data runs/tiny/prefs/pairs.jsonl"
+                               " --out runs/tiny/rev"),
+    "precompute": Stage(C.PrecomputeConfig, "precompute",
+                        "Compose the AlignDistil teacher once and cache it as safetensors shards.",
+                        "aligndistil precompute --dpo runs/tiny/dpo --rev runs/tiny/rev --data runs/tiny/prefs/pairs.jsonl"
+                        " --out runs/tiny/teacher"),
     "distill": Stage(C.DistillConfig, "distill", "Distil the student from the cached teacher (off-policy AlignDistil).",
-                     "aligndistil distill --student runs/tiny/sft --cache runs/tiny/teacher --data runs/tiny/prefs/pairs.jsonl --out runs/tiny/student"),
+                     "aligndistil distill --student runs/tiny/sft --cache runs/tiny/teacher --data runs/tiny/prefs/pairs.jsonl"
+                     " --out runs/tiny/student",
+                     by_mode=(("on-policy", "on_policy"),)),
     "evaluate": Stage(C.EvaluateConfig, "evaluate", "Gold reward, KL to the reference, win rate, lengths; report.md with plots.",
                       "aligndistil evaluate --ref runs/tiny/sft --model dpo=runs/tiny/dpo --model student=runs/tiny/student "
                       "--prompts runs/tiny/toy/heldout_prompts.jsonl --out runs/tiny/eval"),

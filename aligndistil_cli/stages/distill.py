@@ -10,43 +10,33 @@ import dataclasses
 import os
 from pathlib import Path
 
-import torch
-
-from aligndistil_cli.train import checkpoint
-from aligndistil_cli.core.console import say
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
+from aligndistil_cli.config.stages import DistillConfig
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.data.encode import collate, data_fingerprint, data_input, encode_rows, load_data
+from aligndistil_cli.eval.monitor import make_monitor
+from aligndistil_cli.model.loading import (
+    hub_options,
+    load_student,
+    load_tokenizer,
+    pick_device,
+    save_model,
+)
+from aligndistil_cli.model.packing import MIN_PADDING, collate_for
+from aligndistil_cli.model.packing import enable as enable_padding_free
 from aligndistil_cli.rundir.artifacts import (
-    finalize,
     fingerprint_data,
     fingerprint_model,
     input_record,
-    json_line,
     prepare_output,
     tokenizer_difference,
     tokenizer_parts,
 )
+from aligndistil_cli.rundir.finish import finalize
 from aligndistil_cli.teacher.cache import TeacherCache
-from aligndistil_cli.config.stages import DistillConfig
-from aligndistil_cli.data.encode import collate, data_fingerprint, data_input, encode_rows, load_data
-from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.losses.functions import fused_head_kl_loss, position_weights
-from aligndistil_cli.model.loading import (
-    autocast,
-    hub_options,
-    load_student,
-    load_tokenizer,
-    num_sequences,
-    output_head,
-    pick_device,
-    response_hidden,
-    save_model,
-    sequence_ids,
-)
-from aligndistil_cli.eval.monitor import make_monitor
-from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
-from aligndistil_cli.teacher.compose import TeacherSpec, float32_heads, logq_fn, realpha
-from aligndistil_cli.train.loop import rank_micro_batches, seed_everything, step_batches, total_steps, train
+from aligndistil_cli.teacher.compose import TeacherSpec, float32_heads, realpha, spec_overrides
+from aligndistil_cli.teacher.objective import FINAL_KL_ROWS, final_teacher_kl, report_final_kl, teacher_loss
+from aligndistil_cli.train import checkpoint
+from aligndistil_cli.train.loop import seed_everything, step_batches, total_steps, train
 
 
 def check_cache(cache: TeacherCache, config: DistillConfig, tokenizer) -> None:
@@ -84,13 +74,6 @@ def data_difference(cache: Path, recorded: dict, data: str) -> str:
     return f"was computed on other data ({recorded['path']}), not {data}"
 
 
-def spec_overrides(config: DistillConfig, eos_id: int) -> dict:
-    """TeacherSpec fields that distill's own options set: r, eps, the alpha_t cap and the kept EOS."""
-    overrides = {k: getattr(config, k) for k in ("alpha_scale", "alpha_eps", "alpha_max")
-                 if getattr(config, k) is not None}
-    if config.extrapolate_eos is not None:
-        overrides["keep_eos"] = None if config.extrapolate_eos else eos_id
-    return overrides
 
 
 def cache_spec(cache: TeacherCache, config: DistillConfig, eos_id: int) -> TeacherSpec:
@@ -121,64 +104,15 @@ def cached_teacher_loss(model, cache: TeacherCache, spec: TeacherSpec, pad_id: i
     return loss_fn
 
 
-def teacher_loss(model, batch, fields: dict, heads: dict, fmt: str, spec: TeacherSpec, vocab: int,
-                 chunk_size: int) -> tuple[torch.Tensor, dict]:
-    """The AlignDistil loss of a batch against a teacher given as per-position fields.
-
-    The one loss path of both modes: off-policy reads the fields from the
-    cache, on-policy computes them live (precompute.teacher_for_batch).
-    """
-    device = batch.input_ids.device
-    weight, bias = output_head(model)
-    weights = position_weights(fields["coef"].to(device), sequence_ids(batch), num_sequences(batch))
-    loss, kl = fused_head_kl_loss(response_hidden(model, batch), weight, bias, weights,
-                                  logq_fn(fmt, fields, heads, spec, vocab, device), vocab, chunk_size)
-    # Means over positions, so (mean, count) pairs: training.accumulate averages them over the global batch.
-    n = kl.shape[0]
-    return loss, {"kl_teacher": (kl.mean().item(), n), "alpha_mean": (fields["alpha"].mean().item(), n),
-                  "coef_mean": (fields["coef"].mean().item(), n), "tvd_mean": (fields["tvd"].mean().item(), n)}
 
 
-# Rows (off-policy) or prompts (on-policy) the final KL to the teacher is measured on.
-FINAL_KL_ROWS = 256
 
 
-@torch.no_grad()
-def final_teacher_kl(model, loss_fn, chunks: list, precision: str, device) -> float:
-    """Mean per-token KL(student || teacher) of the trained student over chunks, without an update.
-
-    loss_fn reports kl_teacher as (mean over the chunk's positions, positions): each chunk is
-    weighted by its positions, so the result is the mean over tokens, not over batches. Under
-    torchrun each rank measures its share of every chunk (the same number of forwards on every
-    rank, as in training) and the sums are reduced over ranks.
-    """
-    model.eval()
-    total, count = 0.0, 0.0
-    for chunk in chunks:
-        for micro, live in rank_micro_batches(chunk, 1):
-            with autocast(precision, device):
-                _, metrics = fsdp.redirect(model, loss_fn, micro)
-            mean, n = metrics["kl_teacher"]
-            total += mean * n * live
-            count += n * live
-    total, count = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
-    return total / max(count, 1)
 
 
-def report_final_kl(out: Path, step: int, kl: float, tokens: int) -> None:
-    """Append the final KL to metrics.jsonl (a last record at the last step) and print it (rank 0, which writes)."""
-    if not distributed.is_main():
-        return
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json_line({"step": step, "final_kl_teacher": kl}))
-    say(f"distill: final KL to the teacher {kl:.4f} nats/token (trained on {tokens:,} tokens)")
 
 
 def run(config: DistillConfig) -> Path:
-    if config.mode == "on-policy":
-        from aligndistil_cli.stages.on_policy import run as run_on_policy
-
-        return run_on_policy(config)
     seed_everything(config.seed)
     device = pick_device(config.device)
     cache = TeacherCache(Path(config.cache))

@@ -13,20 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from aligndistil_cli.train import checkpoint
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.rundir.artifacts import (
-    default_mode,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    finalize,
-    input_record,
-    prepare_output,
-    writing,
-)
-from aligndistil_cli.core.hashing import sha256_json
 from aligndistil_cli.config.stages import DpoConfig
+from aligndistil_cli.core.console import progress
+from aligndistil_cli.core.hashing import sha256_json
 from aligndistil_cli.data.encode import collate, data_fingerprint, data_input, encode_pairs, load_data
+from aligndistil_cli.eval.monitor import make_monitor
 from aligndistil_cli.losses.functions import dpo_loss
 from aligndistil_cli.model.loading import (
     head_logps,
@@ -39,10 +30,20 @@ from aligndistil_cli.model.loading import (
     sequence_ids,
     sequence_logps,
 )
-from aligndistil_cli.eval.monitor import make_monitor
-from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
+from aligndistil_cli.model.packing import MIN_PADDING, collate_for
+from aligndistil_cli.model.packing import enable as enable_padding_free
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.rundir.artifacts import (
+    default_mode,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    input_record,
+    prepare_output,
+    writing,
+)
+from aligndistil_cli.rundir.finish import finalize
+from aligndistil_cli.train import checkpoint
 from aligndistil_cli.train.loop import seed_everything, step_batches, total_steps, train
-from aligndistil_cli.core.console import progress
 
 REF_CACHE_VERSION = 1
 
@@ -167,5 +168,6 @@ def run(config: DpoConfig) -> Path:
     inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)),
               "data": data_input(config),
               "ref_logps": input_record("ref-logps", ref_path, ref_path.stem)}
-    finalize(out, stage, config, inputs, {**summary, "train_tokens": train_tokens, "pairs": len(pairs), "truncated": truncated, "data": data_stats})
+    finalize(out, stage, config, inputs, {**summary, "train_tokens": train_tokens, "pairs": len(pairs),
+                                          "truncated": truncated, "data": data_stats})
     return out

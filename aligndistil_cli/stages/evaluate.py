@@ -15,19 +15,9 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.train import tracking
-from aligndistil_cli.rundir.artifacts import (
-    atomic_write_json,
-    fingerprint_model,
-    finalize,
-    input_record,
-    prepare_output,
-    recorded_path,
-)
-from aligndistil_cli.core.hashing import config_dict
-from aligndistil_cli.rundir.card import add_evaluation, evaluation_section
 from aligndistil_cli.config.stages import EvaluateConfig
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.data.encode import (
     collate,
     data_input,
@@ -38,26 +28,29 @@ from aligndistil_cli.data.encode import (
     truncate,
 )
 from aligndistil_cli.data.sources import flatten_plain
-from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.model.loading import hub_options, load_model, load_tokenizer, pick_device, sequence_logps
+from aligndistil_cli.eval.export import export, make_generate_fn, read_questions
 from aligndistil_cli.eval.report import (
     CONVERGED_KL,
-    health_line,
     kl_estimate,
     length_stats,
     mean_ci,
+    print_report,
     results_markdown,
-    results_table,
     unconverged,
     win_rate,
     write_report,
 )
-from aligndistil_cli.model.sampling import generate, score_samples
-from aligndistil_cli.eval.export import export, make_generate_fn, read_questions
 from aligndistil_cli.eval.scoring import make_scorer, refuse_foreign_prompts
+from aligndistil_cli.model.loading import hub_options, load_model, load_tokenizer, pick_device, sequence_logps
+from aligndistil_cli.model.sampling import generate, score_samples
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.rundir.artifacts import atomic_write_json, fingerprint_model, input_record, prepare_output, recorded_path
+from aligndistil_cli.rundir.card import add_evaluation, evaluation_section
+from aligndistil_cli.rundir.finish import finalize
+from aligndistil_cli.teacher.evaluation import LoadedTeacher, load_teacher, teacher_diagnostics
 from aligndistil_cli.teacher.sampling import generate_teacher
+from aligndistil_cli.train import tracking
 from aligndistil_cli.train.loop import seed_everything
-from aligndistil_cli.stages.evaluate_teacher import LoadedTeacher, load_teacher, teacher_diagnostics
 
 
 def held_out_ids(tokenizer, prompts: list, config: EvaluateConfig) -> list[list[int]]:
@@ -291,18 +284,3 @@ def add_to_cards(models: dict[str, str], report: dict, out: Path, plots: list[Pa
     for name, path in models.items():
         verdict = next((v for v in report["verdict"] if v.startswith(f"{name} ")), None)
         add_evaluation(Path(path), evaluation_section(name, out, table, verdict, [p.name for p in plots]), plots)
-
-
-def print_report(out: Path) -> None:
-    """Print a finished evaluation's table (used by `aligndistil run`)."""
-    from rich.console import Console
-
-    report = json.loads((Path(out) / "report.json").read_text())
-    console = Console()
-    console.print(results_table(report))
-    for name, health in (report.get("teacher_health") or {}).items():
-        console.print(f"{name}: {health_line(health)}", highlight=False)
-        if health["warning"]:
-            console.print(f"[yellow]{name}: {health['warning']}[/yellow]", highlight=False)
-    for line in report["verdict"]:
-        console.print(f"- {line}", highlight=False)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.data import toy
-from aligndistil_cli.rundir.artifacts import finalize, prepare_output
 from aligndistil_cli.config.stages import InitToyConfig
+from aligndistil_cli.data import toy
 from aligndistil_cli.model.loading import quiet_transformers, save_model
+from aligndistil_cli.rundir.artifacts import prepare_output
+from aligndistil_cli.rundir.finish import finalize
 
 
 def run(config: InitToyConfig) -> Path:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.rundir.artifacts import fingerprint_model, finalize, input_record, prepare_output
 from aligndistil_cli.config.stages import MakePrefsConfig
 from aligndistil_cli.data.encode import data_input, encode_prompts, load_data
+from aligndistil_cli.data.toy import write_jsonl
+from aligndistil_cli.eval.scoring import make_scorer
 from aligndistil_cli.model.loading import hub_options, load_model, load_tokenizer, pick_device
 from aligndistil_cli.model.sampling import generate
-from aligndistil_cli.eval.scoring import make_scorer
-from aligndistil_cli.data.toy import write_jsonl
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.rundir.artifacts import fingerprint_model, input_record, prepare_output
+from aligndistil_cli.rundir.finish import finalize
 from aligndistil_cli.train.loop import seed_everything
 
 

@@ -3,7 +3,7 @@
 Each rollout samples responses from the current student for a batch of
 prompts, runs the DPO and reverse-DPO models (and the reference where the
 variant needs it) in inference mode on prompt + sample, and trains on the
-same loss as off-policy distillation (distill.teacher_loss) with the teacher
+same loss as off-policy distillation (teacher.objective.teacher_loss) with the teacher
 built by precompute's own function, kept on the device.
 
 Under torchrun the teachers are held whole on every rank, or sharded over
@@ -22,10 +22,6 @@ from typing import NamedTuple
 
 import torch
 
-from aligndistil_cli.train import checkpoint
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
-from aligndistil_cli.rundir.artifacts import finalize, fingerprint_model, input_record, prepare_output
 from aligndistil_cli.config.stages import DistillConfig
 from aligndistil_cli.data.encode import (
     Encoded,
@@ -37,29 +33,28 @@ from aligndistil_cli.data.encode import (
     prompt_ids,
     truncate,
 )
+from aligndistil_cli.eval.monitor import make_monitor
 from aligndistil_cli.model.loading import (
     autocast,
     bf16_enabled,
     hub_options,
-    load_teacher,
     load_student,
+    load_teacher,
     load_tokenizer,
     pick_device,
     save_model,
 )
-from aligndistil_cli.eval.monitor import make_monitor
-from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
+from aligndistil_cli.model.packing import MIN_PADDING, collate_for
+from aligndistil_cli.model.packing import enable as enable_padding_free
 from aligndistil_cli.model.sampling import generate
-from aligndistil_cli.teacher.compose import TeacherSpec
+from aligndistil_cli.parallel import distributed, fsdp
+from aligndistil_cli.rundir.artifacts import fingerprint_model, input_record, prepare_output
+from aligndistil_cli.rundir.finish import finalize
+from aligndistil_cli.teacher.compose import TeacherSpec, spec_overrides
+from aligndistil_cli.teacher.live import check_same_tokenizers, teacher_for_batch, teacher_heads
+from aligndistil_cli.teacher.objective import FINAL_KL_ROWS, final_teacher_kl, report_final_kl, teacher_loss
+from aligndistil_cli.train import checkpoint
 from aligndistil_cli.train.loop import seed_everything, step_batches, train
-from aligndistil_cli.stages.distill import (
-    FINAL_KL_ROWS,
-    final_teacher_kl,
-    report_final_kl,
-    spec_overrides,
-    teacher_loss,
-)
-from aligndistil_cli.stages.precompute import check_same_tokenizers, teacher_for_batch, teacher_heads
 
 
 def on_policy_spec(config: DistillConfig, eos_id: int) -> TeacherSpec:

@@ -22,21 +22,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
-from aligndistil_cli.rundir.artifacts import (
-    content_key,
-    finalize,
-    fingerprint_model,
-    fingerprint_tokenizer,
-    input_record,
-    prepare_output,
-    recorded_path,
-    tokenizer_difference,
-    tokenizer_parts,
-    writing,
-)
+from aligndistil_cli.config.stages import PrecomputeConfig
+from aligndistil_cli.core.console import progress, say, stderr
+from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.core.hashing import sha256_json
+from aligndistil_cli.data.encode import collate, data_input, encode_rows, load_data
+from aligndistil_cli.eval.report import health_line
+from aligndistil_cli.model.loading import (
+    bf16_enabled,
+    hub_options,
+    load_model,
+    load_teacher,
+    load_tokenizer,
+    pick_device,
+    response_hidden,
+)
+from aligndistil_cli.parallel import distributed, fsdp
+from aligndistil_cli.rundir.artifacts import content_key, fingerprint_model, input_record, prepare_output, recorded_path, writing
+from aligndistil_cli.rundir.finish import finalize
 from aligndistil_cli.teacher.cache import (
     HEADS,
     STORE_DTYPES,
@@ -46,46 +49,19 @@ from aligndistil_cli.teacher.cache import (
     write_index,
     write_shard,
 )
-from aligndistil_cli.config.stages import PrecomputeConfig
-from aligndistil_cli.data.encode import collate, data_input, encode_rows, load_data
-from aligndistil_cli.core.console import say, stderr
-from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.teacher.health import HEALTH_ROWS, teacher_health
-from aligndistil_cli.model.loading import (
-    bf16_enabled,
-    hub_options,
-    load_model,
-    load_teacher,
-    load_tokenizer,
-    output_head,
-    pick_device,
-    response_hidden,
-)
-from aligndistil_cli.eval.report import health_line
 from aligndistil_cli.teacher.compose import (
     LOGITS_MAX_BYTES_PER_TOKEN,
     TeacherSpec,
     bytes_per_position,
     check_head_reproduces,
-    encode_chunk,
-    float32_heads,
 )
+from aligndistil_cli.teacher.health import HEALTH_ROWS, teacher_health
+from aligndistil_cli.teacher.live import check_same_tokenizers, teacher_for_batch, teacher_heads
 from aligndistil_cli.train.loop import seed_everything
-from aligndistil_cli.core.console import progress
 
 SHAPE_SETTINGS = ("format", "top_k", "dtype", "max_length", "max_prompt_length")
-POSITION_CHUNK = 1024
 
 
-def check_same_tokenizers(named: dict[str, object]) -> dict:
-    """All models must share one tokenizer; return its record or name the odd one out and how it differs."""
-    parts = {name: tokenizer_parts(tok) for name, tok in named.items()}
-    first_name, first = next(iter(parts.items()))
-    for name, p in parts.items():
-        if p != first:
-            raise UserError(f"tokenizer of {name} differs from that of {first_name} in: "
-                            f"{tokenizer_difference(first, p)}; all models must share one tokenizer")
-    return {"kind": "tokenizer", "fingerprint": fingerprint_tokenizer(next(iter(named.values()))), "parts": first}
 
 
 def teacher_spec(config, eos_id: int | None) -> TeacherSpec:
@@ -109,28 +85,8 @@ def choose_format(config: PrecomputeConfig, vocab: int, hidden: int, n_models: i
     return config.format
 
 
-@torch.no_grad()
-def teacher_heads(models: dict) -> dict:
-    """Each teacher's output head, whole and in float32, gathered (a sharded teacher's) and converted once per run
-    rather than once per batch. Every rank calls it: gathering a sharded head is a collective."""
-    return float32_heads({name: tuple(fsdp.full(t) for t in output_head(m)) for name, m in models.items()})
 
 
-@torch.no_grad()
-def teacher_for_batch(models: dict, heads: dict, batch, spec: TeacherSpec, fmt: str, vocab: int,
-                      store: torch.dtype, top_k: int = 64, host: bool = True) -> dict[str, torch.Tensor]:
-    """The teacher's per-position tensors for the batch's response positions, chunk by chunk.
-
-    heads: teacher_heads(models). precompute writes the result to shards; on-policy distillation
-    (host=False) uses it at once.
-    """
-    # Through each teacher's root forward: a sharded teacher's embedding and final norm are gathered only there.
-    hidden = {name: fsdp.redirect(m, response_hidden, m, batch) for name, m in models.items()}
-    n = next(iter(hidden.values())).shape[0]
-    parts = [encode_chunk(fmt, {k: h[s : s + POSITION_CHUNK] for k, h in hidden.items()}, heads, spec, vocab, store,
-                          top_k, host)
-             for s in range(0, n, POSITION_CHUNK)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def save_heads(path: Path, heads: dict, dtype: torch.dtype) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aligndistil_cli.train import checkpoint
-from aligndistil_cli.rundir.artifacts import fingerprint_model, finalize, input_record, prepare_output
 from aligndistil_cli.config.stages import SftConfig
 from aligndistil_cli.data.encode import collate, data_input, encode_rows, load_data
-from aligndistil_cli.model.loading import head_logps, hub_options, load_student, load_tokenizer, pick_device, save_model
 from aligndistil_cli.eval.monitor import make_monitor
-from aligndistil_cli.model.packing import MIN_PADDING, collate_for, enable as enable_padding_free
+from aligndistil_cli.model.loading import head_logps, hub_options, load_student, load_tokenizer, pick_device, save_model
+from aligndistil_cli.model.packing import MIN_PADDING, collate_for
+from aligndistil_cli.model.packing import enable as enable_padding_free
+from aligndistil_cli.rundir.artifacts import fingerprint_model, input_record, prepare_output
+from aligndistil_cli.rundir.finish import finalize
+from aligndistil_cli.train import checkpoint
 from aligndistil_cli.train.loop import seed_everything, step_batches, total_steps, train
 
 

@@ -1,1 +1,3 @@
-"""The AlignDistil teacher: composing it from the DPO / reverse-DPO / reference logits, its safetensors cache (writer and reader), and sampling from it."""
+"""The AlignDistil teacher: composing it from the DPO / reverse-DPO / reference logits, live teachers,
+its safetensors cache (writer and reader), the distillation objective, the health check, evaluating and
+sampling it."""

@@ -28,9 +28,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from aligndistil_cli.rundir.artifacts import MANIFEST, atomic_write_json, read_manifest, verify_outputs
-from aligndistil_cli.core.hashing import sha256_cached, sha256_file
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.core.hashing import sha256_cached, sha256_file
+from aligndistil_cli.rundir.artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    read_manifest,
+    verify_outputs,
+)
 from aligndistil_cli.teacher.compose import FORMATS, TeacherSpec
 
 INDEX = "index.json"
@@ -189,12 +194,6 @@ class TeacherCache:
                 raise UserError(f"teacher cache shard {self.path / name} is unreadable ({e})") from None
             self._handles[name] = handle
         return self._handles[name], self._offsets[name]
-
-    def row_positions(self, row: int) -> int:
-        shard = self._shard_for(row)
-        _, offsets = self._open(shard)
-        local = row - shard["row_start"]
-        return int(offsets[local + 1] - offsets[local])
 
     def heads(self, device) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """name -> (weight, bias) of each teacher's output head (format "hidden")."""

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from aligndistil_cli.config.stages import DistillConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.losses.functions import (
     VARIANT_SPECS,
@@ -227,3 +228,12 @@ def check_head_reproduces(model, name: str, batch, hidden: torch.Tensor, head: t
     if err > max(tol, 2 * torch.finfo(full.dtype).eps) * scale:
         raise UserError(f"{name}: the output head applied to the final hidden states does not reproduce the "
                         f"model's logits (max abs error {err:.3g}); use --format logits or topk for this model")
+
+
+def spec_overrides(config: DistillConfig, eos_id: int) -> dict:
+    """TeacherSpec fields that distill's own options set: r, eps, the alpha_t cap and the kept EOS."""
+    overrides = {k: getattr(config, k) for k in ("alpha_scale", "alpha_eps", "alpha_max")
+                 if getattr(config, k) is not None}
+    if config.extrapolate_eos is not None:
+        overrides["keep_eos"] = None if config.extrapolate_eos else eos_id
+    return overrides

@@ -20,9 +20,9 @@ import statistics
 
 import torch
 
-from aligndistil_cli.parallel import fsdp
 from aligndistil_cli.data.encode import collate
 from aligndistil_cli.model.loading import response_hidden
+from aligndistil_cli.parallel import fsdp
 from aligndistil_cli.teacher.compose import TeacherSpec, compose, head_logits_real
 
 HEALTH_ROWS = 256  # chosen responses checked (the first rows of the data)

@@ -45,7 +45,7 @@ class TeacherDecoder:
 def teacher_logps(models: dict, spec: TeacherSpec, samples: list[Sample], pad_id: int, vocab: int,
                   batch_size: int = 64) -> list[float]:
     """Each sample's response log-prob under softmax(z*/tau), EOS included, teacher-forced."""
-    from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
+    from aligndistil_cli.teacher.live import teacher_for_batch, teacher_heads
 
     device = next(models["dpo"].parameters()).device
     heads = teacher_heads(models)

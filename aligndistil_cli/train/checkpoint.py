@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
-from aligndistil_cli.rundir.artifacts import atomic_write_json, default_mode, writing
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.parallel import distributed, fsdp
+from aligndistil_cli.rundir.artifacts import atomic_write_json, default_mode, writing
 
 DIRNAME = "checkpoints"
 STATE = "state.json"
@@ -216,5 +215,3 @@ def scratch(resume: bool) -> tuple[str, ...]:
     return (DIRNAME, "metrics.jsonl", "logs") if resume else ()
 
 
-def remove_all(out: Path) -> None:
-    shutil.rmtree(Path(out) / DIRNAME, ignore_errors=True)

@@ -17,15 +17,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from aligndistil_cli.train import checkpoint
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
-from aligndistil_cli.train import tracking
-from aligndistil_cli.rundir.artifacts import json_line, portable_config
-from aligndistil_cli.core.hashing import config_dict, sha256_json
 from aligndistil_cli.core.console import progress, stderr
 from aligndistil_cli.core.errors import UserError
-
+from aligndistil_cli.core.hashing import config_dict, sha256_json
+from aligndistil_cli.parallel import distributed, fsdp
+from aligndistil_cli.parallel.distributed import rank_micro_batches
+from aligndistil_cli.rundir.artifacts import json_line, portable_config
+from aligndistil_cli.train import checkpoint, tracking
 
 # Fields that may differ between a run and its resumption.
 RESUME_FREE = ("resume", "force", "save_every", "keep_checkpoints", "log_every", "device", "fsdp_cpu_offload",
@@ -86,28 +84,8 @@ def step_batches(items: list, batch_size: int, epochs: int, seed: int, max_steps
             produced += 1
 
 
-def micro_batches(batch: list, n: int) -> list[list]:
-    """Split a step's batch into at most n non-empty micro-batches of near-equal size."""
-    size = -(-len(batch) // n)
-    return [batch[i : i + size] for i in range(0, len(batch), size)]
 
 
-def rank_micro_batches(batch: list, n: int, index: int | None = None, size: int | None = None) -> list[tuple[list, bool]]:
-    """Rank index's micro-batches (this rank's by default) of a step's global batch over size ranks, as
-    (micro-batch, live) pairs.
-
-    Each rank takes its contiguous share of the batch and splits it into at
-    most n micro-batches. Under several ranks every rank runs exactly n, since
-    the collectives of FSDP's forward and backward must pair up across ranks:
-    a rank short of data (an epoch's last, smaller batch, of which it may get
-    no row at all) runs the batch's first item at weight 0 instead (live False).
-    """
-    size = distributed.world_size() if size is None else size
-    mine = distributed.share(batch, index, size)
-    micros = [(m, True) for m in micro_batches(mine, n)] if mine else []
-    if size > 1:
-        micros += [(batch[:1], False)] * (n - len(micros))
-    return micros
 
 
 def accumulate(loss_fn: LossFn, batch: list, n: int, precision: str, device, model=None,
@@ -229,7 +207,7 @@ def weights_finite(params: list[torch.Tensor]) -> bool:
     A sum is finite when every element is, unless it overflows: the sums go first (a twentieth of the cost of
     checking each element on CPU), and only a non-finite one has every element looked at.
     """
-    local = [getattr(p, "to_local", lambda: p)() for p in params]
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     suspect = not torch.isfinite(torch.stack([t.sum() for t in local]).sum())
     bad = suspect and not all(torch.isfinite(t).all() for t in local)
     return distributed.all_reduce_max(float(bad)) == 0

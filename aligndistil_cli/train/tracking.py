@@ -227,5 +227,6 @@ def start(cfg, out: Path, config: dict, first_step: int = 0, logged_through: int
             trackers.backends.append(BACKENDS[name](Path(out), run_name, project, config, first_step))
         except Exception as e:  # noqa: BLE001 - a tracker that cannot start is one line, before any step
             trackers.close()
-            raise UserError(f"--report-to {name}: cannot start the run: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"--report-to {name}: cannot start the run: {reason}") from None
     return trackers

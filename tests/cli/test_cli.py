@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from aligndistil_cli import __version__
-from aligndistil_cli.rundir.artifacts import MANIFEST, finalize, is_complete, prepare_output, read_manifest
 from aligndistil_cli.cli import main
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.rundir.artifacts import MANIFEST, is_complete, prepare_output, read_manifest
+from aligndistil_cli.rundir.finish import finalize
 from aligndistil_cli.stages import STAGES
 
 SCRIPT = Path(sys.executable).parent / "aligndistil"

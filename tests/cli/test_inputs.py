@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from aligndistil_cli.model import loading as modeling
 from aligndistil_cli.cli import main
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.model import loading as modeling
 
 
 def cli(capsys, *argv) -> tuple[int, str]:

@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligndistil_cli.rundir import artifacts
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.parallel import fsdp
 from aligndistil_cli.config.stages import SftConfig, load_config
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.model.loading import load_student, load_teacher
+from aligndistil_cli.parallel import distributed, fsdp
+from aligndistil_cli.rundir import artifacts
 from aligndistil_cli.stages import STAGES
 
 
@@ -104,7 +103,7 @@ def main(args: list[str]) -> None:
             continue
         stage = stage.split("/")[0]
         config = load_config(STAGES[stage].config, path, {"reverse": True} if stage == "train-reverse-dpo" else {})
-        with distributed.session(config, lambda: artifacts.input_fingerprints(config)):
+        with distributed.session(config, lambda config=config: artifacts.input_fingerprints(config)):
             STAGES[stage].run(config)
     dist.barrier()
     # Every output is on disk and every collective done. A process that exits with its gloo group still

@@ -20,10 +20,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from aligndistil_cli.parallel import distributed
-from aligndistil_cli.rundir.artifacts import sha256_file
 from aligndistil_cli.config.stages import build_config
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.rundir.artifacts import sha256_file
 from aligndistil_cli.stages import STAGES
 
 HERE = Path(__file__).resolve().parent
@@ -142,7 +142,8 @@ def world(tmp_path_factory) -> Path:
         path.write_text(yaml.safe_dump(values))
         args.append(f"{stage}={path}")
     (w / "big-bytes").write_text(str(write_big_model(w / "toy" / "model", w / "big")))
-    args += [f"teacher-rss={w / 'big'}", f"mismatch={w / 'mismatch.json'}", f"divergent={w / 'divergent.json'}", f"unshared={w / 'unshared'}"]
+    args += [f"teacher-rss={w / 'big'}", f"mismatch={w / 'mismatch.json'}", f"divergent={w / 'divergent.json'}",
+             f"unshared={w / 'unshared'}"]
     done = subprocess.run(torchrun(str(HERE / "run_stages.py"), *args), env=ENV, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     for stage, values in one.items():

@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aligndistil_cli.parallel import distributed
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.train.loop import accumulate, rank_micro_batches, step_batches
+from aligndistil_cli.parallel import distributed
+from aligndistil_cli.parallel.distributed import rank_micro_batches
+from aligndistil_cli.train.loop import accumulate, step_batches
 
 
 def token_mean_loss(w: torch.Tensor):

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+from aligndistil_cli.cli import main
 from aligndistil_cli.rundir.artifacts import read_manifest, sha256_file, verify_full
 from aligndistil_cli.rundir.card import NOT_EVALUATED, write_card
-from aligndistil_cli.cli import main
 from tests.integration.test_resume import stage_values
 
 MODELS = {"sft": ["sft"], "dpo": ["dpo"], "rev": ["dpo", "reverse-dpo"], "student": ["dpo", "distillation"],

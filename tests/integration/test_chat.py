@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from aligndistil_cli.config.stages import DistillConfig, DpoConfig, PrecomputeConfig
-from aligndistil_cli.data.encode import encode_messages
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.stages import distill
-from aligndistil_cli.stages import dpo
-from aligndistil_cli.stages import precompute
+from aligndistil_cli.data.encode import encode_messages
+from aligndistil_cli.stages import distill, dpo, precompute
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "sources" / "ultrafeedback.jsonl"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig, load_config
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.data.encode import PAIR_FIELDS, collate, encode, load_rows
+from aligndistil_cli.losses.functions import mask_padded_vocab
+from aligndistil_cli.model.loading import load_model, load_tokenizer
 from aligndistil_cli.parallel import fsdp
 from aligndistil_cli.rundir.artifacts import read_manifest, sha256_file
-from aligndistil_cli.teacher.cache import TeacherCache
-from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig, load_config
-from aligndistil_cli.data.encode import PAIR_FIELDS, collate, encode, load_rows
-from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.losses.functions import aligndistil_loss, compose_teacher, mask_padded_vocab
-from aligndistil_cli.model.loading import load_model, load_tokenizer
-from aligndistil_cli.stages import distill
-from aligndistil_cli.stages import precompute
+from aligndistil_cli.stages import distill, precompute
 from aligndistil_cli.stages.distill import cached_teacher_loss
+from aligndistil_cli.teacher.cache import TeacherCache
+from bench.reference import aligndistil_loss, compose_teacher
 
 CPU = torch.device("cpu")
 

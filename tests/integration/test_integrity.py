@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aligndistil_cli.rundir.artifacts import finalize, read_manifest, verify_full
-from aligndistil_cli.teacher.cache import TeacherCache
 from aligndistil_cli.config.stages import (
     DistillConfig,
     DpoConfig,
@@ -29,7 +27,10 @@ from aligndistil_cli.config.stages import (
 )
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.orchestrate.pipeline import load_pipeline, run_file
+from aligndistil_cli.rundir.artifacts import read_manifest, verify_full
+from aligndistil_cli.rundir.finish import finalize
 from aligndistil_cli.stages import STAGES
+from aligndistil_cli.teacher.cache import TeacherCache
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "pipelines" / "smoke.yaml"

@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from aligndistil_cli.config.stages import DistillConfig, DpoConfig, build_config
-from aligndistil_cli.stages import distill
-from aligndistil_cli.stages import dpo
+from aligndistil_cli.stages import distill, dpo
 
 pytest.importorskip("peft")
 

@@ -7,16 +7,14 @@ import json
 import pytest
 import torch
 
-from aligndistil_cli.teacher.cache import TeacherCache
 from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig
 from aligndistil_cli.data.encode import Encoded, collate, prompt_ids
 from aligndistil_cli.model.loading import load_model, load_tokenizer, output_head
 from aligndistil_cli.model.sampling import generate
-from aligndistil_cli.stages import distill
-from aligndistil_cli.stages import precompute
-from aligndistil_cli.stages.distill import teacher_loss
-from aligndistil_cli.stages.on_policy import on_policy_spec
-from aligndistil_cli.stages.precompute import teacher_for_batch, teacher_heads
+from aligndistil_cli.stages import on_policy, precompute
+from aligndistil_cli.teacher.cache import TeacherCache
+from aligndistil_cli.teacher.live import teacher_for_batch, teacher_heads
+from aligndistil_cli.teacher.objective import teacher_loss
 
 CPU = torch.device("cpu")
 PAD, EOS = 0, 2
@@ -36,9 +34,9 @@ def test_sampled_sequence_mask_covers_first_token_and_eos_only():
 def test_on_policy_teacher_takes_the_alpha_cap_and_the_kept_eos():
     config = DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo="d", rev="r", alpha_max=2.0,
                            extrapolate_eos=False, alpha_scale=5.0)
-    spec = on_policy_spec(config, EOS)
+    spec = on_policy.on_policy_spec(config, EOS)
     assert (spec.alpha_scale, spec.alpha_eps, spec.alpha_max, spec.keep_eos) == (5.0, 1e-3, 2.0, EOS)
-    paper = on_policy_spec(DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo="d", rev="r"), EOS)
+    paper = on_policy.on_policy_spec(DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo="d", rev="r"), EOS)
     assert (paper.alpha_scale, paper.alpha_max, paper.keep_eos) == (20.0, None, None)
 
 
@@ -62,7 +60,7 @@ def test_live_teacher_and_cache_give_the_same_loss(runs, tmp_path):
     cache = TeacherCache(cache_dir)
     batch = collate([Encoded(s.prompt_ids, s.response_ids) for s in samples], tok.pad_token_id)
     config = DistillConfig(out="-", student="-", data="-", mode="on-policy", dpo=values["dpo"], rev=values["rev"])
-    spec = on_policy_spec(config, tok.eos_token_id)
+    spec = on_policy.on_policy_spec(config, tok.eos_token_id)
     teachers = {n: load_model(values[n], CPU).eval() for n in ("dpo", "rev")}
     live = teacher_for_batch(teachers, teacher_heads(teachers), batch, spec, "hidden", len(tok), torch.float32, host=False)
     # The teachers' parameters require grad here, but no autograd graph may be built over their forwards.
@@ -79,7 +77,7 @@ def test_on_policy_smoke_run(runs, tmp_path):
     config = DistillConfig(out=str(tmp_path / "op"), student=str(runs / "sft"), data=str(runs / "toy" / "prompts.jsonl"),
                            mode="on-policy", dpo=str(runs / "dpo"), rev=str(runs / "rev"), batch_size=4, max_steps=4,
                            updates_per_rollout=2, max_new_tokens=12, max_length=64, max_prompt_length=32, lr=1e-3)
-    out = distill.run(config)
+    out = on_policy.run(config)
     *metrics, final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 4 and set(final) == {"step", "final_kl_teacher"} and final["final_kl_teacher"] > 0
     assert all(m["rollout_tokens_per_s"] > 0 and m["train_tokens_per_s"] > 0 for m in metrics)
@@ -96,7 +94,7 @@ def test_on_policy_mixes_off_policy_sequences(runs, tmp_path):
     config = DistillConfig(out=str(tmp_path / "mix"), student=str(runs / "sft"), data=str(runs / "prefs" / "pairs.jsonl"),
                            mode="on-policy", dpo=str(runs / "dpo"), rev=str(runs / "rev"), batch_size=4, max_steps=1,
                            mix_off_policy=0.5, max_new_tokens=8, max_length=64, max_prompt_length=32)
-    out = distill.run(config)
+    out = on_policy.run(config)
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["off_policy_sequences"] == 2
 
 
@@ -124,8 +122,8 @@ def test_on_policy_does_not_depend_on_grad_accum(runs, tmp_path):
               "dpo": str(runs / "dpo"), "rev": str(runs / "rev"), "batch_size": 8, "samples_per_prompt": 2,
               "max_steps": 3, "mix_off_policy": 0.25, "max_new_tokens": 8, "max_length": 64,
               "max_prompt_length": 32, "lr": 1e-2, "adam_eps": 1e-6}
-    one = distill.run(DistillConfig(out=str(tmp_path / "one"), grad_accum=1, **values))
-    two = distill.run(DistillConfig(out=str(tmp_path / "two"), grad_accum=2, **values))
+    one = on_policy.run(DistillConfig(out=str(tmp_path / "one"), grad_accum=1, **values))
+    two = on_policy.run(DistillConfig(out=str(tmp_path / "two"), grad_accum=2, **values))
     a, b = timing_free(one), timing_free(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 3]  # 3 steps, then the final KL
     # 4 prompts x 2 samples a step: round(0.25 * 8) = 2 slots hold off-policy rows, whatever the split.

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aligndistil_cli.rundir.artifacts import read_manifest, verify_full
-from aligndistil_cli.teacher.cache import TeacherCache
 from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig, load_config
-from aligndistil_cli.data.encode import PAIR_FIELDS, collate, encode, load_rows
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.losses.functions import compose_teacher
+from aligndistil_cli.data.encode import PAIR_FIELDS, collate, encode, load_rows
 from aligndistil_cli.model.loading import load_model, load_tokenizer, response_logits
 from aligndistil_cli.orchestrate.pipeline import load_pipeline, run_file
+from aligndistil_cli.rundir.artifacts import read_manifest, verify_full
+from aligndistil_cli.teacher.cache import TeacherCache
+from bench.reference import compose_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "pipelines" / "smoke.yaml"
@@ -268,4 +268,5 @@ def test_teacher_selection_links_the_pair_with_the_best_held_out_accuracy(runs, 
     assert (tmp_path / "teachers" / "dpo").resolve() == Path(dpo.out).resolve()
     assert (tmp_path / "teachers" / "rev").resolve() == Path(rev.out).resolve()
     first, second = record["candidates"]  # the swapped pair is the smaller budget, but not within one SE
-    assert second["score"] - second["standard_error"] > first["score"] and record["held_out_pairs"] == len(pairs.read_text().splitlines()) - 5
+    assert second["score"] - second["standard_error"] > first["score"]
+    assert record["held_out_pairs"] == len(pairs.read_text().splitlines()) - 5

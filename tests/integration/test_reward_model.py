@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
-from aligndistil_cli.data import toy
 from aligndistil_cli.config.stages import EvaluateConfig, MakePrefsConfig
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.stages import evaluate
-from aligndistil_cli.stages import make_prefs
+from aligndistil_cli.data import toy
+from aligndistil_cli.stages import evaluate, make_prefs
 
 
 @pytest.fixture(scope="module")

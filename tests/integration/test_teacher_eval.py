@@ -12,12 +12,11 @@ import statistics
 import pytest
 import torch
 
-from aligndistil_cli.teacher.cache import TeacherCache
 from aligndistil_cli.config.stages import DistillConfig, EvaluateConfig, load_config
 from aligndistil_cli.data.encode import Encoded, collate, encode_rows, load_data, prompt_ids
 from aligndistil_cli.model.loading import load_model, load_tokenizer
-from aligndistil_cli.stages import distill
-from aligndistil_cli.stages import evaluate
+from aligndistil_cli.stages import distill, evaluate
+from aligndistil_cli.teacher.cache import TeacherCache
 from aligndistil_cli.teacher.compose import TeacherSpec
 from aligndistil_cli.teacher.sampling import generate_teacher
 

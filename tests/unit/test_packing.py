@@ -134,8 +134,8 @@ def test_shared_prompt_reference_logps_equal_padded():
 
 
 def test_distill_loss_and_gradients_equal_padded():
-    from aligndistil_cli.stages.distill import teacher_loss
     from aligndistil_cli.teacher.compose import TeacherSpec
+    from aligndistil_cli.teacher.objective import teacher_loss
 
     model = tiny_model(seed=3)
     model.train()

@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from aligndistil_cli.train import checkpoint
 from aligndistil_cli import cli
-from aligndistil_cli.rundir.artifacts import atomic_write_json
 from aligndistil_cli.config.stages import SftConfig, load_config
 from aligndistil_cli.core.errors import ConfigError, UserError
 from aligndistil_cli.model.loading import load_model
 from aligndistil_cli.orchestrate.pipeline import load_pipeline
+from aligndistil_cli.rundir.artifacts import atomic_write_json
+from aligndistil_cli.train import checkpoint
 
 
 @pytest.mark.parametrize("name", ["../x", "/tmp/evil", "a/b", "..", ".hidden"])

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aligndistil_cli.data.encode import encode_pairs, encode_rows
 from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.data.encode import encode_pairs, encode_rows
 from aligndistil_cli.data.sources import FORMATS, LoadStats, detect_format, flatten_plain, load_source
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
@@ -181,7 +181,8 @@ def test_key_overrides(tmp_path):
     pairs = write_rows(tmp_path / "renamed.jsonl", [{"question": "What is 2+2?", "good": "4", "bad": "5"}])
     rows, stats = load_source(str(pairs), kind="pairs", prompt_key="question", chosen_key="good", rejected_key="bad")
     assert (rows, stats.format) == ([ROW_A], "standard")
-    chats = write_rows(tmp_path / "chats.jsonl", [{"conversation": r["messages"]} for r in read_jsonl(FIXTURES / "messages.jsonl")])
+    messages = read_jsonl(FIXTURES / "messages.jsonl")
+    chats = write_rows(tmp_path / "chats.jsonl", [{"conversation": r["messages"]} for r in messages])
     assert load_source(str(chats), kind="sft", messages_key="conversation")[0] == SFT
     write_rows(pairs, [{"question": "q", "good": "4", "bad": "4"}])
     with pytest.raises(UserError, match=r"row 1, field 'bad': identical to 'good'"):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aligndistil_cli.orchestrate import sweep
 from aligndistil_cli.core.errors import ConfigError, UserError
 from aligndistil_cli.orchestrate import summary as S
+from aligndistil_cli.orchestrate import sweep
 from aligndistil_cli.orchestrate.summary import (
     aggregate,
     best_within_budget,

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from aligndistil_cli.teacher.health import mirror_cosine, stop_warning, summarise
 from aligndistil_cli.teacher.compose import TeacherSpec, cap_alpha, compose, keep_token, realpha
+from aligndistil_cli.teacher.health import mirror_cosine, stop_warning, summarise
 
 
 def spec(**kw) -> TeacherSpec:
@@ -103,8 +103,8 @@ def test_head_check_uses_the_head_it_is_given():
     gathered head of a sharded teacher): the model's head passes, any other is refused."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligndistil_cli.data.encode import Encoded, collate
     from aligndistil_cli.core.errors import UserError
+    from aligndistil_cli.data.encode import Encoded, collate
     from aligndistil_cli.model.loading import output_head, response_hidden
     from aligndistil_cli.teacher.compose import check_head_reproduces
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from aligndistil_cli.train import tracking
 from aligndistil_cli.config.trackers import parse_report_to
 from aligndistil_cli.core.errors import ConfigError
+from aligndistil_cli.train import tracking
 
 
 def test_parse_report_to():

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from aligndistil_cli.train import checkpoint
 from aligndistil_cli.config.stages import SftConfig
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.train.loop import MetricsWriter, group_by_length, micro_batches, train
+from aligndistil_cli.parallel.distributed import micro_batches
+from aligndistil_cli.train import checkpoint
+from aligndistil_cli.train.loop import MetricsWriter, group_by_length, train
 
 
 def tiny_model():

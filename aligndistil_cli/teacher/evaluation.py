@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-
+from aligndistil_cli.config.stages import EvaluateConfig
+from aligndistil_cli.core.errors import UserError
+from aligndistil_cli.data.encode import encode_rows, load_data
+from aligndistil_cli.model.loading import hub_options, load_model, output_head
 from aligndistil_cli.rundir.artifacts import fingerprint_model, input_record
 from aligndistil_cli.teacher.cache import TeacherCache
-from aligndistil_cli.config.stages import EvaluateConfig
-from aligndistil_cli.data.encode import encode_rows, load_data
-from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.teacher.health import teacher_health
-from aligndistil_cli.model.loading import hub_options, load_model, output_head
 from aligndistil_cli.teacher.compose import TeacherSpec, float32_heads
+from aligndistil_cli.teacher.health import teacher_health
 
 POSITION_CHUNK = 256
 
