@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .errors import UserError
 from .report import format_ci, md_table, unconverged
-from .sweep_summary import (converged, label, paired_table, plot_frontiers, records_of, render_summary, summary_data,
-                            summary_options)
+from .sweep_summary import (converged, label, paired_table, plot_frontiers, records_of, render_summary, setting_key,
+                            summary_data, summary_options)
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -62,14 +62,23 @@ def render_results(data: dict) -> list[str]:
 
 
 def _spread(data: dict, method: str, value) -> str:
-    runs = [r for r in records_of(data) if r["method"] == method and r["value"] == value and r["lr"] is None
-            and converged(r, data["options"]["converged_kl"])]
-    if len(runs) < 2:
-        return f"The sweep has fewer than two converged seeds of {method} at r = {label(value)}: no spread to give."
-    sd = {k: statistics.stdev(r[k] for r in runs) for k in ("reward", "kl")}
-    return (f"Across the sweep's {len(runs)} whole-pipeline seeds, the same method ({method}, r = {label(value)}) "
-            f"varies by a standard deviation of {sd['reward']:.3f} in reward and {sd['kl']:.2f} nats in KL: a run of "
-            "the default on another machine (another seed, other rounding) may land about that far from the table.")
+    """How far a rerun may land: the standard deviation over seeds of the default's own setting in the sweep,
+    and the range of it over every converged setting with two seeds or more."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records_of(data):
+        if converged(r, data["options"]["converged_kl"]):
+            groups.setdefault(setting_key(r), []).append(r)
+    sds = {key: statistics.stdev(r["reward"] for r in rs) for key, rs in groups.items() if len(rs) >= 2}
+    if not sds:
+        return "The sweep has no setting with two converged seeds: no spread to give."
+    own = next((sd for key, sd in sds.items() if key[:2] == (method, value) and key[2] is None), None)
+    text = (f"Across the sweep's whole-pipeline seeds, the standard deviation of a setting's reward ranges from "
+            f"{min(sds.values()):.3f} to {max(sds.values()):.3f} (median {statistics.median(sds.values()):.3f}) over "
+            f"its {len(sds)} converged settings")
+    text += (f"; for the default's own setting ({method}, r = {label(value)}) it is {own:.3f}" if own is not None
+             else f"; the default's own setting ({method}, r = {label(value)}) has fewer than two converged seeds")
+    return text + (". A run of the default on another machine (another seed, other rounding) may land about that "
+                   "far from the table above.")
 
 
 def render_headline(data: dict) -> list[str]:

@@ -289,12 +289,19 @@ def verdict(d: dict | None) -> str:
     return "wins" if d["lo"] > 0 else "loses" if d["hi"] < 0 else "ties"
 
 
+def _paired_cell(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    if d["n"] < 2:
+        return f"{d['mean']:+.3f} (1 seed: no interval)"
+    return f"{d['mean']:+.3f} ± {(d['hi'] - d['lo']) / 2:.3f} ({d['n']}): {verdict(d)}"
+
+
 def paired_table(records: list[dict], budgets: tuple, baseline: str) -> list[str]:
     diffs = paired_differences(records, budgets, baseline)
     if not diffs:
         return [f"No method besides the baseline {baseline}."]
-    rows = [[method] + ["—" if d is None else f"{d['mean']:+.3f} ± {(d['hi'] - d['lo']) / 2:.3f} ({d['n']}): "
-                        f"{verdict(d)}" for d in (per[b] for b in budgets)] for method, per in diffs.items()]
+    rows = [[method] + [_paired_cell(per[b]) for b in budgets] for method, per in diffs.items()]
     return md_table([f"method − {baseline}"] + [f"KL ≤ {label(b)}" for b in budgets], rows)
 
 
