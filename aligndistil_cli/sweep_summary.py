@@ -186,24 +186,25 @@ def diagnostics_table(records: list[dict]) -> list[str]:
                      "α_t median", "α_t max", "TVD median", "mirror cosine (median)"], rows)
 
 
-def _plot_frontiers(plt, agg: list[dict], records: list[dict], path: Path) -> None:
-    """Each method's converged settings (points) and pooled frontier (steps); teachers dashed."""
+def _plot_frontiers(plt, agg: list[dict], records: list[dict], threshold: float, path: Path) -> None:
+    """Each method's pooled frontier over its settings converged in every seed (steps; teachers dashed), and every
+    converged run of every seed (faint points)."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for method in dict.fromkeys(a["method"] for a in agg):
-        pts = [(a["kl"]["mean"], a["reward"]["mean"]) for a in agg if a["method"] == method and a["converged"]]
-        if not pts:
+        runs = [(r["kl"], r["reward"]) for r in records if r["method"] == method and converged(r, threshold)]
+        if not runs:
             continue
         teacher = next(a["teacher"] for a in agg if a["method"] == method)
-        edge = frontier(pts)
+        edge = frontier([(a["kl"]["mean"], a["reward"]["mean"]) for a in agg if a["method"] == method and a["converged"]])
         line, = ax.plot([p[0] for p in edge], [p[1] for p in edge], "--" if teacher else "-", drawstyle="steps-post",
                         marker="s" if teacher else "o", markersize=4, label=method + (" (teacher)" if teacher else ""))
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, color=line.get_color(), alpha=0.3)
+        ax.scatter([p[0] for p in runs], [p[1] for p in runs], s=8, color=line.get_color(), alpha=0.35)
     ref = mean_ci([r["ref_reward"] for r in records])["mean"]
     ax.plot([0], [ref], "k*", markersize=12, label="reference (SFT)")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("KL to the SFT reference, nats (symlog)")
     ax.set_ylabel("reward")
-    ax.set_title("Pareto frontiers (mean over seeds; converged runs only)")
+    ax.set_title("Frontiers: settings converged in every seed (lines), converged runs of each seed (points)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -432,4 +433,5 @@ def plot_frontiers(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = records_of(data)
-    _plot_frontiers(plt, aggregate(records, data["options"]["converged_kl"]), records, path)
+    threshold = data["options"]["converged_kl"]
+    _plot_frontiers(plt, aggregate(records, threshold), records, threshold, path)
