@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .report import format_ci, md_table, unconverged
+from .sweep import git
 from .sweep_summary import (converged, label, paired_table, plot_frontiers, records_of, render_summary, setting_key,
                             summary_data, summary_options)
 
@@ -90,7 +91,8 @@ def render_headline(data: dict) -> list[str]:
             for name, res in d["models"].items()]
     opts = data["options"]
     return ([f"`make full-pipeline` ({d['pipeline']}, seed 0, {d['num_prompts']} held-out prompts; the student "
-             f"distilled at r = {label(d['student_r'])}):", ""]
+             f"distilled at r = {label(d['student_r'])}), as runs/tiny/eval held it when `aligndistil results` ran "
+             f"at commit {d['written_at']}:", ""]
             + md_table(["model", d["reward_name"], f"KL to {d['reference']}", "mean length", "cap rate",
                         "final KL to teacher"], rows)
             + ["", _spread(data, "aligndistil", d["student_r"]), "",
@@ -123,7 +125,7 @@ def publish(root: Path, spec_path: Path, default_eval: Path, docs: Path, readme:
     data = summary_data(Path(root), **summary_options(read_yaml(Path(spec_path)).get("summary") or {}))
     if not data["records"]:
         raise UserError(f"{root}: no finished sweep runs; run `make experiments` first")
-    data["default"] = default_run(default_eval)
+    data["default"] = {**default_run(default_eval), "written_at": git("rev-parse", "--short", "HEAD") or None}
     out = Path(docs) / "results" / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
