@@ -222,9 +222,10 @@ def _budget_table(agg: list[dict], budgets: tuple, x: str = "kl", unit: str = "K
     return md_table(["method", "knob"] + [f"{unit} ≤ {label(b)}" for b in budgets], rows)
 
 
-def _per_seed_table(records: list[dict], budgets: tuple) -> list[str]:
-    rows = [[method] + [f"{format_ci(mean_ci(vals))} ({len(vals)}/{n})" if vals else f"— (0/{n})"
-                        for vals, n in (per[b] for b in budgets)]
+def _per_seed_table(records: list[dict], budgets: tuple, seeds: int) -> list[str]:
+    """records: the converged runs; seeds: how many the sweep ran (a seed with no converged run counts too)."""
+    rows = [[method] + [f"{format_ci(mean_ci(vals))} ({len(vals)}/{seeds})" if vals else f"— (0/{seeds})"
+                        for vals, _ in (per[b] for b in budgets)]
             for method, per in per_seed_within_budget(records, budgets).items()]
     return md_table(["method"] + [f"KL ≤ {label(b)}" for b in budgets], rows)
 
@@ -387,7 +388,7 @@ def render_summary(data: dict) -> list[str]:
               "— : none within it).", ""] + _budget_table(kept_agg, budgets)
     lines += ["", "## Best reward within a KL budget, per seed", "",
               "Each seed's frontier read at the budget, then the mean over the seeds that have a run within it "
-              "(k/n seeds).", ""] + _per_seed_table(kept, budgets)
+              "(k of the n seeds the sweep ran).", ""] + _per_seed_table(kept, budgets, len(seeds))
     if opts["length_budgets"]:
         lines += ["", "## Best reward at a matched mean length", "",
                   f"Longer answers score differently on this task; the reference's mean length is "
