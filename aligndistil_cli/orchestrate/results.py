@@ -24,9 +24,11 @@ from aligndistil_cli.orchestrate.summary import (
     plot_frontiers,
     records_of,
     render_summary,
+    setting_key,
     summary_data,
     summary_options,
 )
+from aligndistil_cli.orchestrate.sweep import git
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -70,14 +72,23 @@ def render_results(data: dict) -> list[str]:
 
 
 def _spread(data: dict, method: str, value) -> str:
-    runs = [r for r in records_of(data) if r["method"] == method and r["value"] == value and r["lr"] is None
-            and converged(r, data["options"]["converged_kl"])]
-    if len(runs) < 2:
-        return f"The sweep has fewer than two converged seeds of {method} at r = {label(value)}: no spread to give."
-    sd = {k: statistics.stdev(r[k] for r in runs) for k in ("reward", "kl")}
-    return (f"Across the sweep's {len(runs)} whole-pipeline seeds, the same method ({method}, r = {label(value)}) "
-            f"varies by a standard deviation of {sd['reward']:.3f} in reward and {sd['kl']:.2f} nats in KL: a run of "
-            "the default on another machine (another seed, other rounding) may land about that far from the table.")
+    """How far a rerun may land: the standard deviation over seeds of the default's own setting in the sweep,
+    and the range of it over every converged setting with two seeds or more."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records_of(data):
+        if converged(r, data["options"]["converged_kl"]):
+            groups.setdefault(setting_key(r), []).append(r)
+    sds = {key: statistics.stdev(r["reward"] for r in rs) for key, rs in groups.items() if len(rs) >= 2}
+    if not sds:
+        return "The sweep has no setting with two converged seeds: no spread to give."
+    own = next((sd for key, sd in sds.items() if key[:2] == (method, value) and key[2] is None), None)
+    text = (f"Across the sweep's whole-pipeline seeds, the standard deviation of a setting's reward ranges from "
+            f"{min(sds.values()):.3f} to {max(sds.values()):.3f} (median {statistics.median(sds.values()):.3f}) over "
+            f"its {len(sds)} converged settings")
+    text += (f"; for the default's own setting ({method}, r = {label(value)}) it is {own:.3f}" if own is not None
+             else f"; the default's own setting ({method}, r = {label(value)}) has fewer than two converged seeds")
+    return text + (". A run of the default on another machine (another seed, other rounding) may land about that "
+                   "far from the table above.")
 
 
 def render_headline(data: dict) -> list[str]:
@@ -89,7 +100,8 @@ def render_headline(data: dict) -> list[str]:
             for name, res in d["models"].items()]
     opts = data["options"]
     return ([f"`make full-pipeline` ({d['pipeline']}, seed 0, {d['num_prompts']} held-out prompts; the student "
-             f"distilled at r = {label(d['student_r'])}):", ""]
+             f"distilled at r = {label(d['student_r'])}), as runs/tiny/eval held it when `aligndistil results` ran "
+             f"at commit {d['written_at']}:", ""]
             + md_table(["model", d["reward_name"], f"KL to {d['reference']}", "mean length", "cap rate",
                         "final KL to teacher"], rows)
             + ["", _spread(data, "aligndistil", d["student_r"]), "",
@@ -122,7 +134,7 @@ def publish(root: Path, spec_path: Path, default_eval: Path, docs: Path, readme:
     data = summary_data(Path(root), **summary_options(read_yaml(Path(spec_path)).get("summary") or {}))
     if not data["records"]:
         raise UserError(f"{root}: no finished sweep runs; run `make experiments` first")
-    data["default"] = default_run(default_eval)
+    data["default"] = {**default_run(default_eval), "written_at": git("rev-parse", "--short", "HEAD") or None}
     out = Path(docs) / "results" / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")

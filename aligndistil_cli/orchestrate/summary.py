@@ -186,24 +186,25 @@ def diagnostics_table(records: list[dict]) -> list[str]:
                      "α_t median", "α_t max", "TVD median", "mirror cosine (median)"], rows)
 
 
-def _plot_frontiers(plt, agg: list[dict], records: list[dict], path: Path) -> None:
-    """Each method's converged settings (points) and pooled frontier (steps); teachers dashed."""
+def _plot_frontiers(plt, agg: list[dict], records: list[dict], threshold: float, path: Path) -> None:
+    """Each method's pooled frontier over its settings converged in every seed (steps; teachers dashed), and every
+    converged run of every seed (faint points)."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for method in dict.fromkeys(a["method"] for a in agg):
-        pts = [(a["kl"]["mean"], a["reward"]["mean"]) for a in agg if a["method"] == method and a["converged"]]
-        if not pts:
+        runs = [(r["kl"], r["reward"]) for r in records if r["method"] == method and converged(r, threshold)]
+        if not runs:
             continue
         teacher = next(a["teacher"] for a in agg if a["method"] == method)
-        edge = frontier(pts)
+        edge = frontier([(a["kl"]["mean"], a["reward"]["mean"]) for a in agg if a["method"] == method and a["converged"]])
         line, = ax.plot([p[0] for p in edge], [p[1] for p in edge], "--" if teacher else "-", drawstyle="steps-post",
                         marker="s" if teacher else "o", markersize=4, label=method + (" (teacher)" if teacher else ""))
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, color=line.get_color(), alpha=0.3)
+        ax.scatter([p[0] for p in runs], [p[1] for p in runs], s=8, color=line.get_color(), alpha=0.35)
     ref = mean_ci([r["ref_reward"] for r in records])["mean"]
     ax.plot([0], [ref], "k*", markersize=12, label="reference (SFT)")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("KL to the SFT reference, nats (symlog)")
     ax.set_ylabel("reward")
-    ax.set_title("Pareto frontiers (mean over seeds; converged runs only)")
+    ax.set_title("Frontiers: settings converged in every seed (lines), converged runs of each seed (points)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -221,9 +222,10 @@ def _budget_table(agg: list[dict], budgets: tuple, x: str = "kl", unit: str = "K
     return md_table(["method", "knob"] + [f"{unit} ≤ {label(b)}" for b in budgets], rows)
 
 
-def _per_seed_table(records: list[dict], budgets: tuple) -> list[str]:
-    rows = [[method] + [f"{format_ci(mean_ci(vals))} ({len(vals)}/{n})" if vals else f"— (0/{n})"
-                        for vals, n in (per[b] for b in budgets)]
+def _per_seed_table(records: list[dict], budgets: tuple, seeds: int) -> list[str]:
+    """records: the converged runs; seeds: how many the sweep ran (a seed with no converged run counts too)."""
+    rows = [[method] + [f"{format_ci(mean_ci(vals))} ({len(vals)}/{seeds})" if vals else f"— (0/{seeds})"
+                        for vals, _ in (per[b] for b in budgets)]
             for method, per in per_seed_within_budget(records, budgets).items()]
     return md_table(["method"] + [f"KL ≤ {label(b)}" for b in budgets], rows)
 
@@ -289,12 +291,19 @@ def verdict(d: dict | None) -> str:
     return "wins" if d["lo"] > 0 else "loses" if d["hi"] < 0 else "ties"
 
 
+def _paired_cell(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    if d["n"] < 2:
+        return f"{d['mean']:+.3f} (1 seed: no interval)"
+    return f"{d['mean']:+.3f} ± {(d['hi'] - d['lo']) / 2:.3f} ({d['n']}): {verdict(d)}"
+
+
 def paired_table(records: list[dict], budgets: tuple, baseline: str) -> list[str]:
     diffs = paired_differences(records, budgets, baseline)
     if not diffs:
         return [f"No method besides the baseline {baseline}."]
-    rows = [[method] + ["—" if d is None else f"{d['mean']:+.3f} ± {(d['hi'] - d['lo']) / 2:.3f} ({d['n']}): "
-                        f"{verdict(d)}" for d in (per[b] for b in budgets)] for method, per in diffs.items()]
+    rows = [[method] + [_paired_cell(per[b]) for b in budgets] for method, per in diffs.items()]
     return md_table([f"method − {baseline}"] + [f"KL ≤ {label(b)}" for b in budgets], rows)
 
 
@@ -379,7 +388,7 @@ def render_summary(data: dict) -> list[str]:
               "— : none within it).", ""] + _budget_table(kept_agg, budgets)
     lines += ["", "## Best reward within a KL budget, per seed", "",
               "Each seed's frontier read at the budget, then the mean over the seeds that have a run within it "
-              "(k/n seeds).", ""] + _per_seed_table(kept, budgets)
+              "(k of the n seeds the sweep ran).", ""] + _per_seed_table(kept, budgets, len(seeds))
     if opts["length_budgets"]:
         lines += ["", "## Best reward at a matched mean length", "",
                   f"Longer answers score differently on this task; the reference's mean length is "
@@ -425,4 +434,5 @@ def plot_frontiers(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = records_of(data)
-    _plot_frontiers(plt, aggregate(records, data["options"]["converged_kl"]), records, path)
+    threshold = data["options"]["converged_kl"]
+    _plot_frontiers(plt, aggregate(records, threshold), records, threshold, path)

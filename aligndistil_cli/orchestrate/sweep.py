@@ -275,7 +275,8 @@ def _run_seed(spec_path: Path, root: Path, seed: int, force: bool) -> tuple[list
     return failed, ran
 
 
-def _git(*args: str) -> str:
+def git(*args: str) -> str:
+    """git's output in the working directory, or '' outside a repository."""
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -285,8 +286,8 @@ def _git(*args: str) -> str:
 def sweep_start(spec_path: Path, jobs: int) -> dict:
     """Where the sweep's numbers come from, taken when it starts: the commit, the command, the machine's load."""
     return {"command": f"aligndistil sweep {spec_path}" + (f" --jobs {jobs}" if jobs > 1 else ""),
-            "commit": _git("rev-parse", "--short", "HEAD") or None,
-            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "commit": git("rev-parse", "--short", "HEAD") or None,
+            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "start": time.time(),
             "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "load_average_at_start": list(os.getloadavg())}
