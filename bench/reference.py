@@ -1,7 +1,7 @@
 """Reference implementations that the tool itself does not use: the naive full-vocabulary teacher and losses.
 
 They are the baseline bench.run times (what the official code computes) and the oracles the tests compare
-the fused, chunked paths of aligndistil_cli.losses against. Shapes as in aligndistil_cli.losses."""
+the fused, chunked paths of aligndistil_cli.losses.functions against. Shapes as in aligndistil_cli.losses.functions."""
 
 from __future__ import annotations
 

@@ -14,13 +14,7 @@ from aligndistil_cli.config.stages import DistillConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.data.encode import collate, data_fingerprint, data_input, encode_rows, load_data
 from aligndistil_cli.eval.monitor import make_monitor
-from aligndistil_cli.model.loading import (
-    hub_options,
-    load_student,
-    load_tokenizer,
-    pick_device,
-    save_model,
-)
+from aligndistil_cli.model.loading import hub_options, load_student, load_tokenizer, pick_device, save_model
 from aligndistil_cli.model.packing import MIN_PADDING, collate_for
 from aligndistil_cli.model.packing import enable as enable_padding_free
 from aligndistil_cli.rundir.artifacts import (

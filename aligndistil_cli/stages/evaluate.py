@@ -44,7 +44,13 @@ from aligndistil_cli.eval.scoring import make_scorer, refuse_foreign_prompts
 from aligndistil_cli.model.loading import hub_options, load_model, load_tokenizer, pick_device, sequence_logps
 from aligndistil_cli.model.sampling import generate, score_samples
 from aligndistil_cli.parallel import distributed
-from aligndistil_cli.rundir.artifacts import atomic_write_json, fingerprint_model, input_record, prepare_output, recorded_path
+from aligndistil_cli.rundir.artifacts import (
+    atomic_write_json,
+    fingerprint_model,
+    input_record,
+    prepare_output,
+    recorded_path,
+)
 from aligndistil_cli.rundir.card import add_evaluation, evaluation_section
 from aligndistil_cli.rundir.finish import finalize
 from aligndistil_cli.teacher.evaluation import LoadedTeacher, load_teacher, teacher_diagnostics

@@ -38,7 +38,14 @@ from aligndistil_cli.model.loading import (
     response_hidden,
 )
 from aligndistil_cli.parallel import distributed, fsdp
-from aligndistil_cli.rundir.artifacts import content_key, fingerprint_model, input_record, prepare_output, recorded_path, writing
+from aligndistil_cli.rundir.artifacts import (
+    content_key,
+    fingerprint_model,
+    input_record,
+    prepare_output,
+    recorded_path,
+    writing,
+)
 from aligndistil_cli.rundir.finish import finalize
 from aligndistil_cli.teacher.cache import (
     HEADS,

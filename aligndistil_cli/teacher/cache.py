@@ -30,12 +30,7 @@ from safetensors.torch import save
 
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.core.hashing import sha256_cached, sha256_file
-from aligndistil_cli.rundir.artifacts import (
-    MANIFEST,
-    atomic_write_json,
-    read_manifest,
-    verify_outputs,
-)
+from aligndistil_cli.rundir.artifacts import MANIFEST, atomic_write_json, read_manifest, verify_outputs
 from aligndistil_cli.teacher.compose import FORMATS, TeacherSpec
 
 INDEX = "index.json"

@@ -6,21 +6,10 @@ from __future__ import annotations
 import torch
 
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.model.loading import (
-    output_head,
-    response_hidden,
-)
+from aligndistil_cli.model.loading import output_head, response_hidden
 from aligndistil_cli.parallel import fsdp
-from aligndistil_cli.rundir.artifacts import (
-    fingerprint_tokenizer,
-    tokenizer_difference,
-    tokenizer_parts,
-)
-from aligndistil_cli.teacher.compose import (
-    TeacherSpec,
-    encode_chunk,
-    float32_heads,
-)
+from aligndistil_cli.rundir.artifacts import fingerprint_tokenizer, tokenizer_difference, tokenizer_parts
+from aligndistil_cli.teacher.compose import TeacherSpec, encode_chunk, float32_heads
 
 POSITION_CHUNK = 1024
 

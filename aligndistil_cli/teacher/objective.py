@@ -9,18 +9,10 @@ import torch
 
 from aligndistil_cli.core.console import say
 from aligndistil_cli.losses.functions import fused_head_kl_loss, position_weights
-from aligndistil_cli.model.loading import (
-    autocast,
-    num_sequences,
-    output_head,
-    response_hidden,
-    sequence_ids,
-)
+from aligndistil_cli.model.loading import autocast, num_sequences, output_head, response_hidden, sequence_ids
 from aligndistil_cli.parallel import distributed, fsdp
 from aligndistil_cli.parallel.distributed import rank_micro_batches
-from aligndistil_cli.rundir.artifacts import (
-    json_line,
-)
+from aligndistil_cli.rundir.artifacts import json_line
 from aligndistil_cli.teacher.compose import TeacherSpec, logq_fn
 
 
