@@ -151,9 +151,9 @@ def test_finalize_writes_the_manifest_before_dropping_checkpoints(runs, tmp_path
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies while deleting the checkpoints
 
-    import aligndistil_cli.rundir.artifacts as artifacts
+    import aligndistil_cli.rundir.finish as finish
 
-    monkeypatch.setattr(artifacts.shutil, "rmtree", killed)
+    monkeypatch.setattr(finish.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
         finalize(out, "sft", config, {})
     assert read_manifest(out)["complete"] is True
