@@ -10,7 +10,6 @@ import os
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 stderr = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)
 
@@ -28,6 +27,9 @@ def progress(desc: str, total: int):
     if stderr.quiet:
         yield lambda advance=1, info="": None
         return
+    # Imported here: rich.progress is a fifth of `aligndistil --help`'s import time, and --help draws no bar.
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from aligndistil_cli.core.errors import ConfigError
 
 # How much a YAML document's aliases may add to it, each counted at every use (a string counts its characters, any
@@ -41,6 +39,8 @@ def _expanded_size(value: Any, limit: int) -> int:
 def parse_yaml(text: str, source: str) -> Any:
     """yaml.safe_load, refusing a document whose aliases add more than YAML_MAX_EXPANDED (one ConfigError naming
     source)."""
+    import yaml  # here, not at the top: `aligndistil --help` and shell completion never read YAML
+
     try:
         data = yaml.safe_load(text)
     except RecursionError:

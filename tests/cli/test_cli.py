@@ -417,3 +417,12 @@ def test_verify_long_path_not_wrapped_via_console_script(tmp_path):
     proc = script("verify", out, env={"COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{out}: ok\n"
+
+
+def test_help_and_completion_import_no_torch():
+    """`aligndistil --help` (and every TAB of shell completion, which builds the same app) loads neither torch nor
+    transformers: they cost seconds, and nothing in the help needs them."""
+    code = ("import sys\nfrom aligndistil_cli import cli\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'yaml', 'rich.progress') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
