@@ -79,9 +79,12 @@ def stage_command(name: str, fixed: dict[str, Any] | None = None) -> None:
                 kwargs[f.name] = _parse_named_paths(kwargs[f.name], f.metadata.get("flag") or f.name) or None
         config = load_config(stage.config, config_file, {**kwargs, **(fixed or {})})
         from aligndistil_cli.parallel import distributed
-        from aligndistil_cli.rundir.artifacts import input_fingerprints
+        from aligndistil_cli.train.checkpoint import input_fingerprints
 
-        with distributed.session(config, lambda: input_fingerprints(config)):
+        def inputs() -> dict[str, str]:  # {path: fingerprint}, what every rank must see alike
+            return {i["path"]: i["fingerprint"] for i in input_fingerprints(config).values()}
+
+        with distributed.session(config, inputs):
             main = distributed.is_main()
             stderr.quiet = not main
             out = stage.run(config)

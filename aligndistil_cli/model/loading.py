@@ -140,15 +140,12 @@ def shape_mismatch(path: str | Path, trust_remote_code: bool = False) -> str:
     """Which weight of a local model directory has a shape its config.json does not give it (transformers only
     logs it)."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     general = "its config.json does not match the shapes of its weights"
     local = Path(str(path)).expanduser()
     if not local.is_dir():
         return general
-    with torch.device("meta"):
-        expected = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
-            local, trust_remote_code=trust_remote_code)).state_dict()
+    expected = _meta_model(local, torch.float32, None, trust_remote_code=trust_remote_code).state_dict()
     for file in sorted(local.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():

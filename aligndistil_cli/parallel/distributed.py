@@ -259,7 +259,7 @@ def session(config, inputs: Callable[[], dict[str, str]] | None = None):
     backend()'s (a group that already exists is used and left open); a batch
     the world cannot split, ranks with different configs and ranks that read
     different data or models under the same paths (inputs(): {path: fingerprint},
-    rundir.artifacts.input_fingerprints) are refused before any model loads.
+    train.checkpoint.input_fingerprints) are refused before any model loads.
     A refusal every rank reaches is marked (UserError.said_elsewhere) on
     all but rank 0, which alone prints it; an error caused by a peer's death
     becomes "rank N exited; stopping".

@@ -326,23 +326,6 @@ def fingerprint_data(path: Path) -> str:
 
 
 _REFINGERPRINT = {"model": fingerprint_model, "data": fingerprint_data}
-MODEL_FIELDS = ("model", "student", "dpo", "rev", "ref")
-DATA_FIELDS = ("data", "prompts", "eval_prompts", "cache")
-
-
-def model_paths(config) -> list[str]:
-    """Every model a stage's config names (evaluate's --model NAME=PATH too)."""
-    models = [getattr(config, f, None) for f in MODEL_FIELDS] + list((getattr(config, "models", None) or {}).values())
-    return list(filter(None, models))
-
-
-def input_fingerprints(config) -> dict[str, str]:
-    """{path: fingerprint} of every model and data file or directory a stage's config names (what the
-    ranks of one run must all see alike; distributed.check_same_inputs)."""
-    data = filter(None, (getattr(config, f, None) for f in DATA_FIELDS))
-    return {**{str(p): fingerprint_model(p) for p in model_paths(config)}, **{str(p): fingerprint_data(p) for p in data}}
-
-
 def recorded_path(record: dict, out: Path | None = None) -> Path:
     """An input's path as a manifest in out recorded it: relative to out first, so a moved run still finds it."""
     if out is not None and record.get("relpath") and (Path(out) / record["relpath"]).exists():

@@ -54,14 +54,15 @@ def preflight(config) -> None:
     a model that is neither a directory nor a reachable hub id (a mistyped path), on an --out that overlaps an
     input, and on a --report-to tracker whose package is missing."""
     from aligndistil_cli.model.loading import model_source
-    from aligndistil_cli.rundir.artifacts import check_output_dir, model_paths
+    from aligndistil_cli.rundir.artifacts import check_output_dir
     from aligndistil_cli.train.tracking import require
 
     require(getattr(config, "report_to", None))
     check_output_dir(config.out)
     check_apart_from_inputs(config)
-    for path in model_paths(config):
-        model_source(path, getattr(config, "revision", None))
+    for given in C.config_inputs(config):
+        if given.kind == "model":
+            model_source(given.path, getattr(config, "revision", None))
 
 
 def check_apart_from_inputs(config) -> None:

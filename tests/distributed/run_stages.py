@@ -30,6 +30,7 @@ from aligndistil_cli.model.loading import load_student, load_teacher
 from aligndistil_cli.parallel import distributed, fsdp
 from aligndistil_cli.rundir import artifacts
 from aligndistil_cli.stages import STAGES
+from aligndistil_cli.train import checkpoint
 
 
 def refusal(fn, *args) -> str | None:
@@ -40,9 +41,14 @@ def refusal(fn, *args) -> str | None:
     return None
 
 
+def by_path(config) -> dict[str, str]:
+    """The inputs' fingerprints as the CLI hands them to distributed.session."""
+    return {i["path"]: i["fingerprint"] for i in checkpoint.input_fingerprints(config).values()}
+
+
 def check_session(seed: int) -> None:
     config = load_config(STAGES["sft"].config, None, {"model": "m", "data": "d", "out": "o", "seed": seed})
-    with distributed.session(config, lambda: artifacts.input_fingerprints(config)):
+    with distributed.session(config, lambda: by_path(config)):
         pass
 
 
@@ -103,7 +109,7 @@ def main(args: list[str]) -> None:
             continue
         stage = stage.split("/")[0]
         config = load_config(STAGES[stage].config, path, {"reverse": True} if stage == "train-reverse-dpo" else {})
-        with distributed.session(config, lambda config=config: artifacts.input_fingerprints(config)):
+        with distributed.session(config, lambda config=config: by_path(config)):
             STAGES[stage].run(config)
     dist.barrier()
     # Every output is on disk and every collective done. A process that exits with its gloo group still
