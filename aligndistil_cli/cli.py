@@ -13,9 +13,10 @@ import errno
 import inspect
 import sys
 from pathlib import Path
-from typing import Annotated, Any, List, Optional
+from typing import Annotated, Any, List, Literal, Optional
 
 import typer
+from typer.core import TyperCommand
 
 try:  # typer >= 0.20 vendors its own click; its exceptions are not the installed click's.
     from typer._click import exceptions as click_errors
@@ -23,7 +24,8 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as click_errors
 
 from aligndistil_cli import __version__
-from aligndistil_cli.config.stages import field_types, load_config
+from aligndistil_cli.config.files import field_types, load_config
+from aligndistil_cli.config.groups import INPUTS
 from aligndistil_cli.core.console import stderr
 from aligndistil_cli.core.errors import UsageError, UserError
 from aligndistil_cli.stages import STAGES
@@ -57,13 +59,47 @@ def _parse_named_paths(values: list[str], flag: str) -> dict[str, str]:
 
 
 def _parameter(f: dataclasses.Field, tp: type) -> inspect.Parameter:
+    """The option of a config field: its flag and TRL's names for it, its panel, its choices (listed and completed)."""
     flag = f.metadata.get("flag") or f.name.replace("_", "-")
     default = f.default if f.default is not dataclasses.MISSING else None
     shown = "" if default in (None, "") or tp is dict else f" [default: {default}]"
-    decls = [f"--{flag}/--no-{flag}"] if tp is bool else [f"--{flag}"]
-    option = typer.Option(*decls, help=f.metadata.get("help", "") + shown, show_default=False)
+    aliases = [f"--{a.replace('_', '-')}" for a in f.metadata.get("aliases", ())]
+    decls = [f"--{flag}/--no-{flag}"] if tp is bool else [f"--{flag}", *aliases]
+    choices = f.metadata.get("choices")
+    metavar = f"[{'|'.join(choices)}]" if choices else None
+    if metavar and len(metavar) > 48:  # a longer one would push its line past 80 columns: listed in the help
+        metavar, shown = "[CHOICE]", f" One of: {', '.join(choices)}.{shown}"
+    option = typer.Option(*decls, help=f.metadata.get("help", "") + shown, show_default=False,
+                          rich_help_panel=f.metadata.get("panel"), metavar=metavar)
+    kind = Literal[choices] if choices else _CLI_TYPES[tp]
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[Optional[_CLI_TYPES[tp]], option])
+                             annotation=Annotated[Optional[kind], option])
+
+
+class PanelCommand(TyperCommand):
+    """Plain help (rich stays unimported, so --help is fast) with the options in their groups' panels, in the
+    order of the stage's groups: inputs first."""
+
+    def format_options(self, ctx, formatter) -> None:
+        panels: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Other options", []).append(record)
+        for title, rows in panels.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
+
+def _shell_lines(command: str, width: int = 76) -> str:
+    """A long example command as shell lines continued with a backslash, each within width columns."""
+    lines, line = [], " "
+    for word in command.split():
+        if len(line) + len(word) + 3 > width:
+            lines.append(line + " \\")
+            line = "   "
+        line += " " + word
+    return "\n".join([*lines, line])
 
 
 def stage_command(name: str, fixed: dict[str, Any] | None = None) -> None:
@@ -73,11 +109,11 @@ def stage_command(name: str, fixed: dict[str, Any] | None = None) -> None:
     fields = [f for f in dataclasses.fields(stage.config) if f.name not in (fixed or {})]
 
     def command(**kwargs: Any) -> None:
-        config_file = kwargs.pop("config_file")
+        config_file, ignore_unknown = kwargs.pop("config_file"), kwargs.pop("ignore_unknown_keys")
         for f in fields:
             if types[f.name] is dict and kwargs.get(f.name) is not None:
                 kwargs[f.name] = _parse_named_paths(kwargs[f.name], f.metadata.get("flag") or f.name) or None
-        config = load_config(stage.config, config_file, {**kwargs, **(fixed or {})})
+        config = load_config(stage.config, config_file, {**kwargs, **(fixed or {})}, bool(ignore_unknown))
         from aligndistil_cli.parallel import distributed
         from aligndistil_cli.train.checkpoint import input_fingerprints
 
@@ -91,14 +127,18 @@ def stage_command(name: str, fixed: dict[str, Any] | None = None) -> None:
         if main:
             emit(str(out))
 
-    config_param = inspect.Parameter(
-        "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
-        annotation=Annotated[Optional[Path], typer.Option("--config", help="YAML file of config keys; flags win.")],
-    )
-    command.__signature__ = inspect.Signature([config_param] + [_parameter(f, types[f.name]) for f in fields])
+    config_params = [
+        inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[Path], typer.Option("--config", help="YAML file of config keys (TRL's names too); flags win.",
+                                         rich_help_panel=INPUTS)]),
+        inspect.Parameter("ignore_unknown_keys", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--ignore-unknown-keys", help="Run a --config file that has keys only TRL knows "
+                               "(e.g. a TRL DPOConfig YAML) without them; they are listed.", rich_help_panel=INPUTS)]),
+    ]
+    command.__signature__ = inspect.Signature(config_params + [_parameter(f, types[f.name]) for f in fields])
     # "\\b" stops click from re-wrapping the example line.
-    command.__doc__ = f"{stage.summary}\n\n\b\nExample:\n  {stage.example}"
-    app.command(name, help=command.__doc__)(command)
+    command.__doc__ = f"{stage.summary}\n\n\b\nExample:\n{_shell_lines(stage.example)}"
+    app.command(name, help=command.__doc__, cls=PanelCommand)(command)
 
 
 for _name in STAGES:
@@ -205,6 +245,32 @@ def root(
     """Options that apply to every command."""
 
 
+# Options users of other tools reach for, per command ("*": any), and what this tool calls them.
+MEANT = {
+    ("distill", "--model"): "--student",
+    ("precompute", "--model"): "--dpo and --rev",
+    ("train-dpo", "--ref-model"): "--model (the reference, also the policy's start)",
+    ("*", "--per-device-train-batch-size"): "--batch-size, the global batch: per-device size x --grad-accum x "
+                                            "processes",
+}
+
+
+def _no_such_option(e: click_errors.NoSuchOption) -> str:
+    """click's unknown-option error, with the option meant: --learning_rate is --learning-rate."""
+    command = e.ctx.command if e.ctx else None
+    name = e.option_name.replace("_", "-")
+    known = [o for p in getattr(command, "params", ()) for o in (*p.opts, *p.secondary_opts)]
+    meant = MEANT.get((getattr(command, "name", ""), name)) or MEANT.get(("*", name))
+    if meant is None and name in known:
+        meant = name
+    if meant is None:
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        meant = close[0] if close else None
+    return f"no such option: {e.option_name}" + (f"; did you mean {meant}?" if meant else "")
+
+
 def internal_error_line(e: Exception) -> str:
     """The one line an unexpected exception becomes; a full disk is said in plain words."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -239,6 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     except click_errors.NoArgsIsHelpError as e:
         stderr.print(e.format_message(), markup=False, highlight=False)
         sys.exit(2)
+    except click_errors.NoSuchOption as e:
+        if debug:
+            raise
+        _fail(_no_such_option(e), 2)
     except click_errors.ClickException as e:
         if debug:
             raise

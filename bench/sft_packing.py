@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from aligndistil_cli.config.stages import InitToyConfig, SftConfig, build_config
+from aligndistil_cli.config.files import build_config
+from aligndistil_cli.config.stages import InitToyConfig, SftConfig
 from aligndistil_cli.data.encode import collate, encode_rows, load_data
 from aligndistil_cli.model.loading import head_logps, load_model, load_tokenizer, quiet_transformers
 from aligndistil_cli.model.packing import collate_for, enable

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import yaml
 
-from aligndistil_cli.config.stages import ConfigError, build_config, read_yaml
+from aligndistil_cli.config.files import build_config, read_yaml
 from aligndistil_cli.core.console import stderr as console
-from aligndistil_cli.core.errors import UserError, shown
+from aligndistil_cli.core.errors import ConfigError, UserError, shown
 from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.orchestrate.plan import check_stage_names, did_you_mean, make_plan, parse_sets, select
 from aligndistil_cli.rundir.artifacts import MANIFEST, portable_config, read_manifest, stale_inputs, verify_outputs

@@ -129,7 +129,7 @@ def block(path: Path) -> str:
 
 def publish(root: Path, spec_path: Path, default_eval: Path, docs: Path, readme: Path) -> Path:
     """Write docs/results/summary.json, docs/frontier.png and the blocks of docs/RESULTS.md and README.md."""
-    from aligndistil_cli.config.stages import read_yaml
+    from aligndistil_cli.config.files import read_yaml
 
     data = summary_data(Path(root), **summary_options(read_yaml(Path(spec_path)).get("summary") or {}))
     if not data["records"]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aligndistil_cli.config.stages import build_config, read_yaml
+from aligndistil_cli.config.files import build_config, read_yaml
 from aligndistil_cli.core.console import stderr as console
 from aligndistil_cli.core.errors import ConfigError, UserError
 from aligndistil_cli.core.hashing import config_dict

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from aligndistil_cli.config import stages as C
+from aligndistil_cli.config.files import config_inputs
 from aligndistil_cli.core.errors import UserError
 
 
@@ -60,7 +61,7 @@ def preflight(config) -> None:
     require(getattr(config, "report_to", None))
     check_output_dir(config.out)
     check_apart_from_inputs(config)
-    for given in C.config_inputs(config):
+    for given in config_inputs(config):
         if given.kind == "model":
             model_source(given.path, getattr(config, "revision", None))
 
@@ -69,7 +70,7 @@ def check_apart_from_inputs(config) -> None:
     """Refuse, whatever --force says, an --out that is, contains or is inside one of the stage's inputs: OUT is
     emptied (with --force, of anything) before the stage writes, and what it writes would change the input."""
     out = os.path.realpath(Path(config.out).expanduser())
-    for given in C.config_inputs(config):
+    for given in config_inputs(config):
         path = Path(given.path).expanduser()
         if not path.exists():  # a hub id, or a missing file that the stage names when it reads it
             continue

@@ -149,7 +149,7 @@ def _fingerprint(kind: str, path: str) -> str:
 def input_fingerprints(config) -> dict[str, dict]:
     """{field: {"path", "fingerprint"}} of every input of config: what a checkpoint records, and a resume
     must find again (as it must find the same config)."""
-    from aligndistil_cli.config.stages import config_inputs
+    from aligndistil_cli.config.files import config_inputs
 
     return {i.name: {"path": i.path, "fingerprint": _fingerprint(i.kind, i.path)} for i in config_inputs(config)}
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from aligndistil_cli.config.stages import SftConfig, load_config
+from aligndistil_cli.config.files import load_config
+from aligndistil_cli.config.stages import SftConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.model.loading import load_student, load_teacher
 from aligndistil_cli.parallel import distributed, fsdp

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from aligndistil_cli.config.stages import build_config
+from aligndistil_cli.config.files import build_config
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.parallel import distributed
 from aligndistil_cli.rundir.artifacts import sha256_file

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig, load_config
+from aligndistil_cli.config.files import load_config
+from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.data.encode import PAIR_FIELDS, collate, encode, load_rows
 from aligndistil_cli.losses.functions import mask_padded_vocab

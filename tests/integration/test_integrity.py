@@ -17,14 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aligndistil_cli.config.stages import (
-    DistillConfig,
-    DpoConfig,
-    PrecomputeConfig,
-    SftConfig,
-    build_config,
-    load_config,
-)
+from aligndistil_cli.config.files import build_config, load_config
+from aligndistil_cli.config.stages import DistillConfig, DpoConfig, PrecomputeConfig, SftConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.orchestrate.pipeline import load_pipeline, run_file
 from aligndistil_cli.rundir.artifacts import read_manifest, verify_full

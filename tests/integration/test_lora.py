@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aligndistil_cli.config.stages import DistillConfig, DpoConfig, build_config
+from aligndistil_cli.config.files import build_config
+from aligndistil_cli.config.stages import DistillConfig, DpoConfig
 from aligndistil_cli.stages import distill, dpo
 
 pytest.importorskip("peft")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig, load_config
+from aligndistil_cli.config.files import load_config
+from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.data.encode import PAIR_FIELDS, collate, encode, load_rows
 from aligndistil_cli.model.loading import load_model, load_tokenizer, response_logits

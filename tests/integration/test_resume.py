@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from aligndistil_cli.config.stages import build_config
+from aligndistil_cli.config.files import build_config
 from aligndistil_cli.stages import STAGES
 
 STEPS = 24

@@ -12,7 +12,8 @@ import statistics
 import pytest
 import torch
 
-from aligndistil_cli.config.stages import DistillConfig, EvaluateConfig, load_config
+from aligndistil_cli.config.files import load_config
+from aligndistil_cli.config.stages import DistillConfig, EvaluateConfig
 from aligndistil_cli.data.encode import Encoded, collate, encode_rows, load_data, prompt_ids
 from aligndistil_cli.model.loading import load_model, load_tokenizer
 from aligndistil_cli.stages import distill, evaluate

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aligndistil_cli.config.stages import (
-    DistillConfig,
-    DpoConfig,
-    MakePrefsConfig,
-    PrecomputeConfig,
-    SftConfig,
-    build_config,
-    load_config,
-)
+from aligndistil_cli.config.files import build_config, load_config
+from aligndistil_cli.config.stages import DistillConfig, DpoConfig, MakePrefsConfig, PrecomputeConfig, SftConfig
 from aligndistil_cli.core.errors import ConfigError, UsageError
 
 SFT_REQUIRED = {"out": "o", "model": "m", "data": "d.jsonl"}

@@ -13,7 +13,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from aligndistil_cli import cli
-from aligndistil_cli.config.stages import SftConfig, load_config
+from aligndistil_cli.config.files import load_config
+from aligndistil_cli.config.stages import SftConfig
 from aligndistil_cli.core.errors import ConfigError, UserError
 from aligndistil_cli.model.loading import load_model
 from aligndistil_cli.orchestrate.pipeline import load_pipeline

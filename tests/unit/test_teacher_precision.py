@@ -144,6 +144,6 @@ def test_fused_loss_refuses_a_teacher_with_no_mass_on_a_real_row():
 
 def test_theorem1_needs_only_dpo_and_reference():
     assert TeacherSpec("theorem1", 0.1, 0.1, 20.0, 1e-3, 1.0).models == ("dpo", "ref")
-    PrecomputeConfig(dpo="d", ref="r", data="x.jsonl", out="o", variant="theorem1").validate()
+    PrecomputeConfig(dpo="d", ref="r", data="x.jsonl", out="o", variant="theorem1")
     with pytest.raises(ConfigError, match="'rev' is required by teacher variant 'aligndistil'"):
-        PrecomputeConfig(dpo="d", data="x.jsonl", out="o").validate()
+        PrecomputeConfig(dpo="d", data="x.jsonl", out="o")
