@@ -25,7 +25,7 @@ def make_monitor(config, tokenizer, reference: str, device: torch.device) -> Cal
     ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
                     config.max_prompt_length)[0].prompt for p in prompts]
     ref_model = load_model(reference, device, **hub_options(config)).eval()
-    scorer = make_scorer(config, device)
+    scorer = make_scorer(config.reward_model, config.chat_template, device)
 
     def monitor(model) -> dict:
         model.eval()

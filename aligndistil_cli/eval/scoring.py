@@ -70,10 +70,10 @@ class RewardModelScorer:
         return scores
 
 
-def make_scorer(config, device: torch.device):
+def make_scorer(reward_model: str | None, chat_template: bool, device: torch.device):
     """--reward-model PATH when given, else the embedded gold reward."""
-    if config.reward_model:
-        return RewardModelScorer(config.reward_model, device, chat_template=config.chat_template)
+    if reward_model:
+        return RewardModelScorer(reward_model, device, chat_template=chat_template)
     return ToyScorer()
 
 

@@ -207,7 +207,7 @@ def load_student(path: str | Path, device: torch.device, cfg, whole: bool = Fals
     sharded = distributed.active() and not whole
     load = _rank0_model if sharded else load_model
     model = load(path, device, torch.float32, cfg.attn_implementation, cfg.gradient_checkpointing, **hub_options(cfg))
-    model = add_lora(model, cfg) if cfg.lora_r else model
+    model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target) if cfg.lora_r else model
     if getattr(cfg, "compile", False):
         compile_layers(model)
     if sharded:
@@ -238,14 +238,15 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def add_lora(model, cfg):
-    """Wrap model with LoRA adapters (peft); only the adapters train."""
+def add_lora(model, r: int, alpha: float, target: str):
+    """Wrap model with rank-r LoRA adapters (peft) on target ("all-linear" or comma-separated module names);
+    only the adapters train."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UserError("--lora-r needs peft: pip install 'aligndistil[lora]'") from None
-    target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=target, lora_dropout=0.0,
+    modules = target if target == "all-linear" else [t.strip() for t in target.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 

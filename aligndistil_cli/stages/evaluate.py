@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from aligndistil_cli.config.groups import Tracking
 from aligndistil_cli.config.stages import EvaluateConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.core.hashing import config_dict
@@ -220,7 +221,7 @@ def run(config: EvaluateConfig) -> Path:
         refuse_foreign_prompts(prompts, config.prompts)
     ref_model = load_model(config.ref, device, **hub_options(config)).eval()
     out = prepare_output(Path(config.out), "evaluate", config.force)
-    scorer = make_scorer(config, device)
+    scorer = make_scorer(config.reward_model, config.chat_template, device)
     ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, config, device, scorer)
     models = {config.ref_name: ref_result}
     for name, path in config.models.items():
@@ -269,7 +270,7 @@ def teacher_health_of(config: EvaluateConfig, diagnostics: dict | None) -> dict:
 
 def log_report(config: EvaluateConfig, out: Path, report: dict) -> None:
     """The final table to the --report-to trackers: one scalar per model and column, and the table."""
-    trackers = tracking.start(config, out, config_dict(config))
+    trackers = tracking.start(Tracking.of(config), out, config_dict(config))
     try:
         columns = ["model", "reward", "reward_lo", "reward_hi", "kl", "win_rate", "mean_length", "cap_rate"]
         rows = []

@@ -54,7 +54,7 @@ def run(config: MakePrefsConfig) -> Path:
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                        seed=config.seed, desc="make-prefs", split=True,
                        kv_cache=config.kv_cache)
-    scorer = make_scorer(config, device)
+    scorer = make_scorer(config.reward_model, config.chat_template, device)
     scores = distributed.split_map(scorer.score, samples)
     pairs, skipped = [], 0
     k = config.num_samples

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from aligndistil_cli.config.stages import PrecomputeConfig
+from aligndistil_cli.config.stages import CacheLayout, PrecomputeConfig
 from aligndistil_cli.core.console import progress, say, stderr
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.core.hashing import sha256_json
@@ -77,7 +77,7 @@ def teacher_spec(config, eos_id: int | None) -> TeacherSpec:
     return TeacherSpec(**{n: getattr(config, n) for n in names}, keep_eos=None if config.extrapolate_eos else eos_id)
 
 
-def choose_format(config: PrecomputeConfig, vocab: int, hidden: int, n_models: int) -> str:
+def choose_format(config: CacheLayout, vocab: int, hidden: int, n_models: int) -> str:
     """auto -> logits while it stays small, hidden otherwise; refuse logits when it is huge."""
     itemsize = STORE_DTYPES[config.dtype].itemsize
     logits_bytes = bytes_per_position("logits", vocab, hidden, n_models, itemsize, config.top_k)
@@ -190,7 +190,7 @@ def run(config: PrecomputeConfig) -> Path:
               for name, path in names.items()}
     heads = teacher_heads(models)
     hidden_size = heads["dpo"][0].shape[1]
-    fmt = choose_format(config, vocab, hidden_size, len(models))
+    fmt = choose_format(CacheLayout.of(config), vocab, hidden_size, len(models))
     inputs = {name: input_record("model", path, fingerprint_model(path)) for name, path in names.items()}
     inputs["data"] = data_input(config)
     inputs["tokenizer"] = tok_record

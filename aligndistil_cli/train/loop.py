@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from aligndistil_cli.config.groups import Tracking
 from aligndistil_cli.core.console import progress, stderr
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.core.hashing import config_dict, sha256_json
@@ -220,8 +221,8 @@ def _nonfinite(what: str, out: Path, hint: str) -> UserError:
                                               else "No checkpoint was written yet. ") + hint)
 
 
-def _resume_point(cfg, out: Path, model, optimizer, schedule, config_hash: str, inputs: dict, desc: str) -> int:
-    if not cfg.resume:
+def _resume_point(resume: bool, out: Path, model, optimizer, schedule, config_hash: str, inputs: dict, desc: str) -> int:
+    if not resume:
         return 0
     found = checkpoint.latest(out)
     if found is None:
@@ -257,9 +258,9 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     config_hash = sha256_json(portable_config({k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE},
                                               Path(out).parent))
     inputs = checkpoint.input_fingerprints(cfg)
-    first = _resume_point(cfg, out, model, optimizer, schedule, config_hash, inputs, desc)
+    first = _resume_point(cfg.resume, out, model, optimizer, schedule, config_hash, inputs, desc)
     writer = MetricsWriter(out / "metrics.jsonl", first) if distributed.is_main() else _Discard()
-    trackers = tracking.start(cfg, out, config_dict(cfg), first, getattr(writer, "previous_last_step", 0))
+    trackers = tracking.start(Tracking.of(cfg), out, config_dict(cfg), first, getattr(writer, "previous_last_step", 0))
     writer.sink = trackers.log
     model.train()
     start = time.perf_counter()

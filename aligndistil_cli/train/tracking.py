@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
+from aligndistil_cli.config.groups import Tracking
 from aligndistil_cli.config.trackers import MODULES, parse_report_to
 from aligndistil_cli.core.errors import UserError
 
@@ -213,9 +214,9 @@ class Trackers:
         self.backends = []
 
 
-def start(cfg, out: Path, config: dict, first_step: int = 0, logged_through: int = 0) -> Trackers:
-    """The trackers cfg.report_to names (none off rank 0). cfg: a TrackingFields config."""
-    names = parse_report_to(getattr(cfg, "report_to", "none"))
+def start(cfg: Tracking, out: Path, config: dict, first_step: int = 0, logged_through: int = 0) -> Trackers:
+    """The trackers cfg.report_to names (none off rank 0)."""
+    names = parse_report_to(cfg.report_to)
     if not names or not is_main_process():
         return Trackers([])
     require(cfg.report_to)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aligndistil_cli.config.files import load_config
-from aligndistil_cli.config.stages import DistillConfig, PrecomputeConfig
+from aligndistil_cli.config.stages import CacheLayout, DistillConfig, PrecomputeConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.data.encode import PAIR_FIELDS, collate, encode, load_rows
 from aligndistil_cli.losses.functions import mask_padded_vocab
@@ -157,9 +157,9 @@ def test_other_r_needs_a_hidden_cache(caches):
 def test_logits_format_refused_for_a_large_vocabulary():
     config = PrecomputeConfig(out="x", dpo="d", rev="r", data="p", format="logits")
     with pytest.raises(UserError, match="--format hidden"):
-        precompute.choose_format(config, vocab=151_936, hidden=1_536, n_models=2)
-    assert precompute.choose_format(PrecomputeConfig(out="x", dpo="d", rev="r", data="p"), 151_936, 1_536, 2) == "hidden"
-    assert precompute.choose_format(PrecomputeConfig(out="x", dpo="d", rev="r", data="p"), 64, 128, 2) == "logits"
+        precompute.choose_format(CacheLayout.of(config), vocab=151_936, hidden=1_536, n_models=2)
+    assert precompute.choose_format(CacheLayout(), 151_936, 1_536, 2) == "hidden"
+    assert precompute.choose_format(CacheLayout(), 64, 128, 2) == "logits"
 
 
 def test_post_head_transform_is_refused_by_name(runs, tmp_path):

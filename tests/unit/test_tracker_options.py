@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-from types import SimpleNamespace
 
 import pytest
 
+from aligndistil_cli.config.groups import Tracking
 from aligndistil_cli.config.trackers import parse_report_to
 from aligndistil_cli.core.errors import ConfigError
 from aligndistil_cli.train import tracking
@@ -26,7 +26,7 @@ def test_scalars_keep_numbers_only():
 
 
 def test_only_rank_zero_starts_trackers(tmp_path, monkeypatch):
-    cfg = SimpleNamespace(report_to="tensorboard", run_name=None, project=None)
+    cfg = Tracking(report_to="tensorboard", run_name=None, project=None)
     monkeypatch.setenv("RANK", "1")
     assert tracking.start(cfg, tmp_path, {}).backends == []
     assert not (tmp_path / "logs").exists()
@@ -39,7 +39,7 @@ def test_a_resumed_run_sends_each_step_once_to_a_tracker_that_cannot_rewind(tmp_
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cfg = SimpleNamespace(report_to="mlflow", run_name="r", project="p")
+    cfg = Tracking(report_to="mlflow", run_name="r", project="p")
     first = tracking.start(cfg, tmp_path, {"lr": 0.1})
     for step in range(1, 6):
         first.log({"step": step, "loss": float(step)})
@@ -57,7 +57,7 @@ def test_a_resumed_run_sends_each_step_once_to_a_tracker_that_cannot_rewind(tmp_
 def test_a_rerun_replaces_tensorboard_events_instead_of_adding_to_them(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = SimpleNamespace(report_to="tensorboard", run_name=None, project=None)
+    cfg = Tracking(report_to="tensorboard", run_name=None, project=None)
     for value in (1.0, 2.0):  # evaluate logs its table at step 0; a training run starts at step 1
         trackers = tracking.start(cfg, tmp_path, {})
         trackers.log({"step": 0, "table_value": value})
