@@ -13,6 +13,7 @@ from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.data import toy
 from aligndistil_cli.data.sources import flatten_plain
 from aligndistil_cli.model.loading import refuse_pickle_weights
+from aligndistil_cli.model.tokenizer_file import as_saved
 
 
 class ToyScorer:
@@ -37,7 +38,7 @@ class RewardModelScorer:
             raise UserError(f"reward model {path} does not exist")
         refuse_pickle_weights(path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self.tokenizer = as_saved(AutoTokenizer.from_pretrained(str(path)), str(path))
             self.model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True).to(device).eval()
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load a reward model from {path}: {str(e).splitlines()[0]}") from None

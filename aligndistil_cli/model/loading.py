@@ -15,6 +15,7 @@ import torch
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.data.encode import Batch
 from aligndistil_cli.losses.functions import fused_token_logps, head_logits
+from aligndistil_cli.model.tokenizer_file import as_saved
 from aligndistil_cli.parallel import distributed, fsdp
 from aligndistil_cli.parallel.fsdp import unwrap
 from aligndistil_cli.rundir.artifacts import check_model_input, writing
@@ -88,6 +89,7 @@ def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_c
     check_model_input(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code, **source)
+        tok = as_saved(tok, str(path), revision, source)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
