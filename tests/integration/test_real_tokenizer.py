@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 
 from aligndistil_cli.cli import main
-from aligndistil_cli.config.stages import PrecomputeConfig, load_config
+from aligndistil_cli.config.files import load_config
+from aligndistil_cli.config.stages import PrecomputeConfig
 from aligndistil_cli.data.encode import collate, encode_pairs, load_data
 from aligndistil_cli.model.loading import load_tokenizer
 from aligndistil_cli.teacher.cache import TeacherCache
