@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from aligndistil_cli.core.errors import UserError, where
+from aligndistil_cli.core.errors import UserError, shown, where
 from aligndistil_cli.data.readers import RowError, Table, kind_of, read_tables
 
 FORMATS = ("standard", "conversational", "ultrafeedback", "implicit", "hh", "prompt", "messages", "sft")
@@ -276,10 +276,10 @@ def _has_user_turn(value) -> bool:
     return isinstance(value, list) and any(isinstance(m, dict) and m.get("role") == "user" for m in value)
 
 
-def detect_format(columns: list[str], first_row: dict, kind: str) -> str:
+def detect_format(columns: list[str], first_row: dict, kind: str, found: list[str] | None = None) -> str:
     """The layout of data with these (canonical) column names, judged from the first row.
 
-    Raises UserError when no layout fits the columns.
+    Raises UserError when no layout fits the columns, naming found (every column of the data; default: columns).
     """
     cols = set(columns)
     if kind == "sft" and "messages" in cols:
@@ -299,11 +299,34 @@ def detect_format(columns: list[str], first_row: dict, kind: str) -> str:
         if _has_user_turn(chosen):
             return "ultrafeedback"
         return "standard" if isinstance(prompt, str) and isinstance(chosen, str) else "conversational"
-    raise UserError(
-        f"cannot tell the {kind} data format from the columns {sorted(cols)}; "
-        "rename columns with the *-key options or choose one of "
-        f"{', '.join(ALLOWED_FORMATS.get(kind, FORMATS))} with --data-format"
-    )
+    raise UserError(unknown_layout(kind, columns if found is None else found))
+
+
+# What each layout reads, as the error for data that fits none of them lists it.
+LAYOUT_COLUMNS = {
+    "standard": "prompt, chosen, rejected strings",
+    "conversational": "prompt, chosen, rejected message lists",
+    "ultrafeedback": "prompt; chosen, rejected whole conversations",
+    "implicit": "chosen, rejected conversations sharing their prompt turns",
+    "hh": "chosen, rejected 'Human: ... Assistant: ...' text",
+    "prompt": "prompt",
+    "messages": "messages",
+    "sft": "prompt, response",
+}
+# Columns named in that error; a table with thousands of columns (a wide CSV) is cut there.
+SHOWN_COLUMNS = 20
+
+
+def unknown_layout(kind: str, found: list[str]) -> str:
+    """The one-line error for data whose columns fit no layout: every column found (up to SHOWN_COLUMNS), the
+    layouts that hold this kind with their columns, and the options that rename columns or pick a layout."""
+    names = ", ".join(shown(str(c), 40) for c in found[:SHOWN_COLUMNS]) or "none"
+    if len(found) > SHOWN_COLUMNS:
+        names += f" and {len(found) - SHOWN_COLUMNS} more"
+    layouts = "; ".join(f"{f} ({LAYOUT_COLUMNS[f]})" for f in ALLOWED_FORMATS.get(kind, FORMATS))
+    return (f"cannot tell the {kind} data format from the columns {names}; the {kind} layouts: {layouts}; "
+            "name the columns that hold them with --prompt-key/--chosen-key/--rejected-key/--messages-key COLUMN, "
+            "or pick a layout with --data-format")
 
 
 def flatten_plain(messages: list[dict]) -> str:
@@ -320,8 +343,9 @@ def _choose_format(tables: list[Table], keys: dict[str, str], kind: str, data_fo
         # The first readable row decides; the error names it, since its columns are the ones shown.
         table, number, first = next((t, n, r) for t in tables for n, r in t.rows if isinstance(r, dict))
         columns = [key for key, name in keys.items() if any(name in t.columns for t in tables)]
+        found = list(dict.fromkeys(c for t in tables for c in t.columns))
         try:
-            data_format = detect_format(columns, {key: first.get(name) for key, name in keys.items()}, kind)
+            data_format = detect_format(columns, {key: first.get(name) for key, name in keys.items()}, kind, found)
         except UserError as e:
             raise UserError(f"{where(table.label, number)}: {e}") from None
     if data_format not in ALLOWED_FORMATS[kind]:

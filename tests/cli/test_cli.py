@@ -290,6 +290,27 @@ def test_identical_pair_row(capsys, tmp_path):
     assert str(data) in err and "row 1" in err and "'rejected'" in err
 
 
+def test_unknown_layout_lists_the_columns_found_and_the_layouts_known(capsys, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"question": "a", "good": "b", "bad": "c"}) + "\n")
+    code, _, err = cli(capsys, "train-dpo", "--model", ".", "--data", data, "--out", tmp_path / "o")
+    assert_one_line_error(err)
+    assert code == 1
+    assert f"{data}, row 1: cannot tell the pairs data format from the columns 'question', 'good', 'bad';" in err
+    assert "standard (prompt, chosen, rejected strings)" in err and "conversational (" in err and "hh (" in err
+    assert "--prompt-key/--chosen-key/--rejected-key/--messages-key" in err and "--data-format" in err
+
+
+def test_unknown_layout_caps_the_columns_it_names(capsys, tmp_path):
+    data = tmp_path / "wide.jsonl"
+    data.write_text(json.dumps({f"c{i}": "x" for i in range(25)}) + "\n")
+    code, _, err = cli(capsys, "sft", "--model", ".", "--data", data, "--out", tmp_path / "o")
+    assert_one_line_error(err)
+    assert code == 1
+    assert "'c0', 'c1'" in err and "'c19' and 5 more;" in err and "'c20'" not in err
+    assert "sft (prompt, response)" in err and "messages (messages)" in err
+
+
 # --------------------------------------------------------------------------- verify and manifests
 
 
