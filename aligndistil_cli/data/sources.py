@@ -12,7 +12,8 @@ assistant messages. Messages keep only role and content.
 
 Files are read by readers.py; errors name the file and row as described there. Each
 normalised row is a Row that remembers its file and row number, so that later failures
-(tokenisation, chat template) name them too.
+(tokenisation, chat template) name them too, and whether the data gave it as a conversation
+or as plain strings (only conversations get a chat template by default, chat.py).
 """
 
 from __future__ import annotations
@@ -49,20 +50,28 @@ class LoadStats:
 
 
 class Row(dict):
-    """A normalised row plus `origin`, the (file label, row number) errors name. Equal to the plain dict."""
+    """A normalised row plus `origin`, the (file label, row number) errors name, and `conversational`: whether
+    the data gave it as a conversation (message lists, or HH turns) rather than plain strings, which decides
+    whether it gets a chat template (chat.py). Equal to the plain dict."""
 
-    __slots__ = ("origin",)
+    __slots__ = ("origin", "conversational")
 
-    def __init__(self, values: dict, origin: tuple[str, int]):
+    def __init__(self, values: dict, origin: tuple[str, int], conversational: bool):
         super().__init__(values)
-        self.origin = origin
+        self.origin, self.conversational = origin, conversational
+
+
+def is_conversational(row: dict) -> bool:
+    """Whether a row is a conversation; a plain dict of messages (not read by load_source) is one."""
+    return getattr(row, "conversational", True)
 
 
 class _Fields:
-    """One row seen through the column renames (*_key arguments)."""
+    """One row seen through the column renames (*_key arguments); `conversational` once a list was read."""
 
     def __init__(self, row: dict, keys: dict[str, str]):
         self.row, self.keys = row, keys
+        self.conversational = False
 
     def name(self, key: str) -> str:
         return self.keys[key]
@@ -73,6 +82,7 @@ class _Fields:
         # Arrow-backed files fill absent keys with null, so both read as missing.
         if value is None:
             raise RowError(name, "missing", "missing" if name not in self.row else "missing (null)")
+        self.conversational = self.conversational or isinstance(value, list)
         return value
 
 
@@ -380,7 +390,10 @@ def load_source(data: str, *, kind: str, split: str = "train", subset: str | Non
             try:
                 if isinstance(row, RowError):
                     raise row
-                rows.append(Row(_normalise(_Fields(row, keys), data_format, kind), (table.label, number)))
+                fields = _Fields(row, keys)
+                values = _normalise(fields, data_format, kind)
+                # HH text marks its turns (Human:/Assistant:), which are parsed into messages: a conversation.
+                rows.append(Row(values, (table.label, number), fields.conversational or data_format == "hh"))
             except RowError as e:
                 if not skip_bad_rows:
                     raise UserError(f"{where(table.label, number, e.field)}: {e.problem}") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.data import toy
+from aligndistil_cli.data import chat, toy
 from aligndistil_cli.data.sources import flatten_plain
 from aligndistil_cli.model.loading import refuse_pickle_weights
 
@@ -71,9 +71,12 @@ class RewardModelScorer:
 
 
 def make_scorer(config, device: torch.device):
-    """--reward-model PATH when given, else the embedded gold reward."""
+    """--reward-model PATH when given, else the embedded gold reward.
+
+    The reward model reads each conversation in its own tokenizer's chat template, unless --chat-template never:
+    it is another model, trained on its own format, whatever the policy's rows were (a FILE is the policy's)."""
     if config.reward_model:
-        return RewardModelScorer(config.reward_model, device, chat_template=config.chat_template)
+        return RewardModelScorer(config.reward_model, device, chat_template=chat.mode_of(config.chat_template) != "never")
     return ToyScorer()
 
 

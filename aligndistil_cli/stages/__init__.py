@@ -52,12 +52,16 @@ class Stage:
 def preflight(config) -> None:
     """Fail in one line, before any data or model loads, on an output directory that cannot be written, on
     a model that is neither a directory nor a reachable hub id (a mistyped path), on an --out that overlaps an
-    input, and on a --report-to tracker whose package is missing."""
+    input, on a --report-to tracker whose package is missing, and on a --chat-template that is neither a mode
+    nor a file."""
+    from aligndistil_cli.data import chat
     from aligndistil_cli.model.loading import model_source
     from aligndistil_cli.rundir.artifacts import check_output_dir
     from aligndistil_cli.train.tracking import require
 
     require(getattr(config, "report_to", None))
+    if hasattr(config, "chat_template"):
+        chat.check(config.chat_template)
     check_output_dir(config.out)
     check_apart_from_inputs(config)
     for given in C.config_inputs(config):

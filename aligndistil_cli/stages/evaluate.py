@@ -18,15 +18,8 @@ import torch
 from aligndistil_cli.config.stages import EvaluateConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.core.hashing import config_dict
-from aligndistil_cli.data.encode import (
-    collate,
-    data_input,
-    encode_pairs,
-    encode_prompts,
-    load_data,
-    prompt_ids,
-    truncate,
-)
+from aligndistil_cli.data import chat
+from aligndistil_cli.data.encode import collate, data_input, encode_pairs, encode_prompts, load_data, truncate
 from aligndistil_cli.data.sources import flatten_plain
 from aligndistil_cli.eval.export import export, make_generate_fn, read_questions
 from aligndistil_cli.eval.report import (
@@ -59,9 +52,9 @@ from aligndistil_cli.train import tracking
 from aligndistil_cli.train.loop import seed_everything
 
 
-def held_out_ids(tokenizer, prompts: list, config: EvaluateConfig) -> list[list[int]]:
-    return [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
-                     config.max_prompt_length)[0].prompt for p in prompts]
+def held_out_ids(tokenizer, ids: list[list[int]], config: EvaluateConfig) -> list[list[int]]:
+    """The prompts' ids (encode_prompts') cut to --max-prompt-length as training cut them."""
+    return [truncate(tokenizer, i, [], config.max_length, config.max_prompt_length)[0].prompt for i in ids]
 
 
 def summarise(path: str, samples, rewards: list[float], own: list[float], ref: list[float], config: EvaluateConfig,
@@ -93,15 +86,16 @@ def cache_health(path) -> dict | None:
     return manifest.get("metrics", {}).get("health")
 
 
-def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards=None):
+def evaluate_model(name, path, ref_model, tokenizer, prompts, ids, config, device, scorer, ref_rewards=None):
     model = ref_model if path is None else load_model(path, device, **hub_options(config)).eval()
-    ids = held_out_ids(tokenizer, prompts, config)
     samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                        seed=config.seed, desc=f"evaluate {name}", split=True, kv_cache=config.kv_cache)
     rewards = distributed.split_map(scorer.score, samples)
     if config.export and distributed.is_main():
-        generate_fn = make_generate_fn(model, tokenizer, chat_template=config.chat_template,
+        # A benchmark's questions are the user turns of a chat: they are rendered as conversational rows.
+        template = chat.resolve(tokenizer, config.chat_template).for_row(conversational=True)
+        generate_fn = make_generate_fn(model, tokenizer, template=template,
                                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        top_p=config.top_p, batch_size=config.batch_size, seed=config.seed,
                                        kv_cache=config.kv_cache)
@@ -114,13 +108,13 @@ def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, sc
     return ({**result, "final_kl_teacher": final_kl} if final_kl is not None else result), rewards
 
 
-def evaluate_teacher(teacher: LoadedTeacher, ref_model, tokenizer, prompts, config, scorer, ref_rewards) -> dict:
+def evaluate_teacher(teacher: LoadedTeacher, ref_model, tokenizer, prompts, ids, config, scorer, ref_rewards) -> dict:
     """The composed teacher's row: sampled from softmax(z*), its KL from its own log-probs of its samples.
 
     Every rank samples all prompts with the same seed (the teacher is not sharded across ranks).
     """
-    samples, own = generate_teacher(teacher.models, teacher.spec, tokenizer, prompts,
-                                    held_out_ids(tokenizer, prompts, config), max_new_tokens=config.max_new_tokens,
+    samples, own = generate_teacher(teacher.models, teacher.spec, tokenizer, prompts, ids,
+                                    max_new_tokens=config.max_new_tokens,
                                     temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                                     seed=config.seed, desc=f"evaluate {config.teacher_name}",
                                     kv_cache=config.kv_cache)
@@ -215,19 +209,23 @@ def run(config: EvaluateConfig) -> Path:
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "prompts", config.prompts)
     tokenizer = load_tokenizer(config.ref, **hub_options(config))
-    prompts = [r["prompt"] for r in encode_prompts(tokenizer, rows, config, data_stats)[0]][: config.num_prompts]
+    rows, ids = encode_prompts(tokenizer, rows, config, data_stats)
+    prompts, ids = [r["prompt"] for r in rows][: config.num_prompts], held_out_ids(tokenizer, ids[: config.num_prompts],
+                                                                                   config)
     if not config.reward_model:
         refuse_foreign_prompts(prompts, config.prompts)
     ref_model = load_model(config.ref, device, **hub_options(config)).eval()
     out = prepare_output(Path(config.out), "evaluate", config.force)
     scorer = make_scorer(config, device)
-    ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, config, device, scorer)
+    ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, ids, config, device,
+                                             scorer)
     models = {config.ref_name: ref_result}
     for name, path in config.models.items():
-        models[name], _ = evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards)
+        models[name], _ = evaluate_model(name, path, ref_model, tokenizer, prompts, ids, config, device, scorer,
+                                         ref_rewards)
     teacher = load_teacher(config, tokenizer, ref_model, device) if config.teacher else None
     if teacher:
-        models[config.teacher_name] = evaluate_teacher(teacher, ref_model, tokenizer, prompts, config, scorer,
+        models[config.teacher_name] = evaluate_teacher(teacher, ref_model, tokenizer, prompts, ids, config, scorer,
                                                        ref_rewards)
     training = {name: str(Path(path) / "metrics.jsonl") for name, path in config.models.items()
                 if (Path(path) / "metrics.jsonl").is_file()}

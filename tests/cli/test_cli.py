@@ -226,6 +226,23 @@ def test_config_bad_value_yaml(capsys, tmp_path):
     assert "'batch_size'" in err
 
 
+def test_chat_template_is_a_mode_or_a_file_and_yaml_booleans_keep_their_meaning(capsys, tmp_path):
+    from aligndistil_cli.config.stages import SftConfig, load_config
+    from aligndistil_cli.data.chat import mode_of
+
+    code, _, err = cli(capsys, "sft", *_sft_args(tmp_path), "--chat-template", "alway")
+    assert_one_line_error(err)
+    assert code == 2
+    assert "config field 'chat_template' must be auto, always, never or an existing Jinja template file" in err
+    assert not (tmp_path / "o").exists()
+    cfg = tmp_path / "c.yaml"
+    for value, mode in (("true", "auto"), ("false", "never"), ("always", "always")):
+        cfg.write_text(f"chat_template: {value}\n")
+        assert mode_of(load_config(SftConfig, cfg, {"model": "m", "data": "d", "out": "o"}).chat_template) == mode
+    code, out, _ = cli(capsys, "sft", "--help")
+    assert "--chat-template" in out and "--no-chat-template" not in out
+
+
 def test_missing_required_flag(capsys, tmp_path):
     code, _, err = cli(capsys, "sft", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o")
     assert_one_line_error(err)
