@@ -24,6 +24,7 @@ class Stage:
     example: str
     distributed: bool = True  # runs under torchrun (`aligndistil run --nproc-per-node N` launches it so)
     by_mode: tuple[tuple[str, str], ...] = ()  # (config.mode, module) pairs: a stage whose modes are separate modules
+    report: str | None = None  # the file in OUT a person reads first; its path is the last line the stage prints
 
     def module_for(self, config) -> str:
         """The module that runs config: the one its mode names, else the stage's own."""
@@ -110,5 +111,5 @@ STAGES: dict[str, Stage] = {
                      by_mode=(("on-policy", "on_policy"),)),
     "evaluate": Stage(C.EvaluateConfig, "evaluate", "Gold reward, KL to the reference, win rate, lengths; report.md with plots.",
                       "aligndistil evaluate --ref runs/tiny/sft --model dpo=runs/tiny/dpo --model student=runs/tiny/student "
-                      "--prompts runs/tiny/toy/heldout_prompts.jsonl --out runs/tiny/eval"),
+                      "--prompts runs/tiny/toy/heldout_prompts.jsonl --out runs/tiny/eval", report="report.md"),
 }

@@ -21,6 +21,7 @@ from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.data import chat
 from aligndistil_cli.data.encode import collate, data_input, encode_pairs, encode_prompts, load_data, truncate
 from aligndistil_cli.data.sources import flatten_plain
+from aligndistil_cli.eval import curves
 from aligndistil_cli.eval.export import export, make_generate_fn, read_questions
 from aligndistil_cli.eval.report import (
     CONVERGED_KL,
@@ -227,7 +228,9 @@ def run(config: EvaluateConfig) -> Path:
     if teacher:
         models[config.teacher_name] = evaluate_teacher(teacher, ref_model, tokenizer, prompts, ids, config, scorer,
                                                        ref_rewards)
-    training = {name: str(Path(path) / "metrics.jsonl") for name, path in config.models.items()
+    # The reference's curves too: it is trained by the pipeline's first stage (sft).
+    training = {name: str(Path(path) / "metrics.jsonl") for name, path in {config.ref_name: config.ref,
+                                                                            **config.models}.items()
                 if (Path(path) / "metrics.jsonl").is_file()}
     diagnostics = teacher_diagnostics(config, teacher, ref_model, tokenizer, device) if teacher and config.pairs else None
     report = {"task": f"held-out prompts from {config.prompts}, scored by the {scorer.name}",
@@ -250,7 +253,7 @@ def run(config: EvaluateConfig) -> Path:
     metrics = {name: {"reward": res["reward"]["mean"], "kl": res["kl"]["mean"]} for name, res in models.items()}
     finalize(out, "evaluate", config, inputs, metrics)
     if distributed.is_main():
-        add_to_cards({config.ref_name: config.ref, **config.models}, report, out, [out / p for p in written[1:]])
+        add_to_cards({config.ref_name: config.ref, **config.models}, report, out, written[1:])
         print_report(out)
     return out
 
@@ -282,9 +285,11 @@ def log_report(config: EvaluateConfig, out: Path, report: dict) -> None:
         trackers.close()
 
 
-def add_to_cards(models: dict[str, str], report: dict, out: Path, plots: list[Path]) -> None:
-    """Each evaluated aligndistil model's card gets the table, its verdict and the plots."""
+def add_to_cards(models: dict[str, str], report: dict, out: Path, plots: list[str]) -> None:
+    """Each evaluated aligndistil model's card gets the table, its verdict and the plots: the comparisons, and the
+    training curves of that model only."""
     table = results_markdown(report)
     for name, path in models.items():
         verdict = next((v for v in report["verdict"] if v.startswith(f"{name} ")), None)
-        add_evaluation(Path(path), evaluation_section(name, out, table, verdict, [p.name for p in plots]), plots)
+        own = [p for p in plots if not p.startswith("training_curves") or p == curves.file_name(name)]
+        add_evaluation(Path(path), evaluation_section(name, out, table, verdict, own), [out / p for p in own])
