@@ -54,7 +54,7 @@ from aligndistil_cli.train.loop import seed_everything
 
 
 def held_out_ids(tokenizer, ids: list[list[int]], config: EvaluateConfig) -> list[list[int]]:
-    """The prompts' ids (encode_prompts') cut to --max-prompt-length as training cut them."""
+    """The prompts' ids, as encode_prompts rendered them, cut to --max-prompt-length as training cut them."""
     return [truncate(tokenizer, i, [], config.max_length, config.max_prompt_length)[0].prompt for i in ids]
 
 
