@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from aligndistil_cli import __version__
 from aligndistil_cli.config.files import field_types, load_config
 from aligndistil_cli.config.groups import INPUTS
-from aligndistil_cli.core.console import stderr
+from aligndistil_cli.core.console import say_last, stderr
 from aligndistil_cli.core.errors import UsageError, UserError
 from aligndistil_cli.stages import STAGES
 
@@ -126,6 +126,8 @@ def stage_command(name: str, fixed: dict[str, Any] | None = None) -> None:
             out = stage.run(config)
         if main:
             emit(str(out))
+            if stage.report:
+                say_last(f"report: {Path(out) / stage.report}")
 
     config_params = [
         inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[

@@ -54,7 +54,11 @@ class DataReading(Group):
     rejected_key: Optional[str] = opt(None, "Column holding the rejected response (default: rejected).")
     messages_key: Optional[str] = opt(None, "Column holding a conversation (default: messages).")
     skip_bad_rows: bool = opt(False, "Skip malformed rows (counted per reason in the manifest) instead of stopping.")
-    chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
+    chat_template: str = opt("auto", "auto: conversational rows (message lists) get the tokenizer's chat template, "
+                             "string rows stay plain text (as TRL); always: string rows too, as a user turn and an "
+                             "assistant turn; never: no template, conversational rows read as plain text; or a Jinja "
+                             "template FILE used instead of the tokenizer's, for conversational rows. In YAML, true "
+                             "means auto and false never.")
     refuse_special_tokens: bool = opt(False, "Treat a row whose message text contains a special token (e.g. "
                                       "<|im_end|>) as bad, instead of counting it and warning.")
 

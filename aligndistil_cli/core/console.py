@@ -7,6 +7,7 @@ and no process group.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -17,6 +18,13 @@ stderr = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) != 0)
 def say(message: str) -> None:
     """One plain line on stderr (rank 0 only): no rich markup or highlighting of paths and numbers."""
     stderr.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def say_last(message: str) -> None:
+    """say(message) after whatever stdout still buffers (a pipe buffers it), so that it is the last line a person
+    sees; on stderr, so that stdout stays the result alone."""
+    sys.stdout.flush()
+    say(message)
 
 
 @contextmanager

@@ -21,8 +21,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from aligndistil_cli.core.errors import UserError, where
+from aligndistil_cli.data import chat
 from aligndistil_cli.data.readers import read_jsonl as _read_jsonl
-from aligndistil_cli.data.sources import Row, flatten_plain
+from aligndistil_cli.data.sources import Row, flatten_plain, is_conversational
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SFT_FIELDS = ("prompt", "response")
@@ -101,35 +102,32 @@ class EncodeError(UserError):
         self.reason, self.problem = reason, problem
 
 
-def uses_template(tokenizer, chat_template: bool) -> bool:
-    return chat_template and bool(getattr(tokenizer, "chat_template", None))
-
-
 def _no_double_bos(tokenizer, ids: list[int]) -> list[int]:
     bos = tokenizer.bos_token_id
     return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
 
 
-def prompt_ids(tokenizer, prompt: list[dict], chat_template: bool = True) -> list[int]:
-    """Token ids of a prompt conversation, ready for the model to continue."""
-    if uses_template(tokenizer, chat_template):
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+def prompt_ids(tokenizer, prompt: list[dict], template: str | None = None) -> list[int]:
+    """Token ids of a prompt conversation, ready for the model to continue: rendered with the Jinja template,
+    or plain text when it is None (chat.ChatTemplate.for_row says which)."""
+    if template is not None:
+        text = tokenizer.apply_chat_template(prompt, chat_template=template, add_generation_prompt=True, tokenize=False)
         return _no_double_bos(tokenizer, tokenizer(text, add_special_tokens=False).input_ids)
     return tokenizer(flatten_plain(prompt)).input_ids
 
 
 def encode_messages(tokenizer, prompt: list[dict], response: list[dict], max_length: int, max_prompt_length: int,
-                    chat_template: bool = True) -> tuple[Encoded, bool]:
+                    template: str | None = None) -> tuple[Encoded, bool]:
     """Tokenise a (prompt, response) conversation; returns (example, truncated).
 
-    With a chat template, prompt + response is rendered whole and the
+    With a chat template (Jinja text; None: plain text), prompt + response is rendered whole and the
     rendered prompt must be an exact prefix of it, as text and as token ids,
     so training sees exactly what generation will produce. The response ends
     at the tokenizer's EOS (text the template puts after it is dropped).
     Raises EncodeError (without the row's location, which the caller knows).
     """
     with _as_encode_errors():
-        return _encode_messages(tokenizer, prompt, response, max_length, max_prompt_length, chat_template)
+        return _encode_messages(tokenizer, prompt, response, max_length, max_prompt_length, template)
 
 
 @contextmanager
@@ -150,21 +148,21 @@ def _one_line(error: BaseException) -> str:
 
 
 def _encode_messages(tokenizer, prompt: list[dict], response: list[dict], max_length: int, max_prompt_length: int,
-                     chat_template: bool) -> tuple[Encoded, bool]:
-    if not uses_template(tokenizer, chat_template):
+                     template: str | None) -> tuple[Encoded, bool]:
+    if template is None:
         text = flatten_plain(response)
         ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        return truncate(tokenizer, prompt_ids(tokenizer, prompt, False), ids, max_length, max_prompt_length)
-    p_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        return truncate(tokenizer, prompt_ids(tokenizer, prompt), ids, max_length, max_prompt_length)
+    p_text = tokenizer.apply_chat_template(prompt, chat_template=template, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + response, chat_template=template, tokenize=False)
     if not full_text.startswith(p_text):
         raise EncodeError("template_not_prefix", "the chat template does not render the prompt as a prefix of "
-                          "prompt + response; use --no-chat-template or a template that does")
+                          "prompt + response; use --chat-template never or a template that does")
     p_ids = _no_double_bos(tokenizer, tokenizer(p_text, add_special_tokens=False).input_ids)
     full = _no_double_bos(tokenizer, tokenizer(full_text, add_special_tokens=False).input_ids)
     if full[: len(p_ids)] != p_ids:
         raise EncodeError("tokens_not_prefix", "the tokenised prompt is not a prefix of the tokenised prompt + "
-                          "response (the tokenizer merges across the boundary); use --no-chat-template")
+                          "response (the tokenizer merges across the boundary); use --chat-template never")
     r_ids = full[len(p_ids):]
     eos = tokenizer.eos_token_id
     r_ids = r_ids[: len(r_ids) - r_ids[::-1].index(eos)] if eos in r_ids else r_ids + [eos]
@@ -193,9 +191,10 @@ def data_fingerprint(config, data: str | None = None) -> str:
     from aligndistil_cli.rundir.artifacts import fingerprint_data
 
     settings = {k: getattr(config, k) for k in ("split", "subset", "data_format", "prompt_key", "chosen_key",
-                                                  "rejected_key", "messages_key", "skip_bad_rows", "chat_template",
+                                                  "rejected_key", "messages_key", "skip_bad_rows",
                                                   "refuse_special_tokens")}
-    return sha256_json({"data": fingerprint_data(data or config.data), **settings})
+    return sha256_json({"data": fingerprint_data(data or config.data), **settings,
+                        "chat_template": chat.setting(config.chat_template)})
 
 
 def data_input(config, data: str | None = None) -> dict:
@@ -240,21 +239,24 @@ def _too_long(row: dict, keys: tuple[str, ...], max_length: int | None) -> tuple
 
 
 def _encode_table(tokenizer, rows: list[dict], keys: tuple[str, ...], config, stats: dict,
-                  encode_row: Callable[[dict, str], tuple[list, bool]]) -> list[tuple[dict, list, bool]]:
-    """(row, encode_row(row, key) results, whether any was truncated) for each row that encodes.
+                  encode_row: Callable[[dict, str, str | None], tuple[list, bool]]) -> list[tuple[dict, list, bool]]:
+    """(row, encode_row(row, key, template) results, whether any was truncated) for each row that encodes;
+    template is the row's chat template under --chat-template (chat.py), None for plain text.
 
     A row that cannot be encoded (chat template, tokenizer, special-token text under
     --refuse-special-tokens, or a field far too long for --max-length) stops the run naming
     its file, row and field, or with --skip-bad-rows is dropped. stats (load_data's summary,
-    written to the manifest) gets the drops, whether the chat template was used, and the rows
-    with special-token text.
+    written to the manifest) gets the drops, the chat template's mode and the rows it rendered,
+    and the rows with special-token text.
     """
+    templates = chat.resolve(tokenizer, config.chat_template)
     texts = special_token_texts(tokenizer)
     specials = re.compile("|".join(map(re.escape, texts))) if texts else None
     refuse = getattr(config, "refuse_special_tokens", False)
-    out, with_specials, dropped = [], [], Counter()
+    out, with_specials, dropped, rendered = [], [], Counter(), Counter()
     for i, row in enumerate(rows, start=1):
         label, number = row.origin if isinstance(row, Row) else (stats.get("source", "data"), i)
+        template = templates.for_row(is_conversational(row))
         try:
             long = _too_long(row, keys, getattr(config, "max_length", None))
             if long:
@@ -267,17 +269,20 @@ def _encode_table(tokenizer, rows: list[dict], keys: tuple[str, ...], config, st
             encoded, cut = [], False
             for key in keys or ("prompt",):
                 try:
-                    item, c = encode_row(row, key)
+                    item, c = encode_row(row, key, template)
                 except EncodeError as e:
                     raise _FieldError(key, e) from None
                 encoded.append(item)
                 cut = cut or c
             out.append((row, encoded, cut))
+            rendered["templated" if template is not None else "plain_conversations" if is_conversational(row)
+                     else "plain"] += 1
         except _FieldError as f:
             if not config.skip_bad_rows:
                 raise UserError(f"{where(label, number, f.field)}: {f.error.problem}") from None
             dropped[f.error.reason] += 1
-    _record(stats, dropped, len(out), uses_template(tokenizer, config.chat_template), with_specials)
+    _record(stats, dropped, len(out), with_specials)
+    templates.record(stats, rendered)
     return out
 
 
@@ -287,7 +292,7 @@ class _FieldError(Exception):
         self.field, self.error = field, error
 
 
-def _record(stats: dict, dropped: Counter, kept: int, template: bool, with_specials: list[str]) -> None:
+def _record(stats: dict, dropped: Counter, kept: int, with_specials: list[str]) -> None:
     from aligndistil_cli.core.console import stderr
 
     if dropped:
@@ -299,7 +304,6 @@ def _record(stats: dict, dropped: Counter, kept: int, template: bool, with_speci
     if not kept:
         raise UserError(f"data {stats.get('source')}: every row was dropped "
                         f"({', '.join(f'{k} {v}' for k, v in sorted(stats['dropped'].items()))})")
-    stats["chat_template_used"] = template
     stats["special_token_rows"] = len(with_specials)
     if with_specials:
         stderr.print(f"warning: data {stats.get('source')}: {len(with_specials)} rows have special-token text inside "
@@ -316,17 +320,17 @@ def encode_rows(tokenizer, rows: list[dict], response_key: str, config, stats: d
     return [examples[0] for _, examples, _ in encoded], sum(cut for _, _, cut in encoded)
 
 
-def _messages_encoder(tokenizer, config) -> Callable[[dict, str], tuple[Encoded, bool]]:
-    return lambda row, key: encode_messages(tokenizer, row["prompt"], row[key], config.max_length,
-                                            config.max_prompt_length, config.chat_template)
+def _messages_encoder(tokenizer, config) -> Callable[[dict, str, str | None], tuple[Encoded, bool]]:
+    return lambda row, key, template: encode_messages(tokenizer, row["prompt"], row[key], config.max_length,
+                                                      config.max_prompt_length, template)
 
 
 def encode_prompts(tokenizer, rows: list[dict], config, stats: dict) -> tuple[list[dict], list[list[int]]]:
     """The prompt rows that can be rendered, and their token ids (prompt_ids); failures as in encode_rows."""
 
-    def encode(row: dict, _key: str) -> tuple[list[int], bool]:
+    def encode(row: dict, _key: str, template: str | None) -> tuple[list[int], bool]:
         with _as_encode_errors():
-            return prompt_ids(tokenizer, row["prompt"], config.chat_template), False
+            return prompt_ids(tokenizer, row["prompt"], template), False
 
     encoded = _encode_table(tokenizer, rows, (), config, stats, encode)
     return [row for row, _, _ in encoded], [ids[0] for _, ids, _ in encoded]

@@ -12,7 +12,8 @@ assistant messages. Messages keep only role and content.
 
 Files are read by readers.py; errors name the file and row as described there. Each
 normalised row is a Row that remembers its file and row number, so that later failures
-(tokenisation, chat template) name them too.
+(tokenisation, chat template) name them too, and whether the data gave it as a conversation
+or as plain strings (only conversations get a chat template by default, chat.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from aligndistil_cli.core.errors import UserError, where
+from aligndistil_cli.core.errors import UserError, shown, where
 from aligndistil_cli.data.readers import RowError, Table, kind_of, read_tables
 
 FORMATS = ("standard", "conversational", "ultrafeedback", "implicit", "hh", "prompt", "messages", "sft")
@@ -49,20 +50,28 @@ class LoadStats:
 
 
 class Row(dict):
-    """A normalised row plus `origin`, the (file label, row number) errors name. Equal to the plain dict."""
+    """A normalised row plus `origin`, the (file label, row number) errors name, and `conversational`: whether
+    the data gave it as a conversation (message lists, or HH turns) rather than plain strings, which decides
+    whether it gets a chat template (chat.py). Equal to the plain dict."""
 
-    __slots__ = ("origin",)
+    __slots__ = ("origin", "conversational")
 
-    def __init__(self, values: dict, origin: tuple[str, int]):
+    def __init__(self, values: dict, origin: tuple[str, int], conversational: bool):
         super().__init__(values)
-        self.origin = origin
+        self.origin, self.conversational = origin, conversational
+
+
+def is_conversational(row: dict) -> bool:
+    """Whether a row is a conversation; a plain dict of messages (not read by load_source) is one."""
+    return getattr(row, "conversational", True)
 
 
 class _Fields:
-    """One row seen through the column renames (*_key arguments)."""
+    """One row seen through the column renames (*_key arguments); `conversational` once a list was read."""
 
     def __init__(self, row: dict, keys: dict[str, str]):
         self.row, self.keys = row, keys
+        self.conversational = False
 
     def name(self, key: str) -> str:
         return self.keys[key]
@@ -73,6 +82,7 @@ class _Fields:
         # Arrow-backed files fill absent keys with null, so both read as missing.
         if value is None:
             raise RowError(name, "missing", "missing" if name not in self.row else "missing (null)")
+        self.conversational = self.conversational or isinstance(value, list)
         return value
 
 
@@ -276,10 +286,10 @@ def _has_user_turn(value) -> bool:
     return isinstance(value, list) and any(isinstance(m, dict) and m.get("role") == "user" for m in value)
 
 
-def detect_format(columns: list[str], first_row: dict, kind: str) -> str:
+def detect_format(columns: list[str], first_row: dict, kind: str, found: list[str] | None = None) -> str:
     """The layout of data with these (canonical) column names, judged from the first row.
 
-    Raises UserError when no layout fits the columns.
+    Raises UserError when no layout fits the columns, naming found (every column of the data; default: columns).
     """
     cols = set(columns)
     if kind == "sft" and "messages" in cols:
@@ -299,11 +309,34 @@ def detect_format(columns: list[str], first_row: dict, kind: str) -> str:
         if _has_user_turn(chosen):
             return "ultrafeedback"
         return "standard" if isinstance(prompt, str) and isinstance(chosen, str) else "conversational"
-    raise UserError(
-        f"cannot tell the {kind} data format from the columns {sorted(cols)}; "
-        "rename columns with the *-key options or choose one of "
-        f"{', '.join(ALLOWED_FORMATS.get(kind, FORMATS))} with --data-format"
-    )
+    raise UserError(unknown_layout(kind, columns if found is None else found))
+
+
+# What each layout reads, as the error for data that fits none of them lists it.
+LAYOUT_COLUMNS = {
+    "standard": "prompt, chosen, rejected strings",
+    "conversational": "prompt, chosen, rejected message lists",
+    "ultrafeedback": "prompt; chosen, rejected whole conversations",
+    "implicit": "chosen, rejected conversations sharing their prompt turns",
+    "hh": "chosen, rejected 'Human: ... Assistant: ...' text",
+    "prompt": "prompt",
+    "messages": "messages",
+    "sft": "prompt, response",
+}
+# Columns named in that error; a table with thousands of columns (a wide CSV) is cut there.
+SHOWN_COLUMNS = 20
+
+
+def unknown_layout(kind: str, found: list[str]) -> str:
+    """The one-line error for data whose columns fit no layout: every column found (up to SHOWN_COLUMNS), the
+    layouts that hold this kind with their columns, and the options that rename columns or pick a layout."""
+    names = ", ".join(shown(str(c), 40) for c in found[:SHOWN_COLUMNS]) or "none"
+    if len(found) > SHOWN_COLUMNS:
+        names += f" and {len(found) - SHOWN_COLUMNS} more"
+    layouts = "; ".join(f"{f} ({LAYOUT_COLUMNS[f]})" for f in ALLOWED_FORMATS.get(kind, FORMATS))
+    return (f"cannot tell the {kind} data format from the columns {names}; the {kind} layouts: {layouts}; "
+            "name the columns that hold them with --prompt-key/--chosen-key/--rejected-key/--messages-key COLUMN, "
+            "or pick a layout with --data-format")
 
 
 def flatten_plain(messages: list[dict]) -> str:
@@ -320,8 +353,9 @@ def _choose_format(tables: list[Table], keys: dict[str, str], kind: str, data_fo
         # The first readable row decides; the error names it, since its columns are the ones shown.
         table, number, first = next((t, n, r) for t in tables for n, r in t.rows if isinstance(r, dict))
         columns = [key for key, name in keys.items() if any(name in t.columns for t in tables)]
+        found = list(dict.fromkeys(c for t in tables for c in t.columns))
         try:
-            data_format = detect_format(columns, {key: first.get(name) for key, name in keys.items()}, kind)
+            data_format = detect_format(columns, {key: first.get(name) for key, name in keys.items()}, kind, found)
         except UserError as e:
             raise UserError(f"{where(table.label, number)}: {e}") from None
     if data_format not in ALLOWED_FORMATS[kind]:
@@ -356,7 +390,10 @@ def load_source(data: str, *, kind: str, split: str = "train", subset: str | Non
             try:
                 if isinstance(row, RowError):
                     raise row
-                rows.append(Row(_normalise(_Fields(row, keys), data_format, kind), (table.label, number)))
+                fields = _Fields(row, keys)
+                values = _normalise(fields, data_format, kind)
+                # HH text marks its turns (Human:/Assistant:), which are parsed into messages: a conversation.
+                rows.append(Row(values, (table.label, number), fields.conversational or data_format == "hh"))
             except RowError as e:
                 if not skip_bad_rows:
                     raise UserError(f"{where(table.label, number, e.field)}: {e.problem}") from None

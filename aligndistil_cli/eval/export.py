@@ -228,9 +228,10 @@ def _check_benchmark(benchmark: str) -> None:
 # --------------------------------------------------------------------------- sampling
 
 
-def make_generate_fn(model, tokenizer, *, chat_template: bool, max_new_tokens: int, temperature: float,
+def make_generate_fn(model, tokenizer, *, template: str | None, max_new_tokens: int, temperature: float,
                      top_p: float, batch_size: int, seed: int, kv_cache: str = "auto") -> Callable[[list[list[dict]]], list[str]]:
-    """A generate_fn for export(): conversations -> the model's sampled replies (stripped text)."""
+    """A generate_fn for export(): conversations -> the model's sampled replies (stripped text); template is the
+    chat template they are rendered with (None: plain text)."""
     from aligndistil_cli.data.encode import prompt_ids
     from aligndistil_cli.model.sampling import generate
 
@@ -241,7 +242,7 @@ def make_generate_fn(model, tokenizer, *, chat_template: bool, max_new_tokens: i
         # random stream for turn 2 as for turn 1, yet reruns stay reproducible.
         call_seed = seed + calls[0]
         calls[0] += 1
-        ids = [prompt_ids(tokenizer, conv, chat_template) for conv in conversations]
+        ids = [prompt_ids(tokenizer, conv, template) for conv in conversations]
         samples = generate(model, tokenizer, conversations, ids, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, batch_size=batch_size, seed=call_seed,
                            desc=f"export turn {calls[0]}", kv_cache=kv_cache)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from aligndistil_cli.data.encode import load_data, prompt_ids, truncate
+from aligndistil_cli.data.encode import encode_prompts, load_data, truncate
 from aligndistil_cli.eval.scoring import make_scorer
 from aligndistil_cli.model.loading import hub_options, load_model
 from aligndistil_cli.model.sampling import generate, score_samples
@@ -20,10 +20,10 @@ def make_monitor(config, tokenizer, reference: str, device: torch.device) -> Cal
     """A callback model -> metrics, or None when --eval-every is off."""
     if not config.eval_every or not config.eval_prompts:
         return None
-    rows, _ = load_data(config, "prompts", config.eval_prompts)
-    prompts = [r["prompt"] for r in rows][: config.eval_num_prompts]
-    ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
-                    config.max_prompt_length)[0].prompt for p in prompts]
+    rows, stats = load_data(config, "prompts", config.eval_prompts)
+    rows, ids = encode_prompts(tokenizer, rows[: config.eval_num_prompts], config, stats)
+    prompts = [r["prompt"] for r in rows]
+    ids = [truncate(tokenizer, i, [], config.max_length, config.max_prompt_length)[0].prompt for i in ids]
     ref_model = load_model(reference, device, **hub_options(config)).eval()
     scorer = make_scorer(config.reward_model, config.chat_template, device)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from aligndistil_cli.eval.curves import write_training_curves
+
 _Z95 = 1.96
 # Rewards are floats from the same scorer; differences this small are ties, not wins.
 _TIE_EPS = 1e-9
-# eval_reward / eval_kl appear when the stage ran with --eval-every (monitor.py).
-_TRAINING_KEYS = ("loss", "alpha_mean", "coef_mean", "kl_teacher", "eval_reward", "eval_kl")
 # nats per token: a distilled student further than this from its teacher (distill's final_kl_teacher) did not converge
 CONVERGED_KL = 0.05
 
@@ -179,64 +179,6 @@ def _plot_lengths(plt, report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a run killed mid-write can leave a torn last line; the rest is still worth plotting
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
-def _series(records: list[dict], key: str) -> tuple[list, list]:
-    xs, ys = [], []
-    for i, rec in enumerate(records):
-        val = rec.get(key)
-        if isinstance(val, (int, float)) and math.isfinite(val):
-            xs.append(rec.get("step", i + 1))
-            ys.append(val)
-    return xs, ys
-
-
-def _plot_training(plt, training: dict, out_dir: Path, path: Path) -> bool:
-    """One row per metrics file, one column per key it has; False if nothing was plottable."""
-    runs = []
-    for name, p in training.items():
-        p = Path(p)
-        if not p.is_absolute() and not p.exists():
-            p = out_dir / p
-        if not p.is_file():
-            continue
-        records = read_metrics(p)
-        keys = [k for k in _TRAINING_KEYS if _series(records, k)[0]]
-        if keys:
-            runs.append((name, records, keys))
-    if not runs:
-        return False
-    ncols = max(len(keys) for _, _, keys in runs)
-    fig, axes = plt.subplots(len(runs), ncols, figsize=(4 * ncols, 3 * len(runs)), squeeze=False)
-    for r, (name, records, keys) in enumerate(runs):
-        for c in range(ncols):
-            ax = axes[r][c]
-            if c >= len(keys):
-                ax.axis("off")
-                continue
-            ax.plot(*_series(records, keys[c]))
-            ax.set_title(f"{name}: {keys[c]}")
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def _markdown(report: dict, plots: list[str]) -> str:
     lines = ["# AlignDistil evaluation report", "",
              f"Task: {report['task']}. Each model answered the same {report['num_prompts']} prompts "
@@ -283,12 +225,7 @@ def write_report(out_dir: Path, report: dict) -> list[str]:
     plots = ["reward_vs_kl.png", "lengths.png"]
     _plot_reward_vs_kl(plt, report, out_dir / plots[0])
     _plot_lengths(plt, report, out_dir / plots[1])
-    curves = out_dir / "training_curves.png"
-    if report.get("training") and _plot_training(plt, report["training"], out_dir, curves):
-        plots.append(curves.name)
-    else:
-        # A curve left by an earlier run into this directory would otherwise be hashed into the manifest.
-        curves.unlink(missing_ok=True)
+    plots += write_training_curves(plt, report.get("training") or {}, out_dir)
     (out_dir / "report.md").write_text(_markdown(report, plots), encoding="utf-8")
     return ["report.md"] + plots
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from aligndistil_cli.core.errors import UserError
-from aligndistil_cli.data import toy
+from aligndistil_cli.data import chat, toy
 from aligndistil_cli.data.sources import flatten_plain
 from aligndistil_cli.model.loading import refuse_pickle_weights
 from aligndistil_cli.model.tokenizer_file import as_saved
@@ -71,10 +71,13 @@ class RewardModelScorer:
         return scores
 
 
-def make_scorer(reward_model: str | None, chat_template: bool, device: torch.device):
-    """--reward-model PATH when given, else the embedded gold reward."""
+def make_scorer(reward_model: str | None, chat_template: str, device: torch.device):
+    """--reward-model PATH when given, else the embedded gold reward.
+
+    The reward model reads each conversation in its own tokenizer's chat template, unless --chat-template never:
+    it is another model, trained on its own format, whatever the policy's rows were (a FILE is the policy's)."""
     if reward_model:
-        return RewardModelScorer(reward_model, device, chat_template=chat_template)
+        return RewardModelScorer(reward_model, device, chat_template=chat.mode_of(chat_template) != "never")
     return ToyScorer()
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from aligndistil_cli.config.files import build_config, read_yaml
+from aligndistil_cli.core.console import say_last
 from aligndistil_cli.core.console import stderr as console
 from aligndistil_cli.core.errors import ConfigError, UserError, shown
 from aligndistil_cli.core.hashing import config_dict
@@ -192,7 +193,8 @@ def launch(stage: str, config, nproc: int) -> None:
 def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: int | None = None,
              dry_run: bool = False, only: list[str] | None = None, start: str | None = None,
              until: str | None = None, sets: list[str] | None = None) -> None:
-    """Run (or skip) every selected stage; a skipped evaluation still prints its table.
+    """Run (or skip) every selected stage; a skipped evaluation still prints its table, and the path of every
+    selected stage's report (evaluate's report.md) is the last thing printed.
 
     nproc (default: the file's nproc_per_node, else 1) > 1 runs each stage that can use several processes
     under torch.distributed.run. dry_run prints the plan (each stage: run or skip, and why) and runs nothing.
@@ -210,10 +212,13 @@ def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: i
             word = "[bold]run[/bold] " if step.run else "[dim]skip[/dim]"
             console.print(f"{word} {step.name} ({step.stage}): {step.reason}", highlight=False)
         return
+    reports = []
     for name, stage, config in resolved:
         if name not in selected:
             console.print(f"[dim]skip[/dim] {name} ({stage}): not selected")
             continue
+        if STAGES[stage].report:
+            reports.append(Path(config.out) / STAGES[stage].report)
         if not force and is_up_to_date(config):
             console.print(f"[dim]skip[/dim] {name} ({stage}): {config.out} is complete and up to date")
             if stage == "evaluate":
@@ -227,3 +232,5 @@ def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: i
                 print_report(Path(config.out))
         else:
             STAGES[stage].run(config)
+    for report in reports:
+        say_last(f"report: {report}")

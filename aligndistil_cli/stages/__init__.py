@@ -25,6 +25,7 @@ class Stage:
     example: str
     distributed: bool = True  # runs under torchrun (`aligndistil run --nproc-per-node N` launches it so)
     by_mode: tuple[tuple[str, str], ...] = ()  # (config.mode, module) pairs: a stage whose modes are separate modules
+    report: str | None = None  # the file in OUT a person reads first; its path is the last line the stage prints
 
     def module_for(self, config) -> str:
         """The module that runs config: the one its mode names, else the stage's own."""
@@ -53,12 +54,16 @@ class Stage:
 def preflight(config) -> None:
     """Fail in one line, before any data or model loads, on an output directory that cannot be written, on
     a model that is neither a directory nor a reachable hub id (a mistyped path), on an --out that overlaps an
-    input, and on a --report-to tracker whose package is missing."""
+    input, on a --report-to tracker whose package is missing, and on a --chat-template that is neither a mode
+    nor a file."""
+    from aligndistil_cli.data import chat
     from aligndistil_cli.model.loading import model_source
     from aligndistil_cli.rundir.artifacts import check_output_dir
     from aligndistil_cli.train.tracking import require
 
     require(getattr(config, "report_to", None))
+    if hasattr(config, "chat_template"):
+        chat.check(config.chat_template)
     check_output_dir(config.out)
     check_apart_from_inputs(config)
     for given in config_inputs(config):
@@ -107,5 +112,5 @@ STAGES: dict[str, Stage] = {
                      by_mode=(("on-policy", "on_policy"),)),
     "evaluate": Stage(C.EvaluateConfig, "evaluate", "Gold reward, KL to the reference, win rate, lengths; report.md with plots.",
                       "aligndistil evaluate --ref runs/tiny/sft --model dpo=runs/tiny/dpo --model student=runs/tiny/student "
-                      "--prompts runs/tiny/toy/heldout_prompts.jsonl --out runs/tiny/eval"),
+                      "--prompts runs/tiny/toy/heldout_prompts.jsonl --out runs/tiny/eval", report="report.md"),
 }

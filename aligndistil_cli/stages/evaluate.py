@@ -19,16 +19,10 @@ from aligndistil_cli.config.groups import Tracking
 from aligndistil_cli.config.stages import EvaluateConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.core.hashing import config_dict
-from aligndistil_cli.data.encode import (
-    collate,
-    data_input,
-    encode_pairs,
-    encode_prompts,
-    load_data,
-    prompt_ids,
-    truncate,
-)
+from aligndistil_cli.data import chat
+from aligndistil_cli.data.encode import collate, data_input, encode_pairs, encode_prompts, load_data, truncate
 from aligndistil_cli.data.sources import flatten_plain
+from aligndistil_cli.eval import curves
 from aligndistil_cli.eval.export import export, make_generate_fn, read_questions
 from aligndistil_cli.eval.report import (
     CONVERGED_KL,
@@ -60,9 +54,9 @@ from aligndistil_cli.train import tracking
 from aligndistil_cli.train.loop import seed_everything
 
 
-def held_out_ids(tokenizer, prompts: list, config: EvaluateConfig) -> list[list[int]]:
-    return [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
-                     config.max_prompt_length)[0].prompt for p in prompts]
+def held_out_ids(tokenizer, ids: list[list[int]], config: EvaluateConfig) -> list[list[int]]:
+    """The prompts' ids, as encode_prompts rendered them, cut to --max-prompt-length as training cut them."""
+    return [truncate(tokenizer, i, [], config.max_length, config.max_prompt_length)[0].prompt for i in ids]
 
 
 def summarise(path: str, samples, rewards: list[float], own: list[float], ref: list[float], config: EvaluateConfig,
@@ -94,15 +88,16 @@ def cache_health(path) -> dict | None:
     return manifest.get("metrics", {}).get("health")
 
 
-def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards=None):
+def evaluate_model(name, path, ref_model, tokenizer, prompts, ids, config, device, scorer, ref_rewards=None):
     model = ref_model if path is None else load_model(path, device, **hub_options(config)).eval()
-    ids = held_out_ids(tokenizer, prompts, config)
     samples = generate(model, tokenizer, prompts, ids, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                        seed=config.seed, desc=f"evaluate {name}", split=True, kv_cache=config.kv_cache)
     rewards = distributed.split_map(scorer.score, samples)
     if config.export and distributed.is_main():
-        generate_fn = make_generate_fn(model, tokenizer, chat_template=config.chat_template,
+        # A benchmark's questions are the user turns of a chat: they are rendered as conversational rows.
+        template = chat.resolve(tokenizer, config.chat_template).for_row(conversational=True)
+        generate_fn = make_generate_fn(model, tokenizer, template=template,
                                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        top_p=config.top_p, batch_size=config.batch_size, seed=config.seed,
                                        kv_cache=config.kv_cache)
@@ -115,13 +110,13 @@ def evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, sc
     return ({**result, "final_kl_teacher": final_kl} if final_kl is not None else result), rewards
 
 
-def evaluate_teacher(teacher: LoadedTeacher, ref_model, tokenizer, prompts, config, scorer, ref_rewards) -> dict:
+def evaluate_teacher(teacher: LoadedTeacher, ref_model, tokenizer, prompts, ids, config, scorer, ref_rewards) -> dict:
     """The composed teacher's row: sampled from softmax(z*), its KL from its own log-probs of its samples.
 
     Every rank samples all prompts with the same seed (the teacher is not sharded across ranks).
     """
-    samples, own = generate_teacher(teacher.models, teacher.spec, tokenizer, prompts,
-                                    held_out_ids(tokenizer, prompts, config), max_new_tokens=config.max_new_tokens,
+    samples, own = generate_teacher(teacher.models, teacher.spec, tokenizer, prompts, ids,
+                                    max_new_tokens=config.max_new_tokens,
                                     temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
                                     seed=config.seed, desc=f"evaluate {config.teacher_name}",
                                     kv_cache=config.kv_cache)
@@ -216,21 +211,27 @@ def run(config: EvaluateConfig) -> Path:
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "prompts", config.prompts)
     tokenizer = load_tokenizer(config.ref, **hub_options(config))
-    prompts = [r["prompt"] for r in encode_prompts(tokenizer, rows, config, data_stats)[0]][: config.num_prompts]
+    rows, ids = encode_prompts(tokenizer, rows, config, data_stats)
+    prompts, ids = [r["prompt"] for r in rows][: config.num_prompts], held_out_ids(tokenizer, ids[: config.num_prompts],
+                                                                                   config)
     if not config.reward_model:
         refuse_foreign_prompts(prompts, config.prompts)
     ref_model = load_model(config.ref, device, **hub_options(config)).eval()
     out = prepare_output(Path(config.out), "evaluate", config.force)
     scorer = make_scorer(config.reward_model, config.chat_template, device)
-    ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, config, device, scorer)
+    ref_result, ref_rewards = evaluate_model(config.ref_name, None, ref_model, tokenizer, prompts, ids, config, device,
+                                             scorer)
     models = {config.ref_name: ref_result}
     for name, path in config.models.items():
-        models[name], _ = evaluate_model(name, path, ref_model, tokenizer, prompts, config, device, scorer, ref_rewards)
+        models[name], _ = evaluate_model(name, path, ref_model, tokenizer, prompts, ids, config, device, scorer,
+                                         ref_rewards)
     teacher = load_teacher(config, tokenizer, ref_model, device) if config.teacher else None
     if teacher:
-        models[config.teacher_name] = evaluate_teacher(teacher, ref_model, tokenizer, prompts, config, scorer,
+        models[config.teacher_name] = evaluate_teacher(teacher, ref_model, tokenizer, prompts, ids, config, scorer,
                                                        ref_rewards)
-    training = {name: str(Path(path) / "metrics.jsonl") for name, path in config.models.items()
+    # The reference's curves too: it is trained by the pipeline's first stage (sft).
+    training = {name: str(Path(path) / "metrics.jsonl") for name, path in {config.ref_name: config.ref,
+                                                                            **config.models}.items()
                 if (Path(path) / "metrics.jsonl").is_file()}
     diagnostics = teacher_diagnostics(config, teacher, ref_model, tokenizer, device) if teacher and config.pairs else None
     report = {"task": f"held-out prompts from {config.prompts}, scored by the {scorer.name}",
@@ -253,7 +254,7 @@ def run(config: EvaluateConfig) -> Path:
     metrics = {name: {"reward": res["reward"]["mean"], "kl": res["kl"]["mean"]} for name, res in models.items()}
     finalize(out, "evaluate", config, inputs, metrics)
     if distributed.is_main():
-        add_to_cards({config.ref_name: config.ref, **config.models}, report, out, [out / p for p in written[1:]])
+        add_to_cards({config.ref_name: config.ref, **config.models}, report, out, written[1:])
         print_report(out)
     return out
 
@@ -285,9 +286,11 @@ def log_report(config: EvaluateConfig, out: Path, report: dict) -> None:
         trackers.close()
 
 
-def add_to_cards(models: dict[str, str], report: dict, out: Path, plots: list[Path]) -> None:
-    """Each evaluated aligndistil model's card gets the table, its verdict and the plots."""
+def add_to_cards(models: dict[str, str], report: dict, out: Path, plots: list[str]) -> None:
+    """Each evaluated aligndistil model's card gets the table, its verdict and the plots: the comparisons, and the
+    training curves of that model only."""
     table = results_markdown(report)
     for name, path in models.items():
         verdict = next((v for v in report["verdict"] if v.startswith(f"{name} ")), None)
-        add_evaluation(Path(path), evaluation_section(name, out, table, verdict, [p.name for p in plots]), plots)
+        own = [p for p in plots if not p.startswith("training_curves") or p == curves.file_name(name)]
+        add_evaluation(Path(path), evaluation_section(name, out, table, verdict, own), [out / p for p in own])

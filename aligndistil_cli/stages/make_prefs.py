@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aligndistil_cli.config.stages import MakePrefsConfig
 from aligndistil_cli.data.encode import data_input, encode_prompts, load_data
+from aligndistil_cli.data.sources import is_conversational
 from aligndistil_cli.data.toy import write_jsonl
 from aligndistil_cli.eval.scoring import make_scorer
 from aligndistil_cli.model.loading import hub_options, load_model, load_tokenizer, pick_device
@@ -30,11 +31,11 @@ def best_vs_worst(prompt: str, texts: list[str], scores: list[float]) -> dict | 
             "score_chosen": scores[hi], "score_rejected": scores[lo]}
 
 
-def as_row(pair: dict) -> dict:
-    """A pair in the simplest format that holds it: strings for a one-turn prompt, else messages."""
-    prompt = pair["prompt"]
-    if len(prompt) == 1 and prompt[0]["role"] == "user":
-        return {**pair, "prompt": prompt[0]["content"]}
+def as_row(pair: dict, conversational: bool) -> dict:
+    """A pair in the layout of its prompt: strings for a prompt the data gave as a string, else messages, so that
+    --chat-template auto renders the pair as it rendered the prompt the responses were sampled for."""
+    if not conversational:
+        return {**pair, "prompt": pair["prompt"][0]["content"]}
     return {**pair, "chosen": [{"role": "assistant", "content": pair["chosen"]}],
             "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
 
@@ -45,7 +46,8 @@ def run(config: MakePrefsConfig) -> Path:
     rows, data_stats = load_data(config, "prompts")
     tokenizer = load_tokenizer(config.model, **hub_options(config))
     rows, ids = encode_prompts(tokenizer, rows, config, data_stats)
-    prompts, ids = [r["prompt"] for r in rows][: config.max_prompts], ids[: config.max_prompts]
+    rows, ids = rows[: config.max_prompts], ids[: config.max_prompts]
+    prompts = [r["prompt"] for r in rows]
     model = load_model(config.model, device, **hub_options(config))
     out = prepare_output(Path(config.out), "make-prefs", config.force)
     repeated = [p for p in prompts for _ in range(config.num_samples)]
@@ -65,7 +67,7 @@ def run(config: MakePrefsConfig) -> Path:
         if pair is None:
             skipped += 1
             continue
-        pairs.append(as_row(pair))
+        pairs.append(as_row(pair, is_conversational(rows[i])))
     if distributed.is_main():
         write_jsonl(out / "pairs.jsonl", pairs)
     margins = [p["score_chosen"] - p["score_rejected"] for p in pairs]

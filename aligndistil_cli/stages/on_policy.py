@@ -30,7 +30,6 @@ from aligndistil_cli.data.encode import (
     encode_prompts,
     encode_rows,
     load_data,
-    prompt_ids,
     truncate,
 )
 from aligndistil_cli.eval.monitor import make_monitor
@@ -112,11 +111,11 @@ class Rollouts:
     throwaway row, so the ranks' forwards pair up.
     """
 
-    def __init__(self, student, tokenizer, prompts: list, config: DistillConfig, off_policy: list[Encoded], device):
+    def __init__(self, student, tokenizer, prompts: list, ids: list[list[int]], config: DistillConfig,
+                 off_policy: list[Encoded], device):
         self.student, self.tokenizer, self.config, self.device = student, tokenizer, config, device
         self.prompts = prompts
-        self.ids = [truncate(tokenizer, prompt_ids(tokenizer, p, config.chat_template), [], config.max_length,
-                             config.max_prompt_length)[0].prompt for p in prompts]
+        self.ids = [truncate(tokenizer, i, [], config.max_length, config.max_prompt_length)[0].prompt for i in ids]
         self.off_policy = off_policy
         self.rollout, self.plan, self.cache = None, {}, {}
 
@@ -205,14 +204,14 @@ def run(config: DistillConfig) -> Path:
     spec = on_policy_spec(config, tokenizer.eos_token_id)
     teachers = load_teachers(config, spec, device, tokenizer)
     rows, data_stats = load_data(config, "prompts")
-    rows, _ = encode_prompts(tokenizer, rows, config, data_stats)
+    rows, ids = encode_prompts(tokenizer, rows, config, data_stats)
     off_policy = []
     if config.mix_off_policy > 0:
         pair_rows, pair_stats = load_data(config, "pairs")
         off_policy, _ = encode_rows(tokenizer, pair_rows, "chosen", config, pair_stats)
     student = load_student(config.student, device, config)
     out = prepare_output(Path(config.out), "distill", config.force, checkpoint.scratch(config.resume))
-    rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], config, off_policy, device)
+    rollouts = Rollouts(student, tokenizer, [r["prompt"] for r in rows], ids, config, off_policy, device)
     heads = teacher_heads(teachers)
     teacher_dtype = next(teachers["dpo"].parameters()).dtype
     vocab = len(tokenizer)

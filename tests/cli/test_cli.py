@@ -227,6 +227,24 @@ def test_config_bad_value_yaml(capsys, tmp_path):
     assert "'batch_size'" in err
 
 
+def test_chat_template_is_a_mode_or_a_file_and_yaml_booleans_keep_their_meaning(capsys, tmp_path):
+    from aligndistil_cli.config.files import load_config
+    from aligndistil_cli.config.stages import SftConfig
+    from aligndistil_cli.data.chat import mode_of
+
+    code, _, err = cli(capsys, "sft", *_sft_args(tmp_path), "--chat-template", "alway")
+    assert_one_line_error(err)
+    assert code == 2
+    assert "config field 'chat_template' must be auto, always, never or an existing Jinja template file" in err
+    assert not (tmp_path / "o").exists()
+    cfg = tmp_path / "c.yaml"
+    for value, mode in (("true", "auto"), ("false", "never"), ("always", "always")):
+        cfg.write_text(f"chat_template: {value}\n")
+        assert mode_of(load_config(SftConfig, cfg, {"model": "m", "data": "d", "out": "o"}).chat_template) == mode
+    code, out, _ = cli(capsys, "sft", "--help")
+    assert "--chat-template" in out and "--no-chat-template" not in out
+
+
 def test_missing_required_flag(capsys, tmp_path):
     code, _, err = cli(capsys, "sft", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o")
     assert_one_line_error(err)
@@ -289,6 +307,27 @@ def test_identical_pair_row(capsys, tmp_path):
     assert_one_line_error(err)
     assert code == 1
     assert str(data) in err and "row 1" in err and "'rejected'" in err
+
+
+def test_unknown_layout_lists_the_columns_found_and_the_layouts_known(capsys, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"question": "a", "good": "b", "bad": "c"}) + "\n")
+    code, _, err = cli(capsys, "train-dpo", "--model", ".", "--data", data, "--out", tmp_path / "o")
+    assert_one_line_error(err)
+    assert code == 1
+    assert f"{data}, row 1: cannot tell the pairs data format from the columns 'question', 'good', 'bad';" in err
+    assert "standard (prompt, chosen, rejected strings)" in err and "conversational (" in err and "hh (" in err
+    assert "--prompt-key/--chosen-key/--rejected-key/--messages-key" in err and "--data-format" in err
+
+
+def test_unknown_layout_caps_the_columns_it_names(capsys, tmp_path):
+    data = tmp_path / "wide.jsonl"
+    data.write_text(json.dumps({f"c{i}": "x" for i in range(25)}) + "\n")
+    code, _, err = cli(capsys, "sft", "--model", ".", "--data", data, "--out", tmp_path / "o")
+    assert_one_line_error(err)
+    assert code == 1
+    assert "'c0', 'c1'" in err and "'c19' and 5 more;" in err and "'c20'" not in err
+    assert "sft (prompt, response)" in err and "messages (messages)" in err
 
 
 # --------------------------------------------------------------------------- verify and manifests

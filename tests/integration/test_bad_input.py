@@ -47,7 +47,7 @@ def test_bad_lines_stop_the_stage_or_are_dropped_and_counted_in_the_manifest(toy
     assert f"{data}, row 6, field 'prompt': message 1 contains the special token '<eos>'" in err
     metrics = json.loads((tmp_path / "s" / "manifest.json").read_text())["metrics"]
     assert metrics["data"] == {"source": str(data), "format": "sft", "read": 6, "kept": 3, "chat_template_used": False,
-                               "special_token_rows": 1,
+                               "chat_template_mode": "auto", "templated_rows": 0, "special_token_rows": 1,
                                "dropped": {"invalid_json": 1, "invalid_unicode": 1, "invalid_utf8": 1}}
     assert metrics["examples"] == 3
 

@@ -63,10 +63,12 @@ def test_evaluate_adds_its_table_and_plots_to_each_evaluated_card(runs):
         for model, res in report["models"].items():
             assert f"| {model} | {res['reward']['mean']:.3f} ±" in section
         outputs = read_manifest(path)["outputs"]
-        for plot in ("reward_vs_kl.png", "lengths.png"):
+        # The comparisons, and the model's own training curves (not the others')
+        for plot in ("reward_vs_kl.png", "lengths.png", f"training_curves_{name}.png"):
             assert "![" in section and f"(evaluation/{plot})" in section
             assert (path / "evaluation" / plot).read_bytes() == (runs / "eval" / plot).read_bytes()
             assert f"evaluation/{plot}" in outputs
+        assert section.count("training_curves_") == 1
         assert verify_full(path) == []
     assert NOT_EVALUATED in (runs / "rev" / "README.md").read_text()
 

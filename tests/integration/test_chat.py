@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -73,7 +76,7 @@ def test_template_rendering_is_a_prefix_and_ends_at_eos(chat):
 
     tok = AutoTokenizer.from_pretrained(chat / "base")
     prompt = [{"role": "user", "content": "Name a colour."}]
-    example, cut = encode_messages(tok, prompt, [{"role": "assistant", "content": "Blue."}], 64, 48)
+    example, cut = encode_messages(tok, prompt, [{"role": "assistant", "content": "Blue."}], 64, 48, tok.chat_template)
     assert not cut
     assert tok.decode(example.prompt) == "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(example.response) == "Blue.<|im_end|>", "the newline the template adds after EOS is not trained"
@@ -115,11 +118,99 @@ def test_rows_cut_by_truncation_are_counted(chat, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["metrics"]["truncated"] > 0
 
 
-def test_no_chat_template_flag_uses_plain_text(chat):
+def test_no_template_renders_plain_text(chat):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(chat / "base")
     example, _ = encode_messages(tok, [{"role": "user", "content": "Name a colour."}],
-                                 [{"role": "assistant", "content": "Blue."}], 64, 48, chat_template=False)
+                                 [{"role": "assistant", "content": "Blue."}], 64, 48, template=None)
     assert "<|im_start|>" not in tok.decode(example.prompt)
     assert example.response[-1] == tok.eos_token_id
+
+
+# --------------------------------------------------------------------------- --chat-template auto|always|never|FILE
+
+PROMPT, RESPONSE = "Name a colour.", "Blue."
+CHATML_PROMPT = f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+# Another layout, so a FILE template shows in the rendered text.
+BRACKETS = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def _rows(tmp_path: Path):
+    """Row 1 plain strings, row 2 the same exchange as messages (both read as the sft layout)."""
+    from aligndistil_cli.data.sources import load_source
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"prompt": PROMPT, "response": RESPONSE}) + "\n" + json.dumps(
+        {"prompt": [{"role": "user", "content": PROMPT}], "response": [{"role": "assistant", "content": RESPONSE}]})
+        + "\n")
+    rows, stats = load_source(str(path), kind="sft")
+    return rows, dataclasses.asdict(stats)
+
+
+def _encode(tok, rows, stats, mode: str) -> list[tuple[str, str]]:
+    """(prompt text, response text) of each row as encode_rows tokenised it under --chat-template mode."""
+    from aligndistil_cli.data.encode import encode_rows
+
+    config = types.SimpleNamespace(max_length=64, max_prompt_length=48, chat_template=mode, skip_bad_rows=False,
+                                   refuse_special_tokens=False)
+    examples, _ = encode_rows(tok, rows, "response", config, stats)
+    return [(tok.decode(e.prompt), tok.decode(e.response)) for e in examples]
+
+
+def test_auto_keeps_string_rows_plain_and_templates_conversational_rows(tok, tmp_path):
+    rows, stats = _rows(tmp_path)
+    assert [r.conversational for r in rows] == [False, True]
+    assert _encode(tok, rows, stats, "auto") == [(PROMPT, RESPONSE + "<|im_end|>"),
+                                                 (CHATML_PROMPT, RESPONSE + "<|im_end|>")]
+    assert (stats["chat_template_mode"], stats["chat_template_used"], stats["templated_rows"]) == ("auto", True, 1)
+    assert _encode(tok, rows, stats, "True") == _encode(tok, rows, stats, "auto")  # YAML's `chat_template: true`
+
+
+def test_always_templates_string_rows_as_a_user_and_an_assistant_turn(tok, tmp_path):
+    rows, stats = _rows(tmp_path)
+    assert _encode(tok, rows, stats, "always") == [(CHATML_PROMPT, RESPONSE + "<|im_end|>")] * 2
+    assert (stats["chat_template_mode"], stats["templated_rows"]) == ("always", 2)
+
+
+def test_a_template_file_replaces_the_tokenizers_for_conversational_rows(tok, tmp_path):
+    rows, stats = _rows(tmp_path)
+    template = tmp_path / "brackets.jinja"
+    template.write_text(BRACKETS)
+    assert _encode(tok, rows, stats, str(template)) == [(PROMPT, RESPONSE + "<|im_end|>"),
+                                                        (f"[user] {PROMPT}\n[assistant] ", RESPONSE + "\n<|im_end|>")]
+    assert stats["chat_template_mode"] == "file" and stats["chat_template_file"] == str(template)
+    assert stats["chat_template_sha256"] == hashlib.sha256(BRACKETS.encode()).hexdigest()
+
+
+def test_never_reads_conversational_rows_as_plain_text_and_says_so(tok, tmp_path, capsys):
+    rows, stats = _rows(tmp_path)
+    assert _encode(tok, rows, stats, "never") == [(PROMPT, RESPONSE + "<|im_end|>")] * 2
+    assert (stats["chat_template_mode"], stats["chat_template_used"], stats["templated_rows"]) == ("never", False, 0)
+    assert "1 conversational rows read as plain text" in capsys.readouterr().err
+    assert _encode(tok, rows, stats, "False") == _encode(tok, rows, stats, "never")  # YAML's `chat_template: false`
+
+
+def test_always_without_a_template_and_an_unknown_mode_are_one_line_errors(toy_tokenizer, tmp_path):
+    from aligndistil_cli.core.errors import ConfigError
+    from aligndistil_cli.data import chat
+
+    with pytest.raises(UserError, match="^--chat-template always: the tokenizer of .* has no chat template; pass"):
+        chat.resolve(toy_tokenizer, "always")
+    with pytest.raises(ConfigError, match="must be auto, always, never or an existing Jinja template file; got 'alway'"):
+        chat.check("alway")
+
+
+def test_make_prefs_writes_pairs_in_the_layout_of_their_prompt():
+    from aligndistil_cli.stages.make_prefs import as_row
+
+    pair = {"prompt": [{"role": "user", "content": PROMPT}], "chosen": "Blue.", "rejected": "Red."}
+    assert as_row(pair, conversational=False) == {**pair, "prompt": PROMPT}
+    assert as_row(pair, conversational=True) == {**pair, "chosen": [{"role": "assistant", "content": "Blue."}],
+                                                 "rejected": [{"role": "assistant", "content": "Red."}]}

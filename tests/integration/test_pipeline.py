@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,19 +30,23 @@ MARKER = ".aligndistil"  # the owner marker and lock of every stage directory (o
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                "manifest.json", "stage_config.json", MARKER}
 CARD = {"README.md"}
-EVALUATED = CARD | {"evaluation/reward_vs_kl.png", "evaluation/lengths.png", "evaluation/training_curves.png"}
+def evaluated(name: str) -> set[str]:
+    """The card of a model evaluate measured: the comparison plots and its own training curves."""
+    return CARD | {"evaluation/reward_vs_kl.png", "evaluation/lengths.png", f"evaluation/training_curves_{name}.png"}
+
+
 EXPECTED = {
     "toy": {MARKER, "manifest.json", "stage_config.json", "sft.jsonl", "prompts.jsonl", "heldout_prompts.jsonl",
             "model/config.json", "model/generation_config.json", "model/model.safetensors", "model/tokenizer.json",
             "model/tokenizer_config.json"},
-    "sft": MODEL_FILES | {"metrics.jsonl"} | EVALUATED,
+    "sft": MODEL_FILES | {"metrics.jsonl"} | evaluated("sft"),
     "prefs": {MARKER, "manifest.json", "stage_config.json", "pairs.jsonl"},
-    "dpo": MODEL_FILES | {"metrics.jsonl"} | EVALUATED,
+    "dpo": MODEL_FILES | {"metrics.jsonl"} | evaluated("dpo"),
     "rev": MODEL_FILES | {"metrics.jsonl"} | CARD,
-    "student": MODEL_FILES | {"metrics.jsonl"} | EVALUATED,
+    "student": MODEL_FILES | {"metrics.jsonl"} | evaluated("student"),
     "student-on-policy": MODEL_FILES | {"metrics.jsonl"} | CARD,
     "eval": {MARKER, "manifest.json", "stage_config.json", "report.json", "report.md", "reward_vs_kl.png", "lengths.png",
-             "training_curves.png"},
+             "training_curves_sft.png", "training_curves_dpo.png", "training_curves_student.png"},
 }
 
 
@@ -71,7 +78,30 @@ def test_second_run_skips_every_stage(runs, capsys):
     err = capsys.readouterr().err
     assert err.count("skip") == len(load_pipeline(SMOKE, runs))
     assert "run " not in err
+    assert err.splitlines()[-1] == f"report: {runs / 'eval' / 'report.md'}"
     assert before == {s: (runs / s / "manifest.json").stat().st_mtime_ns for s in EXPECTED}
+
+
+def _script(*argv, merged: bool) -> subprocess.CompletedProcess:
+    """The console script, with stderr in stdout's pipe (as a terminal shows both) or apart."""
+    return subprocess.run([str(Path(sys.executable).parent / "aligndistil"), *map(str, argv)], text=True, timeout=300,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_evaluate_and_run_name_the_report_last_and_evaluate_prints_its_dir_on_stdout(runs, tmp_path):
+    for model in ("sft", "dpo"):  # copies: evaluate writes its table into the cards of the models it measures
+        shutil.copytree(runs / model, tmp_path / model)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--ref", tmp_path / "sft", "--model", f"dpo={tmp_path / 'dpo'}", "--prompts",
+            runs / "toy" / "heldout_prompts.jsonl", "--num-prompts", "4", "--max-new-tokens", "4", "--out", out]
+    shown = _script(*argv, merged=True)
+    assert shown.returncode == 0 and shown.stdout.splitlines()[-1] == f"report: {out / 'report.md'}"
+    apart = _script(*argv, "--force", merged=False)
+    assert apart.stdout.splitlines()[-1] == str(out)  # $(aligndistil evaluate ...) is the directory
+    assert apart.stderr.splitlines()[-1] == f"report: {out / 'report.md'}"
+    shown = _script("run", SMOKE, "--root", runs, "--only", "eval", merged=True)
+    assert shown.returncode == 0 and shown.stdout.splitlines()[-1] == f"report: {runs / 'eval' / 'report.md'}"
 
 
 @pytest.mark.parametrize("stage", ["toy/model", "sft", "dpo", "rev", "student"])

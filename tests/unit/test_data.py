@@ -303,11 +303,12 @@ def test_template_failure_names_the_file_and_line_and_is_skippable(tmp_path):
     b.write_text(b.read_text().rsplit("\n", 1)[0] + "\n")  # without the empty row: the template check fails
     rows, stats = load_source(str(tmp_path), kind="pairs")
     with pytest.raises(UserError, match=f"^{b}, row 5, field 'chosen': the chat template does not render the prompt"):
-        encode_pairs(_with_template(ODD_TEMPLATE), rows, _config(), dataclasses.asdict(stats))
+        encode_pairs(_with_template(ODD_TEMPLATE), rows, _config(chat_template="always"), dataclasses.asdict(stats))
     b.write_text(b.read_text() + _pair("i liked it", "") + "\n")
     rows, stats = load_source(str(tmp_path), kind="pairs", skip_bad_rows=True)
     summary = dataclasses.asdict(stats)
-    pairs, _ = encode_pairs(_with_template(ODD_TEMPLATE), rows, _config(skip_bad_rows=True), summary)
+    pairs, _ = encode_pairs(_with_template(ODD_TEMPLATE), rows, _config(chat_template="always", skip_bad_rows=True),
+                            summary)
     assert len(pairs) == 3
     assert (summary["read"], summary["kept"]) == (5, 3)
     assert summary["dropped"] == {"empty": 1, "template_not_prefix": 1}
@@ -319,7 +320,8 @@ def test_template_raise_exception_is_a_row_error(write_jsonl):
     path = write_jsonl([{"prompt": "i liked it", "response": "good"}, {"prompt": "q", "response": "monday"}])
     rows, stats = load_source(str(path), kind="sft")
     with pytest.raises(UserError, match=f"^{path}, row 2, field 'response': the chat template refused .*no mondays"):
-        encode_rows(_with_template(template), rows, "response", _config(), dataclasses.asdict(stats))
+        encode_rows(_with_template(template), rows, "response", _config(chat_template="always"),
+                    dataclasses.asdict(stats))
 
 
 def test_truncated_counts_pairs_not_sequences(toy_tokenizer, write_jsonl):
@@ -337,10 +339,13 @@ def test_manifest_records_whether_a_chat_template_was_used(toy_tokenizer, write_
     rows, stats = load_source(str(path), kind="sft")
     without = dataclasses.asdict(stats)
     encode_rows(toy_tokenizer, rows, "response", _config(chat_template=True), without)
-    assert without["chat_template_used"] is False  # asked for, but the toy tokenizer has none
+    assert without["chat_template_used"] is False  # the toy tokenizer has none
+    plain = dataclasses.asdict(stats)
+    encode_rows(_with_template(ODD_TEMPLATE), rows, "response", _config(chat_template="auto"), plain)
+    assert (plain["chat_template_used"], plain["templated_rows"]) == (False, 0)  # a string row stays plain text
     with_template = dataclasses.asdict(stats)
-    encode_rows(_with_template(ODD_TEMPLATE), rows, "response", _config(), with_template)
-    assert with_template["chat_template_used"] is True
+    encode_rows(_with_template(ODD_TEMPLATE), rows, "response", _config(chat_template="always"), with_template)
+    assert (with_template["chat_template_used"], with_template["chat_template_mode"]) == (True, "always")
 
 
 def test_special_token_text_is_counted_warned_and_refusable(toy_tokenizer, write_jsonl, capsys):
@@ -374,5 +379,6 @@ def test_prompts_that_cannot_be_rendered_name_their_row_and_are_skippable(write_
         encode_prompts(_with_template(template), rows, _config(), dataclasses.asdict(stats))
     summary = dataclasses.asdict(stats)
     kept, ids = encode_prompts(_with_template(template), rows, _config(skip_bad_rows=True), summary)
-    assert kept == [rows[0], rows[2]] and ids[0] == [VOCAB["i"], VOCAB["liked"], VOCAB["it"]]
+    # Row 1 is a string: plain text, with the tokenizer's BOS, not the template (which row 3, a conversation, gets).
+    assert kept == [rows[0], rows[2]] and ids[0] == [VOCAB["<bos>"], VOCAB["i"], VOCAB["liked"], VOCAB["it"]]
     assert (summary["kept"], summary["dropped"], summary["special_token_rows"]) == (2, {"template_error": 1}, 1)

@@ -211,7 +211,7 @@ def test_make_generate_fn_tiny_model(tmp_path):
     torch.manual_seed(0)
     tok = toy.build_tokenizer()
     model = LlamaForCausalLM(toy.model_config(len(tok), 32, 1, 2, 64, 32))
-    gen = ex.make_generate_fn(model, tok, chat_template=False, max_new_tokens=4, temperature=1.0,
+    gen = ex.make_generate_fn(model, tok, template=None, max_new_tokens=4, temperature=1.0,
                               top_p=1.0, batch_size=2, seed=0)
     conversations = [
         [{"role": "user", "content": "write a review about the pizza ."}],

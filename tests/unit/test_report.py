@@ -13,6 +13,7 @@ import re
 import pytest
 from rich.console import Console
 
+from aligndistil_cli.eval.curves import file_name, grid, log_scale, panels, plot_training
 from aligndistil_cli.eval.report import (
     format_ci,
     kl_estimate,
@@ -157,8 +158,8 @@ def test_write_report_without_training(tmp_path):
     written = write_report(tmp_path, _report())
     md, images = _check_written(tmp_path, written)
     assert {"reward_vs_kl.png", "lengths.png"} <= set(images)
-    assert "training_curves.png" not in written
-    assert not (tmp_path / "training_curves.png").exists()
+    assert not [name for name in written if name.startswith("training_curves")]
+    assert not list(tmp_path.glob("training_curves*.png"))
     assert "0.600 ± 0.100" in md  # dpo reward cell
     assert "0.750" in md and "0.812" in md and "16" in md  # implicit accuracies
     assert "- AlignDistil beats DPO on gold reward." in md
@@ -167,23 +168,81 @@ def test_write_report_without_training(tmp_path):
     assert "great<br>film \\| 10/10" in md
 
 
-def test_write_report_with_training_curves(tmp_path):
-    metrics = tmp_path / "train" / "metrics.jsonl"
-    metrics.parent.mkdir()
-    lines = [{"step": s, "loss": 1.0 / s, "alpha_mean": 0.1 * s} for s in range(1, 6)]
-    metrics.write_text("\n".join(json.dumps(r) for r in lines) + "\n", encoding="utf-8")
+# What train-dpo logs (metrics.jsonl of the tiny pipeline), plus a flag and a note that are not numbers, a metric
+# logged once (as distill's final_kl_teacher) and one that is never finite.
+DPO_RECORDS = [{"elapsed_s": 0.27 * s, "grad_norm": 0.6 / s, "loss": 0.69 - 0.01 * s, "lr": 2e-4, "margin": 0.01 * s,
+                "reward_accuracy": 0.5 + 0.05 * s, "reward_chosen": 0.002 * s, "reward_rejected": -0.001 * s, "step": s,
+                "resumed": False, "note": "x", "broken": float("nan")} for s in range(1, 6)]
+DPO_RECORDS[-1]["final_kl_teacher"] = 0.04
+DPO_PANELS = ["loss", "margin", "reward_accuracy", "reward_chosen", "reward_rejected", "final_kl_teacher", "grad_norm",
+              "lr"]
+
+
+def _write_metrics(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_panels_are_every_number_logged_but_the_step_and_the_clock():
+    # loss first, then in the order logged, the optimizer's grad_norm and lr last
+    assert panels(DPO_RECORDS) == DPO_PANELS
+    logged = {k for r in DPO_RECORDS for k, v in r.items() if isinstance(v, float) and v == v} - {"elapsed_s"}
+    assert set(panels(DPO_RECORDS)) == logged
+
+
+@pytest.mark.parametrize("n, rows", [(1, [1]), (4, [4]), (5, [3, 2]), (6, [3, 3]), (7, [4, 3]), (8, [4, 4]),
+                                     (9, [3, 3, 3]), (10, [4, 3, 3]), (13, [4, 3, 3, 3])])
+def test_the_grid_holds_one_panel_per_metric(n, rows):
+    assert grid(n) == rows
+
+
+def test_the_grid_is_never_wider_than_four_nor_uneven():
+    for n in range(1, 40):
+        rows = grid(n)
+        assert sum(rows) == n and max(rows) <= 4 and max(rows) - min(rows) <= 1 and rows == sorted(rows, reverse=True)
+
+
+def test_log_scale_for_spikes_and_decades_only():
+    assert log_scale([0.03, 0.02, 8.0, 0.01, 0.02])  # spikes 400x the median
+    assert log_scale([0.7, 0.2, 0.06, 0.05, 0.04])  # a KL falling over a decade: 0.7 >= 10 x the median 0.06
+    assert not log_scale([1e-8, 0.01, 0.05, 0.1, 0.2])  # a margin growing from zero: max 4x the median
+    assert not log_scale([-0.1, 0.02, 8.0])  # not all positive
+    assert not log_scale([0.04])
+
+
+def test_curve_files_are_named_after_their_model():
+    assert file_name("alignDistil") == "training_curves_alignDistil.png"
+    odd = file_name("a b/c")
+    assert re.fullmatch(r"training_curves_a_b_c-[0-9a-f]{6}\.png", odd) and odd != file_name("a_b_c")
+
+
+def test_write_report_draws_a_png_per_model_with_a_panel_per_metric(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dpo = _write_metrics(tmp_path / "dpo" / "metrics.jsonl", DPO_RECORDS)
+    assert plot_training(plt, "dpo", DPO_RECORDS, tmp_path / "dpo.png") == DPO_PANELS
+    assert (tmp_path / "dpo.png").read_bytes()[:4] == PNG_MAGIC
+    sft = _write_metrics(tmp_path / "sft" / "metrics.jsonl", [{"step": s, "loss": 1.0 / s, "lr": 0.1} for s in (1, 2)])
     out = tmp_path / "report"
-    training = {"aligndistil": str(metrics), "dpo": str(tmp_path / "missing" / "metrics.jsonl")}
+    out.mkdir()
+    (out / "training_curves_old.png").write_bytes(b"left by an earlier run")
+    training = {"sft": str(sft), "dpo": str(dpo), "aligndistil": str(tmp_path / "missing" / "metrics.jsonl")}
     written = write_report(out, _report(training))
     md, images = _check_written(out, written)
-    assert "training_curves.png" in written
-    assert "training_curves.png" in images
+    assert [n for n in written if n.startswith("training_curves")] == ["training_curves_sft.png",
+                                                                        "training_curves_dpo.png"]
+    assert {"training_curves_sft.png", "training_curves_dpo.png"} <= set(images)
+    assert not (out / "training_curves_old.png").exists()
 
 
 def test_write_report_training_with_only_missing_files_has_no_curves(tmp_path):
     written = write_report(tmp_path, _report({"dpo": str(tmp_path / "nope.jsonl")}))
-    assert "training_curves.png" not in written
-    assert not (tmp_path / "training_curves.png").exists()
+    assert not [name for name in written if name.startswith("training_curves")]
+    assert not list(tmp_path.glob("training_curves*.png"))
 
 
 def test_results_table_rows_and_columns():
