@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     # the embedded task's model (init-toy's default) and its batch of 32 pairs
     "toy": dict(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=256, vocab=96, real_vocab=64, pairs=32,
-                prompt=16, response=24, warmup=2, steps=10),
+                prompt=16, response=24, warmup=2, steps=20),
     # bench.run's cpu preset shape: a real-sized vocabulary, where TDPO's per-token KL costs most
     "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688, vocab=32_000, real_vocab=32_000, pairs=2,
                 prompt=64, response=192, warmup=1, steps=5),

@@ -364,7 +364,7 @@ class _FusedTokenLogps(torch.autograd.Function):
                 grad_z = p.mul_(-c).scatter_add_(1, tgt, c)
             else:
                 d = kl_coefs[s:e].float().unsqueeze(1)
-                grad_z = p.mul_(d - c).sub_(q.mul_(d)).scatter_add_(1, tgt, c)
+                grad_z = p.mul_(d - c).addcmul_(q, d, value=-1.0).scatter_add_(1, tgt, c)
                 del q
             if grad_h is not None:
                 grad_h[s:e] = grad_z @ w_real.float() if dtype is None else (grad_z.to(dtype) @ w_real).float()
