@@ -309,6 +309,16 @@ def _head_compute_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def _reference_kl(log_q: torch.Tensor, z: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [n, V], KL(q || p) [n]) of one chunk: the reference's log-probs log_q [n, V] and the policy's logits z
+    [n, V] with their logsumexp lse [n, 1], all float32 (p = softmax(z))."""
+    q = log_q.exp()
+    # A new tensor, never in place: the caller's log_q may be a view of its own. 0 where q is 0, so that a
+    # row the reference rules out adds 0, not 0 * inf = NaN.
+    diff = (log_q - z).add_(lse).masked_fill_(q == 0, 0.0)
+    return q, torch.linalg.vecdot(q, diff)
+
+
 class _FusedTokenLogps(torch.autograd.Function):
     """sum_n c_n log softmax(h_n W^T + b)[t_n] (+ d_n KL(q_n || p_n)) per group, with its gradient computed in the
     forward pass.
@@ -349,12 +359,7 @@ class _FusedTokenLogps(torch.autograd.Function):
             logps[s:e] = (z.gather(1, tgt) - lse).squeeze(1)
             q = None
             if ref_logprobs is not None:
-                log_q = ref_logprobs(s, e)[:, :vocab].to(device=z.device, dtype=torch.float32)
-                q = log_q.exp()
-                # log q - log p in log_q's storage; 0 where q is, so that a -inf row adds 0, not NaN.
-                diff = log_q.sub_(z).add_(lse).masked_fill_(q == 0, 0.0)
-                kl[s:e] = torch.linalg.vecdot(q, diff)
-                del log_q, diff
+                q, kl[s:e] = _reference_kl(ref_logprobs(s, e)[:, :vocab].to(device=z.device, dtype=torch.float32), z, lse)
             if not any_grad:
                 continue
             # c_n (onehot(t_n) - p_n) [+ d_n (p_n - q_n)], built in the logits' storage.

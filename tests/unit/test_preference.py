@@ -206,6 +206,7 @@ def test_fused_kl_values_and_gradients_equal_a_dense_float64_computation(chunk, 
 
     # The callable hands out [chunk, WIDTH] with the padded rows -inf; the fused pass reads the real ones.
     padded = torch.cat([log_q.float(), torch.full((N, WIDTH - VOCAB), float("-inf"))], dim=1)
+    handed_out = padded.clone()
     calls = []
 
     def ref_logprobs(s, e):
@@ -216,6 +217,7 @@ def test_fused_kl_values_and_gradients_equal_a_dense_float64_computation(chunk, 
     sums, logps, kl = fused_token_logps_kl(h, targets, w, b, ref_logprobs, groups, coefs, kl_coefs, 3, VOCAB, chunk)
     grads = torch.autograd.grad((sums * upstream).sum(), (h, w, b))
     assert calls == [(s, min(s + chunk, N)) for s in range(0, N, chunk)], "each chunk of the reference once, in order"
+    assert torch.equal(padded, handed_out), "the views handed out are read, never written"
     for got, expected in [(sums, sums_64), (logps, lp_64), (kl, kl_64), *zip(grads, grads_64)]:
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     assert not logps.requires_grad and not kl.requires_grad
