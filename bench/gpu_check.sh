@@ -2,7 +2,7 @@
 # The one prepared run for a lent GPU machine: every CUDA figure the issues ask for, most wanted first,
 # each step under its own time limit so that one slow or failing step never costs the others.
 #
-#   bash bench/gpu_check.sh                      # every step: about 8 minutes on an H100/H200
+#   bash bench/gpu_check.sh                      # every step: about 10 minutes on an H100/H200
 #   STEPS="fsdp kv" bash bench/gpu_check.sh      # a rerun of some steps only
 #
 # Steps (seconds allowed):
@@ -13,11 +13,12 @@
 #   kv     (45)  bench.kv_cache on CUDA: dynamic / static / preallocated KV-cache decode, rows kept, host
 #                check every 8 steps (to decide what --kv-cache auto picks on CUDA)
 #   prec   (30)  bench.teacher_precision --device cuda: the float32 heads' step-time cost (issue 10)
+#   base   (150) bench.baselines --preset gpu: SimPO, TDPO1, TDPO2 step time and peak memory / DPO's (issue 25)
 # Every entry point below has a CPU smoke run in `make test` (tests/integration/test_bench_smoke.py).
 # Every result lands under $OUT (default /tmp/gpu-out), which the device tool brings back.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
-STEPS=${STEPS:-"tests 1.5b fsdp gpu kv prec"}
+STEPS=${STEPS:-"tests 1.5b fsdp gpu kv prec base"}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -48,3 +49,4 @@ step fsdp 75 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m
 step gpu 110 python3 -m bench.run --preset gpu --out "$OUT/bench-gpu.json"
 step kv 45 python3 -m bench.kv_cache --device cuda --out "$OUT/kv_cache.json"
 step prec 30 python3 -m bench.teacher_precision --device cuda
+step base 150 python3 -m bench.baselines --device cuda --preset gpu --out "$OUT/baselines.json"

@@ -106,8 +106,21 @@ class DpoMethod(Group):
     panel = "DPO"
 
     reverse: bool = opt(False, "Train reverse DPO: chosen and rejected swapped, same beta and reference.")
-    beta: float = opt(0.1, "DPO beta.", positive=True)
+    loss: str = opt("dpo", "dpo; or a baseline of the paper: simpo (SimPO, no reference), tdpo1 or tdpo2 (TDPO, "
+                    "with the reference's per-token KL; docs/guide.md).", choices=("dpo", "simpo", "tdpo1", "tdpo2"))
+    beta: Optional[float] = opt(None, "beta of the loss; default 0.1 (DPO, TDPO), 2.5 with --loss simpo (the official "
+                                "train_simpo.py's).", positive=True)
+    simpo_gamma: float = opt(1.25, "--loss simpo: the target reward margin gamma itself, as TRL's simpo_gamma "
+                             "(L = -log sigmoid(beta (a_w - a_l) - gamma)); the SimPO and AlignDistil scripts give "
+                             "gamma/beta instead (0.5 x 2.5 here).", nonneg=True)
+    tdpo_alpha: float = opt(0.5, "--loss tdpo2: alpha, the weight of the sequential KL term (the TDPO paper's "
+                            "default).", nonneg=True)
     ref_cache: Optional[str] = opt(None, "Directory for cached reference log-probs (default: OUT/../ref-cache).")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta is None:  # resolved here, so that the manifest and a resumed run record the value used
+            self.beta = 2.5 if self.loss == "simpo" else 0.1
 
 
 DpoConfig = compose("DpoConfig", DpoInputs, DpoMethod, *TRAINING)

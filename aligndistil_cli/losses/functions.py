@@ -309,10 +309,22 @@ def _head_compute_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-class _FusedTokenLogps(torch.autograd.Function):
-    """sum_n c_n log softmax(h_n W^T + b)[t_n] per group, with its gradient computed in the forward pass.
+def _reference_kl(log_q: torch.Tensor, z: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [n, V], KL(q || p) [n]) of one chunk: the reference's log-probs log_q [n, V] and the policy's logits z
+    [n, V] with their logsumexp lse [n, 1], all float32 (p = softmax(z))."""
+    q = log_q.exp()
+    # A new tensor, never in place: the caller's log_q may be a view of its own. 0 where q is 0, so that a
+    # row the reference rules out adds 0, not 0 * inf = NaN.
+    diff = (log_q - z).add_(lse).masked_fill_(q == 0, 0.0)
+    return q, torch.linalg.vecdot(q, diff)
 
-    The gradient of log p_n(t_n) with respect to the logits is onehot(t_n) - p_n. Each chunk's
+
+class _FusedTokenLogps(torch.autograd.Function):
+    """sum_n c_n log softmax(h_n W^T + b)[t_n] (+ d_n KL(q_n || p_n)) per group, with its gradient computed in the
+    forward pass.
+
+    The gradient of log p_n(t_n) with respect to the logits is onehot(t_n) - p_n, and that of
+    KL(q_n || p_n) = sum_v q_n (log q_n - log p_n) is p_n - q_n. Each chunk's
     logits become that gradient in place and are multiplied into the gradients w.r.t. hidden,
     weight and bias at once; backward only scales the results by the groups' upstream gradients,
     so the head runs once forward and twice backward (checkpointing runs it twice forward). The
@@ -321,7 +333,8 @@ class _FusedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, groups, coefs, num_groups, vocab_size, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, groups, coefs, num_groups, vocab_size, chunk_size, ref_logprobs,
+                kl_coefs):
         needs = ctx.needs_input_grad
         vocab = vocab_size or weight.shape[0]
         n = hidden.shape[0]
@@ -336,6 +349,7 @@ class _FusedTokenLogps(torch.autograd.Function):
         any_grad = needs[0] or needs[1] or (bias is not None and needs[2])
         runs = _group_runs(groups) if acc_w is not None or acc_b is not None else []
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        kl = torch.zeros(n if ref_logprobs is not None else 0, dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = hidden[s:e] if dtype is None else hidden[s:e].to(dtype)
@@ -343,11 +357,20 @@ class _FusedTokenLogps(torch.autograd.Function):
             z = F.linear(h, w_real, b_real).float()
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
             logps[s:e] = (z.gather(1, tgt) - lse).squeeze(1)
+            q = None
+            if ref_logprobs is not None:
+                q, kl[s:e] = _reference_kl(ref_logprobs(s, e)[:, :vocab].to(device=z.device, dtype=torch.float32), z, lse)
             if not any_grad:
                 continue
-            # c_n (onehot(t_n) - p_n), built in the logits' storage: one [chunk, vocab] block alive.
+            # c_n (onehot(t_n) - p_n) [+ d_n (p_n - q_n)], built in the logits' storage.
             c = coefs[s:e].float().unsqueeze(1)
-            grad_z = z.sub_(lse).exp_().mul_(-c).scatter_add_(1, tgt, c)
+            p = z.sub_(lse).exp_()
+            if q is None:
+                grad_z = p.mul_(-c).scatter_add_(1, tgt, c)
+            else:
+                d = kl_coefs[s:e].float().unsqueeze(1)
+                grad_z = p.mul_(d - c).addcmul_(q, d, value=-1.0).scatter_add_(1, tgt, c)
+                del q
             if grad_h is not None:
                 grad_h[s:e] = grad_z @ w_real.float() if dtype is None else (grad_z.to(dtype) @ w_real).float()
             for rs, re_, g in runs:
@@ -360,15 +383,17 @@ class _FusedTokenLogps(torch.autograd.Function):
                     acc_b[g, :vocab] += grad_z[lo - s : hi - s].sum(0)
         sums = torch.zeros(num_groups, dtype=torch.float32, device=hidden.device)
         sums.index_add_(0, groups, logps * coefs.float())
+        if ref_logprobs is not None:
+            sums.index_add_(0, groups, kl * kl_coefs.float())
         empty = torch.empty(0)
         ctx.save_for_backward(*(t if t is not None else empty for t in (grad_h, acc_w, acc_b, groups)))
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.used = False
-        ctx.mark_non_differentiable(logps)
-        return sums, logps
+        ctx.mark_non_differentiable(logps, kl)
+        return sums, logps, kl
 
     @staticmethod
-    def backward(ctx, grad_sums, _grad_logps):
+    def backward(ctx, grad_sums, _grad_logps, _grad_kl):
         if ctx.used:
             raise RuntimeError("fused_token_logps: backward through the same call twice is not supported "
                                "(its gradients are scaled in place)")
@@ -385,7 +410,7 @@ class _FusedTokenLogps(torch.autograd.Function):
             out_w = out_w.to(ctx.dtypes[1])
         if needs[2] and ctx.dtypes[2] is not None:
             out_b = torch.einsum("g,g...->...", u, acc_b).to(ctx.dtypes[2])
-        return out_h, out_w, out_b, None, None, None, None, None, None
+        return out_h, out_w, out_b, None, None, None, None, None, None, None, None
 
 
 def fused_token_logps(
@@ -419,4 +444,34 @@ def fused_token_logps(
         raise ValueError("fused_token_logps: num_groups is required with groups")
     if coefs is None:
         coefs = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    return _FusedTokenLogps.apply(hidden, weight, bias, targets, groups, coefs, num_groups, vocab_size, chunk_size)
+    sums, logps, _ = _FusedTokenLogps.apply(hidden, weight, bias, targets, groups, coefs, num_groups, vocab_size,
+                                            chunk_size, None, None)
+    return sums, logps
+
+
+def fused_token_logps_kl(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref_logprobs: Callable[[int, int], torch.Tensor],
+    groups: torch.Tensor,
+    coefs: torch.Tensor,
+    kl_coefs: torch.Tensor,
+    num_groups: int,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_token_logps with a per-position KL(q_n || p_n) to a reference in the same pass (TDPO).
+
+    As fused_token_logps, plus ref_logprobs(start, end) -> the reference's log-probs q
+    [end - start, V'] (V' >= vocab_size; only the first vocab_size rows are read) at those positions
+    and kl_coefs [N]. Returns (sums [G] with sums[g] = sum_{n in g} coefs[n] log p_n(t_n) +
+    kl_coefs[n] KL(q_n || p_n), differentiable with respect to the policy; logps [N] and kl [N]
+    float32, detached), KL over the real vocabulary. The reference is built one chunk at a time
+    (a few [chunk_size, V] float32 blocks): no [N, V] tensor of either model.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    return _FusedTokenLogps.apply(hidden, weight, bias, targets, groups, coefs, num_groups, vocab_size, chunk_size,
+                                  ref_logprobs, kl_coefs)

@@ -111,7 +111,7 @@ def write_card(out: Path, stage: str, config: dict, metrics: dict) -> None:
     data = ModelCardData(
         base_model=base_model(config.get("model") or config.get("student")),
         datasets=[config["data"]] if _hub_id(config.get("data")) else None,
-        tags=["aligndistil", *TAGS.get(stage, [])],
+        tags=["aligndistil", *(TAGS.get(stage, []) if config.get("loss", "dpo") == "dpo" else [config["loss"]])],
         library_name="transformers",
         pipeline_tag="text-generation",
     )

@@ -96,7 +96,8 @@ STAGES: dict[str, Stage] = {
     "make-prefs": Stage(C.MakePrefsConfig, "make_prefs", "Sample k responses per prompt, score them, write best-vs-worst pairs.",
                         "aligndistil make-prefs --model runs/tiny/sft --data runs/tiny/toy/prompts.jsonl --num-samples 4"
                         " --out runs/tiny/prefs"),
-    "train-dpo": Stage(C.DpoConfig, "dpo", "Train DPO against cached reference log-probs.",
+    "train-dpo": Stage(C.DpoConfig, "dpo", "Train DPO against cached reference log-probs (--loss simpo, tdpo1, tdpo2: "
+                       "the paper's baselines).",
                        "aligndistil train-dpo --model runs/tiny/sft --data runs/tiny/prefs/pairs.jsonl --out runs/tiny/dpo"),
     "train-reverse-dpo": Stage(C.DpoConfig, "dpo",
                                "Train reverse DPO (chosen and rejected swapped); same as train-dpo --reverse.",

@@ -96,6 +96,9 @@ def stage_values(w: Path, run: str) -> dict[str, dict]:
         "sft": {**TRAIN, "model": str(tied), "data": str(w / "sft-uneven.jsonl"), "out": str(w / run / "sft")},
         # Micro-batches of 2, 2 rows + 1 padding a rank (a process: 3, 3, 2); at the last step rank 1 runs 3 paddings.
         "train-dpo": {**TRAIN, "model": str(toy / "model"), "data": pairs, "grad_accum": 3, "out": str(w / run / "dpo")},
+        # The paper's baselines, as DPO is run (TDPO's reference runs live on every micro-batch, padding too).
+        **{f"train-dpo/{loss}": {**TRAIN, "model": str(toy / "model"), "data": pairs, "grad_accum": 3, "loss": loss,
+                                 "out": str(w / run / loss)} for loss in ("simpo", "tdpo1", "tdpo2")},
         "distill": {**TRAIN, "student": str(toy / "model"), "cache": str(w / "one" / "teacher"), "data": pairs,
                     "out": str(w / run / "student")},
         # Rollouts of 4 prompts, then the epoch's last 1, each x 2 samples, a quarter of the samples off-policy
@@ -173,7 +176,8 @@ def assert_teachers_sharded(one: Path, two: Path, sharded: bool) -> None:
     assert json.loads((two / "stage_config.json").read_text())["shard_teachers"] is sharded
 
 
-@pytest.mark.parametrize("name,two_name", [("sft", "sft"), ("sft", "sft-offload"), ("dpo", "dpo"), ("student", "student"),
+@pytest.mark.parametrize("name,two_name", [("sft", "sft"), ("sft", "sft-offload"), ("dpo", "dpo"), ("simpo", "simpo"),
+                                           ("tdpo1", "tdpo1"), ("tdpo2", "tdpo2"), ("student", "student"),
                                            ("on-policy", "on-policy"), ("on-policy", "on-policy-sharded")])
 def test_two_ranks_train_like_one_process(world, name, two_name):
     one, two = (metrics(world / w / n) for w, n in (("one", name), ("two", two_name)))

@@ -24,6 +24,8 @@ SMOKE = {
                         "--out", "{out}/kv.json"], "kv.json"),
     "bench.teacher_precision": (["-m", "bench.teacher_precision", "--device", "cpu", "--positions", "16",
                                  "--hidden", "16", "--vocab", "64"], None),
+    "bench.baselines": (["-m", "bench.baselines", "--device", "cpu", "--preset", "smoke", "--out", "{out}/base.json"],
+                        "base.json"),
 }
 
 
