@@ -118,7 +118,6 @@ class DpoMethod(Group):
     ref_cache: Optional[str] = opt(None, "Directory for cached reference log-probs (default: OUT/../ref-cache).")
 
     def validate(self) -> None:
-        super().validate()
         if self.beta is None:  # resolved here, so that the manifest and a resumed run record the value used
             self.beta = 2.5 if self.loss == "simpo" else 0.1
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from aligndistil_cli.cli import main
-from aligndistil_cli.config.stages import DpoConfig, build_config
+from aligndistil_cli.config.files import build_config
+from aligndistil_cli.config.stages import DpoConfig
 from aligndistil_cli.rundir.artifacts import verify_full
 
 PAIRS = 25
