@@ -97,5 +97,32 @@ def test_push_to_hub_offline_fails_in_one_line_after_a_complete_save(runs, tmp_p
     assert exit_.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --push-to-hub someone/aligndistil-dpo: ") and "HF_HUB_OFFLINE" in err
+    assert err.endswith(f"; upload later with `hf upload someone/aligndistil-dpo {out}`")
     assert read_manifest(out)["stage"] == "train-dpo"
     assert verify_full(out) == []
+
+
+def test_push_to_hub_without_network_gives_the_upload_command(runs, monkeypatch):
+    """A connection failure (no HF_HUB_OFFLINE: the Hub just cannot be reached) is one line that says how to
+    upload later, as the offline case does."""
+    from huggingface_hub import HfApi
+
+    from aligndistil_cli.core.errors import UserError
+    from aligndistil_cli.rundir.hub import push
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co' ([Errno -3] Temporary failure in name resolution)\n"
+                              "more detail on a second line")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    monkeypatch.setattr(HfApi, "upload_folder", unreachable)
+    with pytest.raises(UserError) as error:
+        push(runs / "sft", "someone/aligndistil-sft")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message == (f"--push-to-hub someone/aligndistil-sft: {runs / 'sft'} is saved and complete, but the upload "
+                       "failed: Failed to resolve 'huggingface.co' ([Errno -3] Temporary failure in name resolution); "
+                       f"upload later with `hf upload someone/aligndistil-sft {runs / 'sft'}`")
