@@ -399,12 +399,22 @@ class EvaluateConfig(DataFields, TrackingFields):
                                 choices=("alpaca-eval", "mt-bench", "arena-hard"))
     export_questions: Optional[str] = opt(None, "The benchmark's question file (AlpacaEval eval set, MT-Bench or "
                                           "arena-hard question.jsonl).", input="data")
+    lm_eval: Optional[str] = opt(None, "Also score the reference and each model with EleutherAI's "
+                                 "lm-evaluation-harness on these tasks, a comma list (e.g. hellaswag,arc_easy). "
+                                 "Needs pip install 'aligndistil[lm-eval]'.")
+    lm_eval_limit: Optional[int] = opt(None, "--lm-eval: score only the first N documents of each task (the scores "
+                                       "are then not comparable with published ones).", positive=True)
+    lm_eval_tasks_dir: Optional[str] = opt(None, "--lm-eval: a directory of task YAML files (e.g. over local JSONL "
+                                           "files), searched before the harness' own tasks.", input="data")
 
     def validate(self) -> None:
         if self.teacher == "models" and not (self.dpo and self.rev):
             raise ConfigError("--teacher models needs --dpo and --rev (the reference is --ref)")
         if self.export and not self.export_questions:
             raise ConfigError("config field 'export_questions' is required by --export")
+        for name in ("lm_eval_limit", "lm_eval_tasks_dir"):
+            if getattr(self, name) is not None and not self.lm_eval:
+                raise ConfigError(f"config field {name!r} needs 'lm_eval' (the tasks to score)")
 
 
 def _base_type(tp: Any) -> Any:

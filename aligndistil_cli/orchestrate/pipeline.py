@@ -36,6 +36,7 @@ from aligndistil_cli.config.stages import ConfigError, build_config, read_yaml
 from aligndistil_cli.core.console import stderr as console
 from aligndistil_cli.core.errors import UserError, shown
 from aligndistil_cli.core.hashing import config_dict
+from aligndistil_cli.eval.harness import require as require_harness
 from aligndistil_cli.orchestrate.plan import check_stage_names, did_you_mean, make_plan, parse_sets, select
 from aligndistil_cli.rundir.artifacts import is_complete
 from aligndistil_cli.rundir.current import is_up_to_date
@@ -172,9 +173,10 @@ def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: i
     nproc = nproc_per_node(Path(path), nproc)
     resolved = load_pipeline(Path(path), root, parse_sets(sets or []))
     selected = select([name for name, _, _ in resolved], only, start, until)
-    for name, _, config in resolved:  # a missing tracker package stops the pipeline before its first stage
+    for name, _, config in resolved:  # a missing tracker or harness package stops the pipeline before its first stage
         if name in selected:
             require(getattr(config, "report_to", None))
+            require_harness(getattr(config, "lm_eval", None))
     if dry_run:
         for step in make_plan(resolved, selected, force, is_up_to_date):
             word = "[bold]run[/bold] " if step.run else "[dim]skip[/dim]"

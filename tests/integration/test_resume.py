@@ -202,6 +202,20 @@ def test_resume_on_a_complete_stage_says_so_and_trains_nothing(runs, tmp_path, c
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == before
 
 
+def test_resume_on_a_complete_stage_still_uploads_it(runs, tmp_path, capsys, monkeypatch):
+    """The upload a first run could not do is what a --resume --push-to-hub of the complete output does."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "s"
+    values = stage_values(runs, "sft", out, max_steps=2, batch_size=16)
+    run_in_process("sft", values)
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(yaml.safe_dump(values))
+    code, _, err = cli(["sft", "--config", str(cfg), "--resume", "--push-to-hub", "someone/sft"], capsys)
+    assert code == 1 and err[0].startswith(f"sft: {out} is already complete")
+    assert err[1] == (f"error: --push-to-hub someone/sft: {out} is saved and complete, but the upload needs the Hub and "
+                      f"HF_HUB_OFFLINE is set; upload later with `hf upload someone/sft {out}`")
+
+
 def test_resume_on_a_complete_stage_of_another_config_or_input_is_refused(runs, tmp_path, capsys):
     data = tmp_path / "sft.jsonl"
     shutil.copy(runs / "toy" / "sft.jsonl", data)
