@@ -3,12 +3,14 @@
 `aligndistil run` skips a stage whose output is current, and a training stage given --resume
 on a complete output has nothing left to train (stages.already_complete). Current means: a
 complete manifest recording the same resolved config (paths under the root compared relative
-to it, so a moved root is still current), model/data inputs with the recorded fingerprints,
-and files that still match the manifest.
+to it, so a moved root is still current; a field this version added is no change at its
+default), model/data inputs with the recorded fingerprints, and files that still match the
+manifest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from aligndistil_cli.core.errors import UserError
@@ -45,7 +47,10 @@ def difference(config, root: Path | None = None, free: tuple[str, ...] = RUN_FRE
     old_root = _old_root(str(manifest["config"].get("out", "")), out, root) or root
     recorded = portable_config({k: v for k, v in manifest["config"].items() if k not in free}, old_root)
     current = portable_config({k: v for k, v in config_dict(config).items() if k not in free}, root)
-    changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+    # A field added to the config since the output was made, and left at its default, changes nothing.
+    added = {f.name: f.default for f in dataclasses.fields(config) if f.name not in recorded
+             and f.default is not dataclasses.MISSING and current.get(f.name) == f.default}
+    changed = sorted(k for k in set(recorded) | set(current) if k not in added and recorded.get(k) != current.get(k))
     if changed:
         return f"config changed: {', '.join(changed)}"
     stale = stale_inputs(manifest, out)

@@ -236,3 +236,18 @@ def test_resume_on_a_complete_stage_of_another_config_or_input_is_refused(runs, 
     code, stdout, _ = cli(["sft", "--config", str(cfg), "--force", "--lr", "0.01"], capsys)
     assert code == 0 and stdout == f"{out}\n"
     assert json.loads((out / "manifest.json").read_text())["config"]["lr"] == 0.01
+
+
+def test_a_config_field_added_since_is_no_change_at_its_default(runs, tmp_path):
+    """A manifest of an older version lacks the fields added since: at their defaults they change nothing, so
+    an upgrade does not rerun every finished stage."""
+    from aligndistil_cli.rundir.current import difference
+
+    values = stage_values(runs, "sft", tmp_path / "s", max_steps=1, batch_size=16)
+    out = run_in_process("sft", values)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["config"]["compile"], manifest["config"]["eval_every"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    config = build_config(STAGES["sft"].config, values)
+    assert difference(config) is None
+    assert difference(build_config(STAGES["sft"].config, values | {"compile": True})) == "config changed: compile"
