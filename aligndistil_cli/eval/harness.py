@@ -10,6 +10,7 @@ generated, as everywhere else in aligndistil. Task data comes from local files (
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.util
 import math
 import sys
@@ -50,8 +51,6 @@ def task_manager(tasks: list[str], tasks_dir: str | None):
         manager = TaskManager(include_path=tasks_dir)
     for task in tasks:
         if task not in manager.all_tasks:
-            import difflib
-
             close = difflib.get_close_matches(task, manager.all_tasks, n=1)
             where = f" or in --lm-eval-tasks-dir {tasks_dir}" if tasks_dir else ""
             raise UserError(f"--lm-eval: unknown task {task!r}: not a task, group or tag of lm-eval {version()}{where}"
