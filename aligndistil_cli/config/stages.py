@@ -331,5 +331,25 @@ class TeacherRow(Group):
             raise ConfigError("--teacher models needs --dpo and --rev (the reference is --ref)")
 
 
-EvaluateConfig = compose("EvaluateConfig", EvaluateInputs, Output, EvalSampling, EvalReport, TeacherRow, ModelSource,
-                         DataReading, Tracking, Run)
+@dataclass
+class LmEval(Group):
+    """evaluate --lm-eval: EleutherAI's lm-evaluation-harness on every evaluated model (eval/harness.py)."""
+
+    panel = "lm-evaluation-harness"
+
+    lm_eval: Optional[str] = opt(None, "Also score the reference and each model with EleutherAI's "
+                                 "lm-evaluation-harness on these tasks, a comma list (e.g. hellaswag,arc_easy). "
+                                 "Needs pip install 'aligndistil[lm-eval]'.")
+    lm_eval_limit: Optional[int] = opt(None, "--lm-eval: score only the first N documents of each task (the scores "
+                                       "are then not comparable with published ones).", positive=True)
+    lm_eval_tasks_dir: Optional[str] = opt(None, "--lm-eval: a directory of task YAML files (e.g. over local JSONL "
+                                           "files), searched before the harness' own tasks.", input="data")
+
+    def validate(self) -> None:
+        for name in ("lm_eval_limit", "lm_eval_tasks_dir"):
+            if getattr(self, name) is not None and not self.lm_eval:
+                raise ConfigError(f"config field {name!r} needs 'lm_eval' (the tasks to score)")
+
+
+EvaluateConfig = compose("EvaluateConfig", EvaluateInputs, Output, EvalSampling, EvalReport, TeacherRow, LmEval,
+                         ModelSource, DataReading, Tracking, Run)

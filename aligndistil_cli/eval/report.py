@@ -135,6 +135,48 @@ def results_markdown(report: dict) -> list[str]:
     return md_table(columns(report), [_row(n, r) for n, r in report["models"].items()])
 
 
+def lm_eval_rows(lm_eval: dict) -> tuple[list[str], list[list[str]]]:
+    """The harness' scores as a header (model, then a column per task and metric) and a row per model."""
+    scores = lm_eval["scores"]
+    cols = list(dict.fromkeys((task, metric) for per_task in scores.values()
+                              for task, metrics in per_task.items() for metric in metrics))
+
+    def cell(name: str, task: str, metric: str) -> str:  # every model is scored on the same tasks
+        found = scores[name][task][metric]
+        return f"{found['value']:.4f}" + ("" if found["stderr"] is None else f" ± {found['stderr']:.4f}")
+
+    return (["model"] + [f"{task} {metric}" for task, metric in cols],
+            [[name] + [cell(name, task, metric) for task, metric in cols] for name in scores])
+
+
+def lm_eval_markdown(lm_eval: dict) -> list[str]:
+    """The harness' table as markdown lines, after a line saying what was scored (report.md and the cards)."""
+    samples = ", ".join(f"{task} {n}" for task, n in lm_eval["samples"].items())
+    limit = (f" (--lm-eval-limit {lm_eval['limit']}: the first documents of each task only, so not comparable with "
+             "published scores)" if lm_eval.get("limit") else "")
+    lines = [f"EleutherAI's lm-evaluation-harness {lm_eval['version']}; documents scored per task: {samples}{limit}. "
+             "± is the harness' standard error.", ""]
+    return lines + md_table(*lm_eval_rows(lm_eval))
+
+
+def card_results(report: dict, name: str, dataset: str) -> list[dict]:
+    """Model name's results as huggingface_hub EvalResult fields, for its card's model-index: its reward, KL and
+    win rate on the held-out prompts (dataset: their file or hub id), then its lm-evaluation-harness scores."""
+    from aligndistil_cli.eval.harness import card_results as harness_results
+
+    res, ref = report["models"][name], report["reference"]
+    held_out = {"task_type": "text-generation", "dataset_type": str(dataset),
+                "dataset_name": f"held-out prompts ({Path(dataset).name})"}
+    found = [{**held_out, "metric_type": "reward", "metric_name": report.get("reward_name", "gold reward"),
+              "metric_value": res["reward"]["mean"]},
+             {**held_out, "metric_type": "kl", "metric_name": f"KL to {ref} (nats)", "metric_value": res["kl"]["mean"]}]
+    if res.get("win_rate"):
+        found.append({**held_out, "metric_type": "win_rate", "metric_name": f"win rate against {ref}",
+                      "metric_value": res["win_rate"]["mean"]})
+    scores = (report.get("lm_eval") or {}).get("scores", {}).get(name)
+    return found + (harness_results(scores) if scores else [])
+
+
 def _plot_reward_vs_kl(plt, report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, res in report["models"].items():
@@ -193,6 +235,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
         lines += ["", "## Implicit-reward accuracy", "",
                   f"On {acc['num_pairs']} held-out preference pairs: DPO implicit reward {acc['dpo']:.3f}, "
                   f"contrastive implicit reward {acc['contrastive']:.3f}."]
+    if report.get("lm_eval"):
+        lines += ["", "## lm-evaluation-harness", ""] + lm_eval_markdown(report["lm_eval"])
     if report.get("teacher_health"):
         lines += ["", "## Teacher health", ""]
         for name, health in report["teacher_health"].items():
@@ -235,6 +279,14 @@ def print_report(out: Path) -> None:
     report = json.loads((Path(out) / "report.json").read_text())
     console = Console()  # stdout: the table is the result
     console.print(results_table(report))
+    if report.get("lm_eval"):
+        header, rows = lm_eval_rows(report["lm_eval"])
+        table = Table(title=f"lm-evaluation-harness {report['lm_eval']['version']}")
+        for i, col in enumerate(header):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     for name, health in (report.get("teacher_health") or {}).items():
         console.print(f"{name}: {health_line(health)}", highlight=False)
         if health["warning"]:

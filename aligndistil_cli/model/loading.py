@@ -199,7 +199,7 @@ def _meta_model(path: str | Path, dtype: torch.dtype, attn_implementation: str |
 
 
 def load_student(path: str | Path, device: torch.device, cfg, whole: bool = False):
-    """A model to train, with cfg's (TrainingFields) attention kernel, checkpointing and LoRA; fp32 master weights.
+    """A model to train, with a training config's attention kernel, checkpointing and LoRA; fp32 master weights.
 
     Under torchrun it is sharded here (fsdp.shard) and only rank 0 reads the weights: the other ranks
     build it on the meta device and receive their shards from rank 0, so that no rank but 0 holds a

@@ -37,8 +37,10 @@ from aligndistil_cli.core.console import say_last
 from aligndistil_cli.core.console import stderr as console
 from aligndistil_cli.core.errors import ConfigError, UserError, shown
 from aligndistil_cli.core.hashing import config_dict
+from aligndistil_cli.eval.harness import require as require_harness
 from aligndistil_cli.orchestrate.plan import check_stage_names, did_you_mean, make_plan, parse_sets, select
-from aligndistil_cli.rundir.artifacts import MANIFEST, portable_config, read_manifest, stale_inputs, verify_outputs
+from aligndistil_cli.rundir.artifacts import is_complete
+from aligndistil_cli.rundir.current import is_up_to_date
 from aligndistil_cli.stages import STAGES
 from aligndistil_cli.train import checkpoint
 from aligndistil_cli.train.tracking import require
@@ -110,46 +112,15 @@ def load_pipeline(path: Path, root: Path | None = None, sets: dict | None = None
     return resolved
 
 
-# Config fields that say how to run a stage, not what it computes.
-RUN_FREE = ("resume", "force")
-
-
-def _old_root(recorded_out: str, out: Path, root: Path) -> Path | None:
-    """Where root was when the manifest was written: recorded_out minus out's path below root."""
-    try:
-        depth = len(out.relative_to(root).parts)
-    except ValueError:
-        return None
-    recorded = Path(recorded_out)
-    if recorded.parts[len(recorded.parts) - depth:] != out.parts[len(out.parts) - depth:]:
-        return None
-    return recorded.parents[depth - 1] if depth else recorded
-
-
-def is_up_to_date(config, root: Path | None = None) -> bool:
-    """Complete, same config (relative to root: default OUT's parent), intact files, unchanged inputs."""
-    out = Path(config.out)
-    root = Path(root) if root is not None else out.parent
-    if not (out / MANIFEST).is_file():
-        return False
-    try:
-        manifest = read_manifest(out)
-        verify_outputs(out, manifest)
-    except UserError:
-        return False
-    old_root = _old_root(str(manifest["config"].get("out", "")), out, root) or root
-    recorded = portable_config({k: v for k, v in manifest["config"].items() if k not in RUN_FREE}, old_root)
-    current = portable_config({k: v for k, v in config_dict(config).items() if k not in RUN_FREE}, root)
-    return recorded == current and not stale_inputs(manifest, out)
-
-
 def for_rerun(config, force: bool):
     """config as `run` executes it: --force starts over (checkpoints discarded); otherwise a
     training stage that left a checkpoint behind resumes from it, unless one of its inputs changed
-    since (an upstream stage reran): then it starts over, and its checkpoints are discarded."""
+    since (an upstream stage reran): then it starts over, and its checkpoints are discarded. A
+    complete output that is not current (its config changed) is trained again: checkpoints a kill
+    between its manifest and their removal left are not resumed from."""
     if force:
         return dataclasses.replace(config, force=True, **({"resume": False} if hasattr(config, "resume") else {}))
-    if not hasattr(config, "resume"):
+    if not hasattr(config, "resume") or is_complete(Path(config.out)):
         return config
     found, changed = checkpoint.stale(config)
     if found is None:
@@ -204,9 +175,10 @@ def run_file(path: Path, force: bool = False, root: Path | None = None, nproc: i
     nproc = nproc_per_node(Path(path), nproc)
     resolved = load_pipeline(Path(path), root, parse_sets(sets or []))
     selected = select([name for name, _, _ in resolved], only, start, until)
-    for name, _, config in resolved:  # a missing tracker package stops the pipeline before its first stage
+    for name, _, config in resolved:  # a missing tracker or harness package stops the pipeline before its first stage
         if name in selected:
             require(getattr(config, "report_to", None))
+            require_harness(getattr(config, "lm_eval", None))
     if dry_run:
         for step in make_plan(resolved, selected, force, is_up_to_date):
             word = "[bold]run[/bold] " if step.run else "[dim]skip[/dim]"

@@ -2,8 +2,8 @@
 
 A stage runs when its output is missing or unfinished, when its resolved
 config differs from the one its manifest records, when one of its inputs
-changed (or an upstream stage will run first), or with --force. pipeline.py's
-is_up_to_date stays the one test of "complete"; this module only explains it.
+changed (or an upstream stage will run first), or with --force.
+rundir.current stays the one test of "complete"; this module only explains it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 from aligndistil_cli.core.errors import ConfigError, UsageError
 from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.core.yamlio import parse_yaml
-from aligndistil_cli.rundir.artifacts import MANIFEST, stale_inputs
+from aligndistil_cli.rundir.artifacts import MANIFEST
+from aligndistil_cli.rundir.current import difference
 from aligndistil_cli.train import checkpoint
 
 _PLACEHOLDER = re.compile(r"\{[A-Za-z0-9_-]+\}")
@@ -85,14 +86,7 @@ def why_not_up_to_date(config, upstream: list[str]) -> str:
         return "unreadable manifest"
     if not manifest.get("complete"):
         return "incomplete manifest"
-    old, new = manifest.get("config", {}), config_dict(config)
-    changed = sorted(k for k in set(old) | set(new) if k != "resume" and old.get(k) != new.get(k))
-    if changed:
-        return f"config changed: {', '.join(changed)}"
-    stale = stale_inputs(manifest)
-    if stale:
-        return f"input changed: {', '.join(stale)}"
-    return "output differs from its manifest"
+    return difference(config) or "complete"
 
 
 def _checkpoint_note(config, upstream: list[str]) -> str:

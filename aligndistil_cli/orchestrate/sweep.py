@@ -21,7 +21,7 @@ values < the grid's.
 
 Stages with the same command and resolved config (bar `out`) are one directory, the first one
 planned: DPO at beta 0.1 is the teachers' DPO, and their evaluations are shared too. Each stage is
-skipped when pipeline.is_up_to_date says it is complete, so a rerun only computes what is missing.
+skipped when current.is_up_to_date says it is complete, so a rerun only computes what is missing.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ from aligndistil_cli.config.files import build_config, read_yaml
 from aligndistil_cli.core.console import stderr as console
 from aligndistil_cli.core.errors import ConfigError, UserError
 from aligndistil_cli.core.hashing import config_dict
-from aligndistil_cli.orchestrate.pipeline import FIXED, for_rerun, is_up_to_date, substitute
+from aligndistil_cli.orchestrate.pipeline import FIXED, for_rerun, substitute
 from aligndistil_cli.orchestrate.selection import Selection, choose_teachers
 from aligndistil_cli.orchestrate.summary import _norm, label, summary_options, write_summary
 from aligndistil_cli.rundir.artifacts import atomic_write_json
+from aligndistil_cli.rundir.current import is_up_to_date
 from aligndistil_cli.stages import STAGES
 
 __all__ = ["load_spec", "plan", "run_sweep", "run_name", "write_summary"]

@@ -68,6 +68,19 @@ def base_model(source: str | None) -> str | None:
     return None
 
 
+LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def inherited_license(source: str | None) -> dict:
+    """The license fields of a local source model's card (license_name and license_link go with license: other);
+    a trained model is bound by the license of the weights it started from. Empty for a hub id: its card is not
+    fetched."""
+    if not source or not Path(source).is_dir():
+        return {}
+    meta = front_matter(Path(source) / CARD)
+    return {k: meta[k] for k in LICENSE_KEYS if meta.get(k)}
+
+
 def teacher_settings(config: dict) -> dict:
     """What taught a distilled student: the cache's teacher (off-policy) or the live one (on-policy)."""
     if config.get("mode") == "on-policy":
@@ -77,8 +90,11 @@ def teacher_settings(config: dict) -> dict:
         settings["alpha_max"] = config.get("alpha_max")
         settings["extrapolate_eos"] = config.get("extrapolate_eos") is not False
         return {"mode": "on-policy", **settings, "temperature": config.get("teacher_temperature")}
-    cache = read_manifest(Path(config["cache"]), "precompute", role="teacher cache")["config"]
+    manifest = read_manifest(Path(config["cache"]), "precompute", role="teacher cache")
+    cache = manifest["config"]
     settings = {"mode": "off-policy", "cache": config["cache"], **{k: cache.get(k) for k in TEACHER_KEYS}}
+    # --format auto is resolved by precompute (by vocabulary size); the card shows what the cache holds.
+    settings["format"] = manifest.get("metrics", {}).get("format", cache.get("format"))
     for key in OVERRIDES:
         if config.get(key) is not None:
             settings[key] = config[key]
@@ -108,12 +124,14 @@ def write_card(out: Path, stage: str, config: dict, metrics: dict) -> None:
     """README.md for a saved model; config is the stage's resolved config as plain data."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    source = config.get("model") or config.get("student")
     data = ModelCardData(
-        base_model=base_model(config.get("model") or config.get("student")),
+        base_model=base_model(source),
         datasets=[config["data"]] if _hub_id(config.get("data")) else None,
         tags=["aligndistil", *(TAGS.get(stage, []) if config.get("loss", "dpo") == "dpo" else [config["loss"]])],
         library_name="transformers",
         pipeline_tag="text-generation",
+        **inherited_license(source),
     )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(stage, config, metrics, Path(out).resolve().name)}")
     atomic_write_bytes(Path(out) / CARD, str(card).encode("utf-8"))
@@ -128,8 +146,20 @@ def evaluation_section(name: str, eval_out: Path, table: list[str], verdict: str
     return "\n".join(lines)
 
 
-def add_evaluation(model_dir: Path, section: str, plots: list[Path]) -> bool:
-    """Put section (and copies of plots) into a complete aligndistil model's card; False when it has none."""
+def with_results(text: str, model_name: str, results: list[dict]) -> str:
+    """The card text with its model-index made of results (huggingface_hub EvalResult fields), replacing any
+    earlier one: the card shows the latest evaluation, as its evaluation section does."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    card = ModelCard(text)
+    card.data.model_name = model_name if results else None
+    card.data.eval_results = [EvalResult(**r) for r in results] or None
+    return str(card)
+
+
+def add_evaluation(model_dir: Path, section: str, plots: list[Path], results: list[dict] = ()) -> bool:
+    """Put section (and copies of plots) into a complete aligndistil model's card, and results (EvalResult
+    fields) into its model-index; False when it has no card of ours."""
     model_dir = Path(model_dir)
     card = model_dir / CARD
     if not (model_dir / MANIFEST).is_file() or not card.is_file():
@@ -148,6 +178,7 @@ def add_evaluation(model_dir: Path, section: str, plots: list[Path]) -> bool:
     for plot in plots:
         shutil.copyfile(plot, model_dir / EVAL_DIR / Path(plot).name)
         copied.append(f"{EVAL_DIR}/{Path(plot).name}")
-    atomic_write_bytes(card, f"{head}{BEGIN}\n{section}\n{END}{tail}".encode())
+    text = with_results(f"{head}{BEGIN}\n{section}\n{END}{tail}", model_dir.resolve().name, list(results))
+    atomic_write_bytes(card, text.encode("utf-8"))
     record_outputs(model_dir, [CARD, *copied])
     return True

@@ -59,9 +59,9 @@ def push(out: Path, repo_id: str, private: bool = False) -> str:
 
     read_manifest(Path(out), role="output")
     where = f"--push-to-hub {repo_id}: {out} is saved and complete, but the upload"
+    later = f"upload later with `hf upload {repo_id} {out}`"
     if hub_offline():
-        raise UserError(f"{where} needs the Hub and HF_HUB_OFFLINE is set; upload later with "
-                        f"`hf upload {repo_id} {out}`")
+        raise UserError(f"{where} needs the Hub and HF_HUB_OFFLINE is set; {later}")
     from huggingface_hub import HfApi
 
     api = HfApi()
@@ -72,5 +72,5 @@ def push(out: Path, repo_id: str, private: bool = False) -> str:
                                    commit_message=f"Upload {Path(out).name} from aligndistil")
     except Exception as e:  # noqa: BLE001 - any HTTP, auth or network failure becomes the one line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{where} failed: {first}") from None
+        raise UserError(f"{where} failed: {first}; {later}") from None
     return str(getattr(commit, "commit_url", commit))

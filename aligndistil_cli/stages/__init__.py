@@ -39,7 +39,10 @@ class Stage:
 
         def checked(config):
             preflight(config)
-            out = importlib.import_module(f"{__name__}.{self.module_for(config)}").run(config)
+            if already_complete(config):
+                out = Path(config.out)
+            else:
+                out = importlib.import_module(f"{__name__}.{self.module_for(config)}").run(config)
             from aligndistil_cli.train.tracking import is_main_process
 
             if getattr(config, "push_to_hub", None) and is_main_process():  # once, not from every torchrun rank
@@ -69,6 +72,29 @@ def preflight(config) -> None:
     for given in config_inputs(config):
         if given.kind == "model":
             model_source(given.path, getattr(config, "revision", None))
+
+
+def already_complete(config) -> bool:
+    """--resume on an output that is already complete: True, said on stderr, when it was made with this config
+    (bar how to run it: train.loop.RESUME_FREE) and these inputs, so nothing is left to train; one line of
+    refusal naming what differs when it was made otherwise, since training anew would replace a finished
+    output that --resume asked to keep."""
+    from aligndistil_cli.core.console import stderr
+    from aligndistil_cli.rundir.artifacts import is_complete
+    from aligndistil_cli.rundir.current import difference
+    from aligndistil_cli.rundir.outdir import owner
+    from aligndistil_cli.train.loop import RESUME_FREE
+
+    out = Path(config.out)
+    if not getattr(config, "resume", False) or not is_complete(out):
+        return False
+    why = difference(config, free=RESUME_FREE)
+    if why:
+        raise UserError(f"--resume: {out} is already a complete {owner(out)} output, but not of what is asked now "
+                        f"({why}); nothing to resume: pass --force to train it again")
+    stderr.print(f"{owner(out)}: {out} is already complete (same config and inputs); nothing to resume "
+                 "(--force trains it again)", highlight=False, soft_wrap=True)
+    return True
 
 
 def check_apart_from_inputs(config) -> None:

@@ -22,12 +22,14 @@ from aligndistil_cli.core.hashing import config_dict
 from aligndistil_cli.data import chat
 from aligndistil_cli.data.encode import collate, data_input, encode_pairs, encode_prompts, load_data, truncate
 from aligndistil_cli.data.sources import flatten_plain
-from aligndistil_cli.eval import curves
+from aligndistil_cli.eval import curves, harness
 from aligndistil_cli.eval.export import export, make_generate_fn, read_questions
 from aligndistil_cli.eval.report import (
     CONVERGED_KL,
+    card_results,
     kl_estimate,
     length_stats,
+    lm_eval_markdown,
     mean_ci,
     print_report,
     results_markdown,
@@ -41,6 +43,7 @@ from aligndistil_cli.model.sampling import generate, score_samples
 from aligndistil_cli.parallel import distributed
 from aligndistil_cli.rundir.artifacts import (
     atomic_write_json,
+    fingerprint_data,
     fingerprint_model,
     input_record,
     prepare_output,
@@ -207,6 +210,9 @@ def verdicts(report: dict) -> list[str]:
 def run(config: EvaluateConfig) -> Path:
     if config.pairs and not (config.dpo or config.teacher):
         raise UserError("evaluate: --pairs needs --dpo (implicit-reward accuracy) or --teacher (p(EOS) diagnostics)")
+    harness.require(config.lm_eval)
+    tasks = harness.tasks_of(config.lm_eval)
+    manager = harness.task_manager(tasks, config.lm_eval_tasks_dir) if tasks else None  # an unknown task fails here
     seed_everything(config.seed)
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "prompts", config.prompts)
@@ -240,7 +246,9 @@ def run(config: EvaluateConfig) -> Path:
               "implicit_accuracy": implicit_accuracy(config, ref_model, tokenizer, device)
               if config.pairs and config.dpo else None,
               "teacher_diagnostics": diagnostics,
-              "teacher_health": teacher_health_of(config, diagnostics)}
+              "teacher_health": teacher_health_of(config, diagnostics),
+              # Last: the harness reseeds every random generator of the process.
+              "lm_eval": lm_eval_report(config, manager, tasks, ref_model, tokenizer, device) if manager else None}
     report["verdict"] = verdicts(report)
     if distributed.is_main():
         atomic_write_json(out / "report.json", report, sort_keys=False)
@@ -251,10 +259,13 @@ def run(config: EvaluateConfig) -> Path:
     if teacher:
         inputs.update(teacher.inputs)
     inputs["prompts"] = data_input(config, config.prompts)
+    if config.lm_eval_tasks_dir:
+        inputs["lm_eval_tasks_dir"] = input_record("data", config.lm_eval_tasks_dir,
+                                                   fingerprint_data(config.lm_eval_tasks_dir))
     metrics = {name: {"reward": res["reward"]["mean"], "kl": res["kl"]["mean"]} for name, res in models.items()}
     finalize(out, "evaluate", config, inputs, metrics)
     if distributed.is_main():
-        add_to_cards({config.ref_name: config.ref, **config.models}, report, out, written[1:])
+        add_to_cards({config.ref_name: config.ref, **config.models}, report, out, written[1:], config.prompts)
         print_report(out)
     return out
 
@@ -286,11 +297,29 @@ def log_report(config: EvaluateConfig, out: Path, report: dict) -> None:
         trackers.close()
 
 
-def add_to_cards(models: dict[str, str], report: dict, out: Path, plots: list[str]) -> None:
-    """Each evaluated aligndistil model's card gets the table, its verdict and the plots: the comparisons, and the
-    training curves of that model only."""
+def add_to_cards(models: dict[str, str], report: dict, out: Path, plots: list[str], prompts: str) -> None:
+    """Each evaluated aligndistil model's card gets the tables, its verdict and the plots (the comparisons, and the
+    training curves of that model only), and its own results in its model-index."""
     table = results_markdown(report)
+    if report.get("lm_eval"):
+        table += [""] + lm_eval_markdown(report["lm_eval"])
     for name, path in models.items():
         verdict = next((v for v in report["verdict"] if v.startswith(f"{name} ")), None)
         own = [p for p in plots if not p.startswith("training_curves") or p == curves.file_name(name)]
-        add_evaluation(Path(path), evaluation_section(name, out, table, verdict, own), [out / p for p in own])
+        add_evaluation(Path(path), evaluation_section(name, out, table, verdict, own), [out / p for p in own],
+                       card_results(report, name, prompts))
+
+
+def lm_eval_report(config: EvaluateConfig, manager, tasks: list[str], ref_model, tokenizer, device) -> dict:
+    """The harness' scores of the reference and of each model; under torchrun each rank scores its share of the
+    models, whole."""
+    named = [(config.ref_name, None), *config.models.items()]
+
+    def score(part: list) -> list[dict]:
+        return [harness.score(ref_model if path is None else load_model(path, device, **hub_options(config)).eval(),
+                              tokenizer, manager, tasks, config.lm_eval_limit, config.batch_size)
+                for _, path in part]
+
+    found = distributed.split_map(score, named)
+    return {"tasks": tasks, "version": harness.version(), "limit": config.lm_eval_limit,
+            "samples": found[0]["samples"], "scores": {name: f["scores"] for (name, _), f in zip(named, found)}}

@@ -237,7 +237,7 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
           monitor: Callable | None = None, weight: Callable[[list], float] = len) -> dict:
     """Optimise model over `steps` (one batch per optimizer step); return summary metrics.
 
-    cfg is a TrainingFields config. Writes out/metrics.jsonl and, every
+    cfg is a training stage's config (config.groups.TRAINING). Writes out/metrics.jsonl and, every
     cfg.save_every steps, a checkpoint that `--resume` continues from: the
     batches before it are skipped, not recomputed. monitor(model) -> metrics
     runs every cfg.eval_every steps and at the end (monitor.py). weight(micro)

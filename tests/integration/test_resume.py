@@ -173,3 +173,81 @@ def test_on_policy_resume_is_exact_mid_rollout(runs, tmp_path):
     # Training steps only: distill ends metrics.jsonl with a record of the final KL to the teacher.
     losses = [[m["loss"] for m in metrics(out) if "loss" in m] for out in (reference, resumed)]
     assert losses[0] and losses[0] == losses[1]
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, list[str]]:
+    """main(argv) -> (exit code, stdout, stderr lines)."""
+    from aligndistil_cli.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err.strip().splitlines()
+
+
+# Issue 24, 1: --resume on a finished stage keeps it; a finished stage of another config or input is refused.
+def test_resume_on_a_complete_stage_says_so_and_trains_nothing(runs, tmp_path, capsys):
+    out = tmp_path / "s"
+    values = stage_values(runs, "sft", out, max_steps=2, batch_size=16)
+    run_in_process("sft", values)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    cfg = tmp_path / "sft.yaml"
+    # log_every says how a run logs, not what it trains: a checkpoint resumes across it, and so does this
+    cfg.write_text(yaml.safe_dump(values | {"log_every": 5}))
+    code, stdout, err = cli(["sft", "--config", str(cfg), "--resume"], capsys)
+    assert code == 0 and stdout == f"{out}\n", "stdout is the output directory, as after training"
+    assert err == [f"sft: {out} is already complete (same config and inputs); nothing to resume (--force trains it "
+                   "again)"]
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == before
+
+
+def test_resume_on_a_complete_stage_still_uploads_it(runs, tmp_path, capsys, monkeypatch):
+    """The upload a first run could not do is what a --resume --push-to-hub of the complete output does."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "s"
+    values = stage_values(runs, "sft", out, max_steps=2, batch_size=16)
+    run_in_process("sft", values)
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(yaml.safe_dump(values))
+    code, _, err = cli(["sft", "--config", str(cfg), "--resume", "--push-to-hub", "someone/sft"], capsys)
+    assert code == 1 and err[0].startswith(f"sft: {out} is already complete")
+    assert err[1] == (f"error: --push-to-hub someone/sft: {out} is saved and complete, but the upload needs the Hub and "
+                      f"HF_HUB_OFFLINE is set; upload later with `hf upload someone/sft {out}`")
+
+
+def test_resume_on_a_complete_stage_of_another_config_or_input_is_refused(runs, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    shutil.copy(runs / "toy" / "sft.jsonl", data)
+    out = tmp_path / "s"
+    values = stage_values(runs, "sft", out, max_steps=2, batch_size=16, data=str(data))
+    run_in_process("sft", values)
+    manifest = (out / "manifest.json").read_bytes()
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(yaml.safe_dump(values))
+    code, stdout, err = cli(["sft", "--config", str(cfg), "--resume", "--lr", "0.01"], capsys)
+    assert code == 1 and stdout == ""
+    assert err == [f"error: --resume: {out} is already a complete sft output, but not of what is asked now (config "
+                   "changed: lr); nothing to resume: pass --force to train it again"]
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))
+    code, _, err = cli(["sft", "--config", str(cfg), "--resume"], capsys)
+    assert code == 1 and len(err) == 1 and "(input changed: data)" in err[0]
+    assert (out / "manifest.json").read_bytes() == manifest, "a refused --resume leaves the output as it was"
+    code, stdout, _ = cli(["sft", "--config", str(cfg), "--force", "--lr", "0.01"], capsys)
+    assert code == 0 and stdout == f"{out}\n"
+    assert json.loads((out / "manifest.json").read_text())["config"]["lr"] == 0.01
+
+
+def test_a_config_field_added_since_is_no_change_at_its_default(runs, tmp_path):
+    """A manifest of an older version lacks the fields added since: at their defaults they change nothing, so
+    an upgrade does not rerun every finished stage."""
+    from aligndistil_cli.rundir.current import difference
+
+    values = stage_values(runs, "sft", tmp_path / "s", max_steps=1, batch_size=16)
+    out = run_in_process("sft", values)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["config"]["compile"], manifest["config"]["eval_every"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    config = build_config(STAGES["sft"].config, values)
+    assert difference(config) is None
+    assert difference(build_config(STAGES["sft"].config, values | {"compile": True})) == "config changed: compile"
