@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # on GPU machines the same pin resolves to the CUDA build.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 # uv installs no bytecode, and where PYTHONDONTWRITEBYTECODE is set Python writes none either: every process
 # (each test's CLI run, each pipeline) would compile torch's, transformers' and our modules anew, about 6.7 s
 # of a 4.5 s import. One import at set-up writes the bytecode of what the stages load.
@@ -17,30 +18,42 @@ import datasets, matplotlib.pyplot, transformers.models.llama.modeling_llama, tr
 endef
 export WARM_BYTECODE
 
-.PHONY: setup full-pipeline test bench experiments experiments-full results lint clean
-
-setup: $(STAMP)
-
 # uv installs in seconds what pip takes minutes for: uv from PATH, else from PyPI into the venv.
 # uv does not read pip's configuration, so it is handed pip's find-links, where a CPU machine keeps
 # its local torch wheel; TORCH's pin is part of the same install. When uv is unavailable or fails,
-# pip does it all, torch first, as before.
-$(STAMP): pyproject.toml
+# pip does it all, torch first, as before. $(1): what to install besides torch.
+define INSTALL
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	uv=$$(command -v uv || { $(BIN)/python -m pip install -q uv >/dev/null 2>&1 && echo $(BIN)/uv; }); \
 	links=$${PIP_FIND_LINKS:-$$($(BIN)/python -m pip config get global.find-links 2>/dev/null)}; \
 	if [ -n "$$uv" ] && $$uv pip install -q --python $(BIN)/python $${links:+--find-links $$links} \
-	    "$(TORCH)" -e ".[test]"; then :; else \
+	    "$(TORCH)" -e "$(1)"; then :; else \
 	  $(BIN)/python -m pip install -q --upgrade pip && \
 	  { $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"; } && \
-	  $(BIN)/python -m pip install -q -e ".[test]"; fi
+	  $(BIN)/python -m pip install -q -e "$(1)"; fi
+endef
+
+.PHONY: setup setup-test full-pipeline test bench experiments experiments-full results lint clean
+
+# The package alone: what `make full-pipeline` needs. The test extra (pytest, ruff, lm-eval, a real
+# tokenizer...) comes on top of it for `make test` and `make lint`.
+setup: $(STAMP)
+setup-test: $(TEST_STAMP)
+
+$(STAMP): pyproject.toml
+	$(call INSTALL,.)
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c "$$WARM_BYTECODE"
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(call INSTALL,.[test])
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c "$$WARM_BYTECODE"  # the extra may replace some (numpy)
+	touch $(TEST_STAMP)
 
 full-pipeline: setup
 	$(BIN)/aligndistil run pipelines/tiny.yaml
 
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest tests
 
 bench: setup
@@ -60,7 +73,7 @@ results: setup
 experiments-full: setup
 	$(BIN)/aligndistil sweep pipelines/experiments-full.yaml
 
-lint: setup
+lint: setup-test
 	$(BIN)/ruff check aligndistil_cli tests bench
 	$(BIN)/lint-imports
 
