@@ -184,6 +184,10 @@ class TrainingFields(DataFields, TrackingFields, HubFields):
                               nonneg=True)
     fsdp_cpu_offload: bool = opt(False, "Under torchrun: keep the sharded parameters, gradients and optimizer state in "
                                  "CPU memory (slower; for models that do not fit the GPUs otherwise).")
+    checkpoint_format: str = opt("full", "full: rank 0 gathers the model and optimizer state and writes one set of files; "
+                                 "sharded: every rank writes its own shards (safetensors), so no host holds a whole "
+                                 "copy. Either resumes on any world size (docs/distributed.md).",
+                                 choices=("full", "sharded"))
 
     def validate(self) -> None:
         if self.resume and self.force:

@@ -157,18 +157,19 @@ def shape_mismatch(path: str | Path, trust_remote_code: bool = False) -> str:
 
 
 def load_teacher(path: str | Path, device: torch.device, dtype: torch.dtype, attn_implementation: str | None,
-                 shard: bool, **hub):
-    """An inference-only model (requires no gradients); with shard, sharded over the ranks (fsdp.shard_frozen).
+                 shard: bool, head_by_hand: bool = False, **hub):
+    """An inference-only model (requires no gradients); with shard, sharded over the ranks (fsdp.shard_frozen,
+    with head_by_hand).
 
     Sharded under torchrun, only rank 0 reads the weights: the other ranks build the model on the meta
     device, shard it, and receive their shards from rank 0, so that no rank but 0 holds a whole copy.
     """
     if not (shard and distributed.active()):
         model = load_model(path, device, dtype, attn_implementation, **hub).eval().requires_grad_(False)
-        return fsdp.shard_frozen(model) if shard else model
+        return fsdp.shard_frozen(model, head_by_hand) if shard else model
     model = _rank0_model(path, device, dtype, attn_implementation, **hub).eval().requires_grad_(False)
     state = model.state_dict() if distributed.is_main() else {}
-    fsdp.shard_frozen(model)
+    fsdp.shard_frozen(model, head_by_hand)
     fsdp.fill_from_rank0(model, state, device)
     return model
 
@@ -196,15 +197,14 @@ def _meta_model(path: str | Path, dtype: torch.dtype, attn_implementation: str |
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
 
 
-def load_student(path: str | Path, device: torch.device, cfg, whole: bool = False):
+def load_student(path: str | Path, device: torch.device, cfg):
     """A model to train, with cfg's (TrainingFields) attention kernel, checkpointing and LoRA; fp32 master weights.
 
     Under torchrun it is sharded here (fsdp.shard) and only rank 0 reads the weights: the other ranks
     build it on the meta device and receive their shards from rank 0, so that no rank but 0 holds a
-    whole copy. whole: every rank loads it whole (a stage that runs it unsharded before training);
-    training.train shards it then.
+    whole copy.
     """
-    sharded = distributed.active() and not whole
+    sharded = distributed.active()
     load = _rank0_model if sharded else load_model
     model = load(path, device, torch.float32, cfg.attn_implementation, cfg.gradient_checkpointing, **hub_options(cfg))
     model = add_lora(model, cfg) if cfg.lora_r else model
@@ -248,13 +248,6 @@ def add_lora(model, cfg):
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=target, lora_dropout=0.0,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def reference_mode(model):
-    """A context in which model is the reference: a LoRA model with its adapter disabled, else itself."""
-    from contextlib import nullcontext
-
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
 def save_model(model, tokenizer, out: Path) -> None:

@@ -4,11 +4,17 @@ The reference log-probs of every pair are computed before training, cached
 as safetensors keyed by (reference weights, tokenizer, data, lengths), and
 reused by the reverse run, which swaps chosen and rejected. Training steps run
 only the policy, on chosen and rejected concatenated into one forward pass.
+
+The reference is a frozen copy of the initial model, loaded only when the cache
+lacks its log-probs and freed before the policy loads. Under torchrun both are
+sharded and only rank 0 reads the weights, so no other rank holds a whole copy.
 """
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,16 +29,16 @@ from aligndistil_cli.model.loading import (
     head_logps,
     hub_options,
     load_student,
+    load_teacher,
     load_tokenizer,
     pick_device,
-    reference_mode,
     save_model,
     sequence_ids,
     sequence_logps,
 )
 from aligndistil_cli.model.packing import MIN_PADDING, collate_for
 from aligndistil_cli.model.packing import enable as enable_padding_free
-from aligndistil_cli.parallel import distributed
+from aligndistil_cli.parallel import distributed, fsdp
 from aligndistil_cli.rundir.artifacts import (
     default_mode,
     fingerprint_model,
@@ -78,24 +84,45 @@ def policy_logps(model, pairs, pad_id: int, vocab: int, chunk_size: int, device,
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, vocab, chunk_size, batch_size, device,
-                    pack=collate_for(False)) -> dict[str, torch.Tensor]:
+def reference_logps(model, pairs, pad_id, vocab, chunk_size, batch_size, device, pack=collate_for(False),
+                    spare: list | None = None) -> dict[str, torch.Tensor]:
+    """{"chosen": [B], "rejected": [B]} summed response log-probs of pairs, batch_size pairs a forward pass.
+
+    A sharded model's every forward is a collective: then every rank runs as many
+    batches as the busiest one, past its own a throwaway one on spare (pairs of
+    any rank's share; this rank's may have none).
+    """
+    starts = range(0, len(pairs), batch_size)
+    runs = int(distributed.all_reduce_max(len(starts))) if fsdp.is_sharded(model) else len(starts)
     chosen, rejected = [], []
     with progress("reference log-probs", len(pairs)) as advance:
-        for start in range(0, len(pairs), batch_size):
-            c, r = pair_logps(model, pairs[start : start + batch_size], pad_id, vocab, chunk_size, device, pack)
-            chosen.append(c.cpu())
-            rejected.append(r.cpu())
-            advance(len(c))
+        for i in range(runs):
+            part = pairs[starts[i] : starts[i] + batch_size] if i < len(starts) else spare
+            c, r = fsdp.redirect(model, pair_logps, model, part, pad_id, vocab, chunk_size, device, pack)
+            if i < len(starts):
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+                advance(len(c))
     return {"chosen": torch.cat(chosen or [torch.zeros(0)]), "rejected": torch.cat(rejected or [torch.zeros(0)])}
 
 
-def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device,
-                           pack=collate_for(False)) -> tuple[dict, Path]:
+def load_reference(config: DpoConfig, device, stage: str) -> tuple[object, Callable]:
+    """The reference (the initial model, frozen, in float32 as the policy's master weights) and its batch packer.
+
+    Under torchrun it is sharded, its head applied in the root's forward as the policy's is.
+    """
+    model = load_teacher(config.model, device, torch.float32, config.attn_implementation, shard=True,
+                         head_by_hand=True, **hub_options(config))
+    return model, collate_for(enable_padding_free(model, config.padding_free, f"{stage} reference"), MIN_PADDING,
+                              pairs=True)
+
+
+def cached_reference_logps(config: DpoConfig, tokenizer, pairs, device, stage: str) -> tuple[dict, Path]:
     """Load the reference log-probs for these pairs, computing and caching them once.
 
-    Under torchrun each rank scores its share of the pairs, the shares are
-    gathered in order, and rank 0 writes the cache.
+    The reference model is loaded only to compute them, and freed after. Under
+    torchrun each rank scores its share of the pairs, the shares are gathered in
+    order, and rank 0 writes the cache.
     """
     key = sha256_json({
         "version": REF_CACHE_VERSION, "model": fingerprint_model(config.model),
@@ -107,8 +134,12 @@ def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device,
     cached = distributed.broadcast_object(load_file(str(path)) if distributed.is_main() and path.is_file() else None)
     if cached is not None and cached["chosen"].shape[0] == len(pairs):
         return cached, path
+    model, pack = load_reference(config, device, stage)
     mine = reference_logps(model, distributed.share(pairs), tokenizer.pad_token_id, len(tokenizer),
-                           config.chunk_size, config.batch_size, device, pack)
+                           config.chunk_size, config.batch_size, device, pack, spare=pairs[:1])
+    # FSDP's hooks hold the sharded model in reference cycles: collected now, before the policy loads.
+    del model
+    gc.collect()
     parts = distributed.gather_objects(mine)
     logps = {k: torch.cat([part[k] for part in parts]) for k in mine}
     if distributed.is_main():
@@ -128,15 +159,13 @@ def run(config: DpoConfig) -> Path:
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "pairs")
     tokenizer = load_tokenizer(config.model, **hub_options(config))
-    model = load_student(config.model, device, config, whole=True)  # each rank scores its reference share whole
     vocab = len(tokenizer)
     pairs, truncated = encode_pairs(tokenizer, rows, config, data_stats)
     out = prepare_output(Path(config.out), stage, config.force, checkpoint.scratch(config.resume))
+    ref, ref_path = cached_reference_logps(config, tokenizer, pairs, device, stage)
+    model = load_student(config.model, device, config)
     # Each pair's prompt once, where packing removes enough work (packing.pack_shared).
     pack = collate_for(enable_padding_free(model, config.padding_free, stage), MIN_PADDING, pairs=True)
-    model.eval()
-    with reference_mode(model):
-        ref, ref_path = cached_reference_logps(config, model, tokenizer, pairs, device, pack)
     # Reverse DPO is DPO on swapped pairs with the same reference: swap the data, not the loop.
     ref_chosen, ref_rejected = (ref["rejected"], ref["chosen"]) if config.reverse else (ref["chosen"], ref["rejected"])
     items = [((r, c) if config.reverse else (c, r), i) for i, (c, r) in enumerate(pairs)]
