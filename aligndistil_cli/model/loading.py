@@ -157,19 +157,18 @@ def shape_mismatch(path: str | Path, trust_remote_code: bool = False) -> str:
 
 
 def load_teacher(path: str | Path, device: torch.device, dtype: torch.dtype, attn_implementation: str | None,
-                 shard: bool, head_by_hand: bool = False, **hub):
-    """An inference-only model (requires no gradients); with shard, sharded over the ranks (fsdp.shard_frozen,
-    with head_by_hand).
+                 shard: bool, **hub):
+    """An inference-only model (requires no gradients); with shard, sharded over the ranks (fsdp.shard_frozen).
 
     Sharded under torchrun, only rank 0 reads the weights: the other ranks build the model on the meta
     device, shard it, and receive their shards from rank 0, so that no rank but 0 holds a whole copy.
     """
     if not (shard and distributed.active()):
         model = load_model(path, device, dtype, attn_implementation, **hub).eval().requires_grad_(False)
-        return fsdp.shard_frozen(model, head_by_hand) if shard else model
+        return fsdp.shard_frozen(model) if shard else model
     model = _rank0_model(path, device, dtype, attn_implementation, **hub).eval().requires_grad_(False)
     state = model.state_dict() if distributed.is_main() else {}
-    fsdp.shard_frozen(model, head_by_hand)
+    fsdp.shard_frozen(model)
     fsdp.fill_from_rank0(model, state, device)
     return model
 
@@ -321,10 +320,12 @@ def head_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024, groups: 
 
     groups/coefs [N] over the selected positions (default: one group, coefficient 1).
     """
-    # The body first: under FSDP its forward gathers the (tied) head, which is sharded before it.
+    # The body first: under FSDP its forward gathers the (tied) head, which is sharded before it; a frozen
+    # sharded model's own head group is gathered for the head pass alone.
     hidden, targets = response_hidden(model, batch), batch.targets[batch.loss_mask]
-    weight, bias = output_head(model)
-    return fused_token_logps(hidden, targets, weight, bias, groups, coefs, num_groups, vocab, chunk_size)
+    with fsdp.gathered(unwrap(model).get_output_embeddings()):
+        weight, bias = output_head(model)
+        return fused_token_logps(hidden, targets, weight, bias, groups, coefs, num_groups, vocab, chunk_size)
 
 
 def sequence_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024) -> torch.Tensor:

@@ -64,7 +64,7 @@ def shard(model, bf16: bool, cpu_offload: bool = False):
     return _shard(model, options)
 
 
-def shard_frozen(model, head_by_hand: bool = False):
+def shard_frozen(model):
     """fully_shard an inference-only model (a teacher) in place when ranks are active, in its load dtype; return it.
 
     Every group frees its gathered parameters after each forward, the root's
@@ -75,13 +75,9 @@ def shard_frozen(model, head_by_hand: bool = False):
     holds about one layer whole at a time (a tied embedding + head, which
     share a group, stays gathered through the forward). Every forward is then
     a collective: the ranks must run the same number of them, in the same order.
-
-    head_by_hand: its output head is applied by hand to the body's output inside
-    the root's forward (redirect), as a trained model's is (train-dpo's reference
-    pass); an untied embedding and head then stay in the root's group, gathered
-    through that forward only.
+    A head applied by hand is gathered around that use (gathered).
     """
-    return _shard(model, {"reshard_after_forward": True}, own_groups=not head_by_hand)
+    return _shard(model, {"reshard_after_forward": True}, own_groups=True)
 
 
 def _shard(model, options: dict, own_groups: bool = False):
@@ -123,6 +119,21 @@ def redirect(model, fn: Callable, *args):
         return model(*args)
     finally:
         model.forward = original
+
+
+@contextmanager
+def gathered(module):
+    """Inside, module's parameters are whole where module is a group of its own in a frozen sharded model
+    (shard_frozen's output head, which is applied by hand, never through its forward); elsewhere they are as
+    they were (a trained model's head is gathered by the root's forward, or by the tied embedding's)."""
+    if not is_sharded(module) or any(p.requires_grad for p in module.parameters()):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def reshard(model) -> None:

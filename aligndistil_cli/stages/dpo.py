@@ -109,10 +109,10 @@ def reference_logps(model, pairs, pad_id, vocab, chunk_size, batch_size, device,
 def load_reference(config: DpoConfig, device, stage: str) -> tuple[object, Callable]:
     """The reference (the initial model, frozen, in float32 as the policy's master weights) and its batch packer.
 
-    Under torchrun it is sharded, its head applied in the root's forward as the policy's is.
+    Under torchrun it is sharded as a teacher is: it gathers one group at a time, its head for the head pass.
     """
     model = load_teacher(config.model, device, torch.float32, config.attn_implementation, shard=True,
-                         head_by_hand=True, **hub_options(config))
+                         **hub_options(config))
     return model, collate_for(enable_padding_free(model, config.padding_free, f"{stage} reference"), MIN_PADDING,
                               pairs=True)
 

@@ -15,7 +15,8 @@ process held before, and the bytes of its own shards. One per launch: memory fre
 hide the second's.
 dpo-rss=CONFIG runs train-dpo with CONFIG (a launch of its own too) and writes CONFIG-rss.json: per rank, the
 peak host memory above the start through loading and the reference pass (until training begins), and over
-the whole stage.
+the whole stage. save-rss=CONFIG runs sft with CONFIG and writes CONFIG-save-rss.json: per rank, the peak
+host memory above the start of its first checkpoint's save, through the save.
 """
 
 from __future__ import annotations
@@ -143,6 +144,29 @@ def dpo_rss(path: str) -> None:
         Path(f"{path}-rss.json").write_text(json.dumps(peaks))
 
 
+def save_rss(path: str) -> None:
+    config = load_config(STAGES["sft"].config, path, {})
+    peaks = []
+    real = checkpoint.save
+
+    def save(*args, **kwargs):
+        Path("/proc/self/clear_refs").write_text("5")
+        before = proc_bytes("VmRSS")
+        saved = real(*args, **kwargs)
+        peaks.append(proc_bytes("VmHWM") - before)
+        return saved
+
+    checkpoint.save = save
+    try:
+        with distributed.session(config, lambda: by_path(config)):
+            STAGES["sft"].run(config)
+    finally:
+        checkpoint.save = real
+    peaks = distributed.gather_objects({"first_save": peaks[0]})
+    if distributed.is_main():
+        Path(f"{path}-save-rss.json").write_text(json.dumps(peaks))
+
+
 def proc_bytes(field: str) -> int:
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
     return int(line.split()[1]) * 1024
@@ -158,8 +182,8 @@ def main(args: list[str]) -> None:
         if stage in ("teacher-rss", "student-rss"):
             load_rss(stage.split("-")[0], path)
             continue
-        if stage == "dpo-rss":
-            dpo_rss(path)
+        if stage in ("dpo-rss", "save-rss"):
+            (dpo_rss if stage == "dpo-rss" else save_rss)(path)
             continue
         if stage in CHECKS:
             refusals = distributed.gather_objects(refusal(CHECKS[stage], path))

@@ -326,8 +326,10 @@ def test_sharded_reference_scores_as_the_whole_model(world):
 def test_train_dpo_holds_no_whole_model_off_rank_0(world, tmp_path):
     """train-dpo under torchrun shards its reference and its policy: through loading and the reference pass
     (until training begins) rank 1 never holds a whole copy of the model, while rank 0, which reads the
-    weights, does. glibc is told to hand freed blocks back (MALLOC_MMAP_THRESHOLD_); it otherwise keeps
-    freed blocks of up to 32 MB, and the RSS then counts memory the process no longer uses."""
+    weights, does. (Before, every rank scored the reference with the whole model.) glibc is told to hand
+    freed blocks back (MALLOC_MMAP_THRESHOLD_); it otherwise keeps freed blocks of up to 32 MB, and the RSS
+    then counts memory the process no longer uses. The model is deep and its vocabulary small: what a
+    sharded forward gathers at a time (a layer) is then small beside a rank's half of the model."""
     model_bytes = write_big_model(world / "toy" / "model", tmp_path / "deep", num_hidden_layers=14, vocab_size=128)
     config = tmp_path / "dpo.yaml"
     config.write_text(yaml.safe_dump({**TRAIN, "max_steps": 1, "model": str(tmp_path / "deep"),
