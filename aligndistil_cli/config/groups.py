@@ -172,6 +172,10 @@ class Checkpoints(Group):
                           "multiple of --updates-per-rollout.", nonneg=True, aliases=("save_steps",))
     keep_checkpoints: int = opt(2, "Keep at most this many checkpoints.", positive=True, aliases=("save_total_limit",))
     resume: bool = opt(False, "Continue from the latest complete checkpoint in OUT/checkpoints.")
+    checkpoint_format: str = opt("full", "full: rank 0 gathers the model and optimizer state and writes one set of "
+                                 "files; sharded: every rank writes its own shards (safetensors), so no host holds a "
+                                 "whole copy. Either resumes on any world size (docs/distributed.md).",
+                                 choices=("full", "sharded"))
 
     def validate(self) -> None:
         if self.resume and self.force:

@@ -198,15 +198,14 @@ def _meta_model(path: str | Path, dtype: torch.dtype, attn_implementation: str |
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
 
 
-def load_student(path: str | Path, device: torch.device, cfg, whole: bool = False):
+def load_student(path: str | Path, device: torch.device, cfg):
     """A model to train, with a training config's attention kernel, checkpointing and LoRA; fp32 master weights.
 
     Under torchrun it is sharded here (fsdp.shard) and only rank 0 reads the weights: the other ranks
     build it on the meta device and receive their shards from rank 0, so that no rank but 0 holds a
-    whole copy. whole: every rank loads it whole (a stage that runs it unsharded before training);
-    training.train shards it then.
+    whole copy.
     """
-    sharded = distributed.active() and not whole
+    sharded = distributed.active()
     load = _rank0_model if sharded else load_model
     model = load(path, device, torch.float32, cfg.attn_implementation, cfg.gradient_checkpointing, **hub_options(cfg))
     model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target) if cfg.lora_r else model
@@ -251,13 +250,6 @@ def add_lora(model, r: int, alpha: float, target: str):
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def reference_mode(model):
-    """A context in which model is the reference: a LoRA model with its adapter disabled, else itself."""
-    from contextlib import nullcontext
-
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
 def save_model(model, tokenizer, out: Path) -> None:
@@ -331,10 +323,12 @@ def head_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024, groups: 
 
     groups/coefs [N] over the selected positions (default: one group, coefficient 1).
     """
-    # The body first: under FSDP its forward gathers the (tied) head, which is sharded before it.
+    # The body first: under FSDP its forward gathers the (tied) head, which is sharded before it; a frozen
+    # sharded model's own head group is gathered for the head pass alone.
     hidden, targets = response_hidden(model, batch), batch.targets[batch.loss_mask]
-    weight, bias = output_head(model)
-    return fused_token_logps(hidden, targets, weight, bias, groups, coefs, num_groups, vocab, chunk_size)
+    with fsdp.gathered(unwrap(model).get_output_embeddings()):
+        weight, bias = output_head(model)
+        return fused_token_logps(hidden, targets, weight, bias, groups, coefs, num_groups, vocab, chunk_size)
 
 
 def sequence_logps(model, batch: Batch, vocab: int, chunk_size: int = 1024) -> torch.Tensor:

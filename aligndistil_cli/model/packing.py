@@ -206,7 +206,7 @@ def pair_groups(batch: Batch) -> list[list[int]]:
 def unsupported_reason(model) -> str | None:
     """Why this model cannot run packed rows, or None. The probe in enable() checks the rest."""
     cfg = model.config
-    if not type(model).__module__.startswith("transformers."):
+    if not fsdp.model_class(model).__module__.startswith("transformers."):
         return "its modelling code is not part of transformers"
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in _PACKABLE:
@@ -257,6 +257,7 @@ def enable(model, wanted: bool, desc: str) -> bool:
         previous = inner.config._attn_implementation
         inner.set_attn_implementation(VARLEN)
         reason = fsdp.redirect(model, probe, inner)  # a sharded model's parameters are gathered around it
+        fsdp.reshard(model)
         if reason is not None:
             inner.set_attn_implementation(previous)
     if reason is not None:

@@ -1,4 +1,4 @@
-"""FSDP2 for the model being trained: sharding, forward redirection, full state dicts.
+"""FSDP2 for the model being trained: sharding, forward redirection, full and sharded state dicts.
 
 Every function is a no-op (or the plain single-process equivalent) when no
 process group is active, so the one-process path is unchanged.
@@ -14,6 +14,7 @@ loss is run there (`redirect`, as TRL's forward redirection does).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -24,6 +25,11 @@ def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def model_class(model) -> type:
+    """The model's own class: fully_shard swaps in a subclass, FSDP<Name>(FSDPModule, Name), defined in torch."""
+    return type(model).__bases__[-1] if is_sharded(model) else type(model)
 
 
 def unwrap(model):
@@ -69,6 +75,7 @@ def shard_frozen(model):
     holds about one layer whole at a time (a tied embedding + head, which
     share a group, stays gathered through the forward). Every forward is then
     a collective: the ranks must run the same number of them, in the same order.
+    A head applied by hand is gathered around that use (gathered).
     """
     return _shard(model, {"reshard_after_forward": True}, own_groups=True)
 
@@ -112,6 +119,32 @@ def redirect(model, fn: Callable, *args):
         return model(*args)
     finally:
         model.forward = original
+
+
+@contextmanager
+def gathered(module):
+    """Inside, module's parameters are whole where module is a group of its own in a frozen sharded model
+    (shard_frozen's output head, which is applied by hand, never through its forward); elsewhere they are as
+    they were (a trained model's head is gathered by the root's forward, or by the tied embedding's)."""
+    if not is_sharded(module) or any(p.requires_grad for p in module.parameters()):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def reshard(model) -> None:
+    """Free what a forward without a backward left gathered (a trained model's root keeps its parameters
+    gathered for the backward); its registered parameters are then the sharded ones again, which the
+    optimizer must be given. No-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -206,3 +239,75 @@ def load_full_optimizer_state(model, optimizer, state: dict) -> None:
 def trainable_names(model) -> list[str]:
     """Names of the trained parameters, in the order the optimizer holds them (training.train)."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def save_sharded(path, model, optimizer) -> dict:
+    """Write this rank's shards of the model's and the optimizer's tensors under path, in safetensors; return
+    the rest of the optimizer state, for JSON (every rank calls: a collective).
+
+    torch's HuggingFaceStorageWriter writes one file per rank,
+    shard-<rank + 1>-model-00001-of-00001.safetensors, whose header records where each tensor's part
+    sits in the whole tensor (metadata DCP_SHARDING_INFO, JSON: {name: {"saved_offsets": [...]}});
+    a tensor every rank holds whole (a model that is not sharded, AdamW's step counts) is written once.
+    No index file and no pickle: the reader rebuilds the layout from the headers.
+    """
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+
+    tensors, rest = _sharded_state(model, optimizer)
+    with _checkpointing():
+        save(tensors, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True))
+    return rest
+
+
+def load_sharded(path, model, optimizer, rest: dict) -> None:
+    """Load what save_sharded wrote, on any world size: each rank reads the parts of the files that overlap
+    its own shards (every rank calls; a model that is not sharded reads every tensor whole)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    tensors, _ = _sharded_state(model, optimizer)
+    with _checkpointing():
+        load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+    weights = tensors["model"]
+    for name, alias in tied_names(model).items():
+        weights[alias] = weights[name]
+    set_model_state_dict(model, weights)
+    state = {name: {**tensors["optimizer"].get(name, {}), **rest["scalars"].get(name, {})}
+             for name in tensors["optimizer"].keys() | rest["scalars"].keys()}
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": rest["param_groups"]})
+
+
+def _sharded_state(model, optimizer) -> tuple[dict, dict]:
+    """({"model": {name: tensor}, "optimizer": {name: {key: tensor}}}, {"param_groups", "scalars"}): this rank's
+    shards (DTensors) of a sharded model, the whole tensors of another, keyed by parameter names.
+
+    The optimizer state is made if it is not yet (a zero-gradient step at lr 0), so that a load has
+    tensors to fill. A tied head is left out: safetensors refuses one tensor under two names.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(model)
+    for alias in tied_names(model).values():
+        weights.pop(alias, None)
+    optim = get_optimizer_state_dict(model, optimizer)
+    tensors = {name: {k: v for k, v in s.items() if torch.is_tensor(v)} for name, s in optim["state"].items()}
+    scalars = {name: {k: v for k, v in s.items() if not torch.is_tensor(v)} for name, s in optim["state"].items()}
+    return {"model": weights, "optimizer": tensors}, \
+        {"param_groups": optim["param_groups"], "scalars": {name: s for name, s in scalars.items() if s}}
+
+
+@contextmanager
+def _checkpointing():
+    """Around torch's checkpoint save and load. Without a process group they warn that they run in one process,
+    the intent here. They gather every rank's error into one CheckpointException, a BaseException that no error
+    handler catches: the first failing rank's own error is raised instead (a full disk's OSError)."""
+    import warnings
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        try:
+            yield
+        except CheckpointException as e:
+            raise e.failures[min(e.failures)][0] from None

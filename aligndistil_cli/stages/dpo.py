@@ -5,6 +5,10 @@ as safetensors keyed by (reference weights, tokenizer, data, lengths), and
 reused by the reverse run, which swaps chosen and rejected. Training steps run
 only the policy, on chosen and rejected concatenated into one forward pass.
 
+The reference is a frozen copy of the initial model, loaded only when the cache
+lacks its log-probs and freed before the policy loads. Under torchrun both are
+sharded and only rank 0 reads the weights, so no other rank holds a whole copy.
+
 --loss simpo needs no reference at all. --loss tdpo1|tdpo2 needs the reference's
 whole distribution at every response position: the frozen reference runs live on
 the step's batch (its hidden states), and its head is applied chunk by chunk inside
@@ -14,7 +18,9 @@ live rather than cached.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,7 +41,6 @@ from aligndistil_cli.model.loading import (
     load_tokenizer,
     output_head,
     pick_device,
-    reference_mode,
     response_hidden,
     save_model,
     sequence_ids,
@@ -43,7 +48,7 @@ from aligndistil_cli.model.loading import (
 )
 from aligndistil_cli.model.packing import MIN_PADDING, collate_for
 from aligndistil_cli.model.packing import enable as enable_padding_free
-from aligndistil_cli.parallel import distributed
+from aligndistil_cli.parallel import distributed, fsdp
 from aligndistil_cli.rundir.artifacts import (
     default_mode,
     fingerprint_model,
@@ -143,24 +148,45 @@ def tdpo_terms(model, ref, ref_head: tuple, pairs, pad_id: int, vocab: int, chun
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, vocab, chunk_size, batch_size, device,
-                    pack=collate_for(False)) -> dict[str, torch.Tensor]:
+def reference_logps(model, pairs, pad_id, vocab, chunk_size, batch_size, device, pack=collate_for(False),
+                    spare: list | None = None) -> dict[str, torch.Tensor]:
+    """{"chosen": [B], "rejected": [B]} summed response log-probs of pairs, batch_size pairs a forward pass.
+
+    A sharded model's every forward is a collective: then every rank runs as many
+    batches as the busiest one, past its own a throwaway one on spare (pairs of
+    any rank's share; this rank's may have none).
+    """
+    starts = range(0, len(pairs), batch_size)
+    runs = int(distributed.all_reduce_max(len(starts))) if fsdp.is_sharded(model) else len(starts)
     chosen, rejected = [], []
     with progress("reference log-probs", len(pairs)) as advance:
-        for start in range(0, len(pairs), batch_size):
-            c, r = pair_logps(model, pairs[start : start + batch_size], pad_id, vocab, chunk_size, device, pack)
-            chosen.append(c.cpu())
-            rejected.append(r.cpu())
-            advance(len(c))
+        for i in range(runs):
+            part = pairs[starts[i] : starts[i] + batch_size] if i < len(starts) else spare
+            c, r = fsdp.redirect(model, pair_logps, model, part, pad_id, vocab, chunk_size, device, pack)
+            if i < len(starts):
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+                advance(len(c))
     return {"chosen": torch.cat(chosen or [torch.zeros(0)]), "rejected": torch.cat(rejected or [torch.zeros(0)])}
 
 
-def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device,
-                           pack=collate_for(False)) -> tuple[dict, Path]:
+def load_reference(config: DpoConfig, device, stage: str) -> tuple[object, Callable]:
+    """The reference (the initial model, frozen, in float32 as the policy's master weights) and its batch packer.
+
+    Under torchrun it is sharded as a teacher is: it gathers one group at a time, its head for the head pass.
+    """
+    model = load_teacher(config.model, device, torch.float32, config.attn_implementation, shard=True,
+                         **hub_options(config))
+    return model, collate_for(enable_padding_free(model, config.padding_free, f"{stage} reference"), MIN_PADDING,
+                              pairs=True)
+
+
+def cached_reference_logps(config: DpoConfig, tokenizer, pairs, device, stage: str) -> tuple[dict, Path]:
     """Load the reference log-probs for these pairs, computing and caching them once.
 
-    Under torchrun each rank scores its share of the pairs, the shares are
-    gathered in order, and rank 0 writes the cache.
+    The reference model is loaded only to compute them, and freed after. Under
+    torchrun each rank scores its share of the pairs, the shares are gathered in
+    order, and rank 0 writes the cache.
     """
     key = sha256_json({
         "version": REF_CACHE_VERSION, "model": fingerprint_model(config.model),
@@ -172,8 +198,12 @@ def cached_reference_logps(config: DpoConfig, model, tokenizer, pairs, device,
     cached = distributed.broadcast_object(load_file(str(path)) if distributed.is_main() and path.is_file() else None)
     if cached is not None and cached["chosen"].shape[0] == len(pairs):
         return cached, path
+    model, pack = load_reference(config, device, stage)
     mine = reference_logps(model, distributed.share(pairs), tokenizer.pad_token_id, len(tokenizer),
-                           config.chunk_size, config.batch_size, device, pack)
+                           config.chunk_size, config.batch_size, device, pack, spare=pairs[:1])
+    # FSDP's hooks hold the sharded model in reference cycles: collected now, before the policy loads.
+    del model
+    gc.collect()
     parts = distributed.gather_objects(mine)
     logps = {k: torch.cat([part[k] for part in parts]) for k in mine}
     if distributed.is_main():
@@ -241,8 +271,8 @@ def tdpo_step(config: DpoConfig, model, batching: dict, ref_model):
     return loss_fn
 
 
-def load_reference(config: DpoConfig, device):
-    """TDPO's frozen reference: the --model weights (a LoRA run's base), whole on every rank, in bf16 where the
+def load_live_reference(config: DpoConfig, device):
+    """TDPO's frozen reference, run live on every micro-batch: the --model weights (a LoRA run's base), whole on every rank, in bf16 where the
     precision says so (as the live teachers are)."""
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
     return load_teacher(config.model, device, dtype, config.attn_implementation, False, **hub_options(config))
@@ -263,21 +293,19 @@ def run(config: DpoConfig) -> Path:
     device = pick_device(config.device)
     rows, data_stats = load_data(config, "pairs")
     tokenizer = load_tokenizer(config.model, **hub_options(config))
-    cached = config.loss == "dpo"
-    model = load_student(config.model, device, config, whole=cached)  # each rank scores its reference share whole
     vocab = len(tokenizer)
     pairs, truncated = encode_pairs(tokenizer, rows, config, data_stats)
     out = prepare_output(Path(config.out), stage, config.force, checkpoint.scratch(config.resume))
-    ref_model = load_reference(config, device) if config.loss in TDPO_VERSIONS else None
+    inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)), "data": data_input(config)}
+    if config.loss == "dpo":  # before the policy loads: the reference is freed by then
+        ref, ref_path = cached_reference_logps(config, tokenizer, pairs, device, stage)
+        inputs["ref_logps"] = input_record("ref-logps", ref_path, ref_path.stem)
+    model = load_student(config.model, device, config)
+    ref_model = load_live_reference(config, device) if config.loss in TDPO_VERSIONS else None
     pack = pair_packing(model, ref_model, config, stage)
     batching = {"pad_id": tokenizer.pad_token_id, "vocab": vocab, "chunk_size": config.chunk_size, "device": device,
                 "pack": pack}
-    inputs = {"model": input_record("model", config.model, fingerprint_model(config.model)), "data": data_input(config)}
-    if cached:
-        model.eval()
-        with reference_mode(model):
-            ref, ref_path = cached_reference_logps(config, model, tokenizer, pairs, device, pack)
-        inputs["ref_logps"] = input_record("ref-logps", ref_path, ref_path.stem)
+    if config.loss == "dpo":
         loss_fn = dpo_step(config, model, batching, ref)
     elif ref_model is None:
         loss_fn = simpo_step(config, model, batching)

@@ -1,18 +1,26 @@
 """Training checkpoints: safetensors for tensors, JSON for everything else.
 
-OUT/checkpoints/step-00000050/
+OUT/checkpoints/step-00000050/          --checkpoint-format full (the default)
     model.safetensors       the trainable weights (shared tensors handled)
     optimizer.safetensors   every optimizer state tensor, as state.<param index>.<key>
     rng.safetensors         torch CPU (and CUDA) generator states
-    state.json              step, optimizer param groups, scheduler, python RNG, config hash, and the
+    state.json              format, step, optimizer param groups, scheduler, python RNG, config hash, and the
                             fingerprint of every input (data, models, teacher cache)
+OUT/checkpoints/step-00000050/          --checkpoint-format sharded
+    shards/shard-<rank + 1>-model-00001-of-00001.safetensors
+                            each rank's shards of the weights (model.<name>) and of the optimizer's tensors
+                            (optimizer.<name>.<key>), with their offsets in the whole tensors in the header
+                            (fsdp.save_sharded)
+    rng.safetensors, state.json as above; state.json also holds the world size that wrote the shards
 A checkpoint is written to a hidden temporary directory and renamed into
 place, so a kill at any moment leaves either no checkpoint or a whole one;
 state.json is written last inside it as a second guard.
 
-Under torchrun the sharded model and optimizer are gathered to full state
-dicts (fsdp.py) and rank 0 writes the same files, so a checkpoint resumes on
-any world size.
+Under torchrun the full format gathers the sharded model and optimizer to
+full state dicts (fsdp.py) and rank 0 writes the same files as one process;
+the sharded one has every rank write its own shards, so no host ever holds a
+whole copy. Either resumes on any world size, and under either setting of
+--checkpoint-format: a load reads the format that state.json names.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from aligndistil_cli.rundir.artifacts import atomic_write_json, default_mode, wr
 
 DIRNAME = "checkpoints"
 STATE = "state.json"
+SHARDS = "shards"
 
 
 class _Full(torch.nn.Module):
@@ -72,40 +81,31 @@ def last_saved() -> Path | None:
 
 
 def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, keep: int,
-         inputs: dict[str, dict]) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` (every rank calls; rank 0 writes)."""
-    sharded = fsdp.is_sharded(model)
-    model_state = fsdp.full_model_state(model) if sharded else None
-    optimizer_state = fsdp.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+         inputs: dict[str, dict], sharded: bool = False) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep` (every rank calls; rank 0 writes, and
+    with sharded every rank writes its shards too)."""
     root = Path(out) / DIRNAME
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    try:
+        if sharded:
+            distributed.barrier()  # the directory exists before any rank writes into it
+            opt_meta = fsdp.save_sharded(tmp / SHARDS, model, optimizer)
+        else:
+            opt_meta = _save_full(tmp, model, optimizer)
+        if distributed.is_main():
+            _save_rest(tmp, step, scheduler, config_hash, inputs, opt_meta, sharded)
+    except BaseException:
+        # A full disk (or a kill) must not leave a half-written checkpoint taking the space.
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if not distributed.is_main():
         distributed.barrier()
         return final
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with writing(tmp / "model.safetensors"):
-            save_model(_Full(model_state) if sharded else model, str(tmp / "model.safetensors"))
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
-        with writing(tmp / "optimizer.safetensors"):
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        with writing(tmp / "rng.safetensors"):
-            save_file(rng, str(tmp / "rng.safetensors"))
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        for written in tmp.iterdir():
-            default_mode(written)
-        atomic_write_json(tmp / STATE, {"step": step, "optimizer": opt_meta, "scheduler": sched,
-                                        "python_random": _jsonable(random.getstate()), "config_hash": config_hash,
-                                        "inputs": inputs})
-    except BaseException:
-        # A full disk (or a kill) must not leave a half-written checkpoint taking the space.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     _saved["last"] = final
@@ -113,6 +113,39 @@ def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, ke
         shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _save_full(tmp: Path, model, optimizer) -> dict:
+    """model.safetensors and optimizer.safetensors, written by rank 0 (every rank gathers); the optimizer's JSON part."""
+    sharded = fsdp.is_sharded(model)
+    model_state = fsdp.full_model_state(model) if sharded else None
+    optimizer_state = fsdp.full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+    if not distributed.is_main():
+        return {}
+    with writing(tmp / "model.safetensors"):
+        save_model(_Full(model_state) if sharded else model, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer_state)
+    with writing(tmp / "optimizer.safetensors"):
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    return opt_meta
+
+
+def _save_rest(tmp: Path, step: int, scheduler, config_hash: str, inputs: dict[str, dict], opt_meta: dict,
+               sharded: bool) -> None:
+    """rng.safetensors, then state.json (last: it marks the checkpoint complete); rank 0 only."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    with writing(tmp / "rng.safetensors"):
+        save_file(rng, str(tmp / "rng.safetensors"))
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    for written in tmp.rglob("*"):
+        if written.is_file():  # every rank's shards too
+            default_mode(written)
+    layout = {"format": "sharded", "world_size": distributed.world_size()} if sharded else {"format": "full"}
+    atomic_write_json(tmp / STATE, {**layout, "step": step, "optimizer": opt_meta, "scheduler": sched,
+                                    "python_random": _jsonable(random.getstate()), "config_hash": config_hash,
+                                    "inputs": inputs})
 
 
 def _jsonable(state):
@@ -182,8 +215,10 @@ def load(path: Path, model, optimizer, scheduler, config_hash: str, inputs: dict
         raise UserError(f"checkpoint {path} was written with another version of input {changed[0]!r} "
                         f"({inputs[changed[0]]['path']}): its content changed since; restore it to resume from the "
                         "checkpoint, or rerun with --force to discard it and start over")
-    if fsdp.is_sharded(model):
-        _load_sharded(path, model, optimizer, state["optimizer"])
+    if state.get("format") == "sharded":
+        fsdp.load_sharded(path / SHARDS, model, optimizer, state["optimizer"])
+    elif fsdp.is_sharded(model):
+        _scatter_full(path, model, optimizer, state["optimizer"])
     else:
         load_model(model, str(path / "model.safetensors"))
         optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
@@ -197,8 +232,9 @@ def load(path: Path, model, optimizer, scheduler, config_hash: str, inputs: dict
     return state["step"]
 
 
-def _load_sharded(path: Path, model, optimizer, meta: dict) -> None:
-    """Rank 0 reads the full tensors and FSDP scatters them; the other ranks read nothing."""
+def _scatter_full(path: Path, model, optimizer, meta: dict) -> None:
+    """A full checkpoint into a sharded model: rank 0 reads the full tensors and FSDP scatters them; the other
+    ranks read nothing."""
     weights, optim = {}, {}
     if distributed.is_main():
         weights = load_file(str(path / "model.safetensors"))

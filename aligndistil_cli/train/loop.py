@@ -28,7 +28,7 @@ from aligndistil_cli.train import checkpoint, tracking
 
 # Fields that may differ between a run and its resumption.
 RESUME_FREE = ("resume", "force", "save_every", "keep_checkpoints", "log_every", "device", "fsdp_cpu_offload",
-               "shard_teachers", "report_to", "run_name", "project", "push_to_hub", "hub_private")
+               "shard_teachers", "checkpoint_format", "report_to", "run_name", "project", "push_to_hub", "hub_private")
 
 LossFn = Callable[[object], tuple[torch.Tensor, dict]]
 
@@ -258,6 +258,9 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
     config_hash = sha256_json(portable_config({k: v for k, v in config_dict(cfg).items() if k not in RESUME_FREE},
                                               Path(out).parent))
     inputs = checkpoint.input_fingerprints(cfg)
+    sharded = cfg.checkpoint_format == "sharded"
+    if sharded and cfg.save_every:
+        distributed.check_shared_dir(out, "--out")  # every rank writes its own shards of each checkpoint there
     first = _resume_point(cfg.resume, out, model, optimizer, schedule, config_hash, inputs, desc)
     writer = MetricsWriter(out / "metrics.jsonl", first) if distributed.is_main() else _Discard()
     trackers = tracking.start(Tracking.of(cfg), out, config_dict(cfg), first, getattr(writer, "previous_last_step", 0))
@@ -299,7 +302,7 @@ def train(model, steps: Iterator, n_steps: int, loss_fn: LossFn, cfg, out: Path,
                     writer.write(last)
                 if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
                     checkpoint.save(out, step, model, optimizer, schedule, config_hash, cfg.keep_checkpoints,
-                                    inputs)
+                                    inputs, sharded)
                 # Throughputs a stage reports (on-policy: rollout and training tokens/s) show beside the loss.
                 rates = "".join(f"  {k.removesuffix('_tokens_per_s')} {v:,.0f} tok/s"
                                 for k, v in extra.items() if k.endswith("_tokens_per_s"))

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 2 tests/distributed/run_stages.py STAGE=CONFIG.yaml ... [mismatch=OUT.json]
 
 Each STAGE=CONFIG runs like `aligndistil STAGE --config CONFIG` does (distributed.session, then the stage);
-STAGE/NAME=CONFIG names a second run of a stage (distill/on-policy=CONFIG runs distill).
+STAGE/NAME=CONFIG names a second run of a stage (distill/on-policy=CONFIG runs distill); a NAME that starts
+with "interrupted" stops the run right after its first checkpoint, as a kill at that moment would.
 Each of these records, per rank, the refusal it got in OUT.json:
 - mismatch=OUT.json gives rank 1 a different seed than rank 0;
 - divergent=OUT.json makes rank 1 see other data under the same path (a node-local copy that differs);
@@ -12,6 +13,10 @@ teacher-rss=MODEL (student-rss=MODEL) loads MODEL as a sharded teacher (as a stu
 MODEL-teacher-rss.json (MODEL-student-rss.json): per rank, the peak host memory (VmHWM) above what the
 process held before, and the bytes of its own shards. One per launch: memory freed by the first would
 hide the second's.
+dpo-rss=CONFIG runs train-dpo with CONFIG (a launch of its own too) and writes CONFIG-rss.json: per rank, the
+peak host memory above the start through loading and the reference pass (until training begins), and over
+the whole stage. save-rss=CONFIG runs sft with CONFIG and writes CONFIG-save-rss.json: per rank, the peak
+host memory above the start of its first checkpoint's save, through the save.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -29,9 +35,32 @@ from aligndistil_cli.config.stages import SftConfig
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.model.loading import load_student, load_teacher
 from aligndistil_cli.parallel import distributed, fsdp
-from aligndistil_cli.rundir import artifacts
+from aligndistil_cli.rundir import artifacts, outdir
 from aligndistil_cli.stages import STAGES
 from aligndistil_cli.train import checkpoint
+
+
+class Interrupted(Exception):
+    """A stage stopped right after its first checkpoint."""
+
+
+@contextmanager
+def interrupted_after_first_checkpoint():
+    """Stop the stage run inside right after its first checkpoint is complete (on every rank), leaving the
+    checkpoint and no manifest, as a kill would."""
+    real = checkpoint.save
+
+    def save(out, *args, **kwargs):
+        real(out, *args, **kwargs)
+        raise Interrupted(out)
+
+    checkpoint.save = save
+    try:
+        yield
+    except Interrupted as stop:
+        outdir.release(stop.args[0])  # a killed process's lock on OUT goes with it
+    finally:
+        checkpoint.save = real
 
 
 def refusal(fn, *args) -> str | None:
@@ -87,6 +116,58 @@ def load_rss(kind: str, path: str) -> None:
         Path(f"{path}-{kind}-rss.json").write_text(json.dumps(peaks))
 
 
+def dpo_rss(path: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import aligndistil_cli.stages.dpo as dpo
+
+    config = load_config(STAGES["train-dpo"].config, path, {})
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model))
+    Path("/proc/self/clear_refs").write_text("5")
+    before = proc_bytes("VmRSS")
+    peaks = {}
+    real = dpo.train
+
+    def train(*args, **kwargs):
+        peaks["before_training"] = proc_bytes("VmHWM") - before
+        return real(*args, **kwargs)
+
+    dpo.train = train
+    try:
+        with distributed.session(config, lambda: by_path(config)):
+            STAGES["train-dpo"].run(config)
+    finally:
+        dpo.train = real
+    peaks["stage"] = proc_bytes("VmHWM") - before
+    peaks = distributed.gather_objects(peaks)
+    if distributed.is_main():
+        Path(f"{path}-rss.json").write_text(json.dumps(peaks))
+
+
+def save_rss(path: str) -> None:
+    config = load_config(STAGES["sft"].config, path, {})
+    peaks = []
+    real = checkpoint.save
+
+    def save(*args, **kwargs):
+        Path("/proc/self/clear_refs").write_text("5")
+        before = proc_bytes("VmRSS")
+        saved = real(*args, **kwargs)
+        peaks.append(proc_bytes("VmHWM") - before)
+        return saved
+
+    checkpoint.save = save
+    try:
+        with distributed.session(config, lambda: by_path(config)):
+            STAGES["sft"].run(config)
+    finally:
+        checkpoint.save = real
+    peaks = distributed.gather_objects({"first_save": peaks[0]})
+    if distributed.is_main():
+        Path(f"{path}-save-rss.json").write_text(json.dumps(peaks))
+
+
 def proc_bytes(field: str) -> int:
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
     return int(line.split()[1]) * 1024
@@ -102,15 +183,19 @@ def main(args: list[str]) -> None:
         if stage in ("teacher-rss", "student-rss"):
             load_rss(stage.split("-")[0], path)
             continue
+        if stage in ("dpo-rss", "save-rss"):
+            (dpo_rss if stage == "dpo-rss" else save_rss)(path)
+            continue
         if stage in CHECKS:
             refusals = distributed.gather_objects(refusal(CHECKS[stage], path))
             if distributed.is_main():
                 with open(f"{path}.json" if stage == "unshared" else path, "w", encoding="utf-8") as f:
                     json.dump(refusals, f)
             continue
-        stage = stage.split("/")[0]
+        stage, _, name = stage.partition("/")
         config = load_config(STAGES[stage].config, path, {"reverse": True} if stage == "train-reverse-dpo" else {})
-        with distributed.session(config, lambda config=config: by_path(config)):
+        stop = interrupted_after_first_checkpoint() if name.startswith("interrupted") else nullcontext()
+        with stop, distributed.session(config, lambda config=config: by_path(config)):
             STAGES[stage].run(config)
     dist.barrier()
     # Every output is on disk and every collective done. A process that exits with its gloo group still

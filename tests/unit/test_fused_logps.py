@@ -129,6 +129,21 @@ def test_no_grad_values_and_second_backward_refused():
         sums.sum().backward()
 
 
+def test_no_grad_builds_no_gradients():
+    """Under no_grad, parameters that require a gradient (a trained model's reference pass) get no
+    gradient work: the [G, V, H] accumulators alone would be 32 x 2048 x 64 float32 = 16 MiB here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(64, 64, generator=gen), torch.randn(2048, 64, generator=gen).requires_grad_()
+    targets, groups = torch.randint(0, 2048, (64,), generator=gen), torch.arange(64) % 32
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        sums, _ = fused_token_logps(hidden, targets, weight, None, groups, None, 32, chunk_size=16)
+    allocated = sum(max(e.cpu_memory_usage, 0) for e in prof.events())  # every allocation, freed or not
+    assert allocated < 4 * 2**20, allocated  # [16, 2048] float32 blocks (128 KiB) a few times per chunk
+    assert not sums.requires_grad
+
+
 def test_empty_and_bad_chunk():
     hidden, weight, bias, targets = inputs(0, n=0)
     sums, logps = fused_token_logps(hidden.requires_grad_(), targets, weight, bias, vocab_size=VOCAB)

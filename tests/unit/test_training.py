@@ -99,3 +99,56 @@ def test_metrics_are_strict_json(tmp_path):
 
     record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
     assert record == {"step": 1, "loss": None, "kl": None, "nested": [None, 1.5]}
+
+
+def varied(model):
+    """A loss whose batches differ (batch [i, i + 1] gives inputs i), so a resume at the wrong step shows."""
+
+    def loss_fn(batch):
+        return (model(torch.full((2, 3), float(batch[0]))) - 1.0).pow(2).mean(), {}
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_a_checkpoint_of_either_format_resumes_exactly(tmp_path, fmt):
+    """A run stopped at step 5 resumes from its step-4 checkpoint (weights, AdamW moments and step counts, the
+    schedule) and ends bit-identical to an uninterrupted run."""
+    batches = [[i, i + 1] for i in range(8)]
+    (tmp_path / "ref").mkdir()
+    reference = tiny_model()
+    train(reference, iter(batches), 8, varied(reference), config(tmp_path / "ref"), tmp_path / "ref", "t")
+    model = tiny_model()
+    stop = varied(model)
+    with pytest.raises(UserError, match="non-finite loss at step 5"):
+        train(model, iter(batches), 8, lambda b: (stop(b)[0] * (float("nan") if b[0] == 4 else 1.0), {}),
+              config(tmp_path, checkpoint_format=fmt), tmp_path, "t")
+    saved = checkpoint.latest(tmp_path)
+    assert json.loads((saved / "state.json").read_text())["format"] == fmt
+    files = {p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()}
+    assert files == {"rng.safetensors", "state.json"} | ({"shards/shard-00001-model-00001-of-00001.safetensors"}
+                                                         if fmt == "sharded" else
+                                                         {"model.safetensors", "optimizer.safetensors"})
+    resumed = tiny_model()
+    # The other format resumes it: a load reads what state.json names.
+    other = "full" if fmt == "sharded" else "sharded"
+    summary = train(resumed, iter(batches), 8, varied(resumed), config(tmp_path, resume=True, checkpoint_format=other),
+                    tmp_path, "t")
+    assert summary["resumed_from"] == 4
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_sharded_checkpoint_refuses_a_changed_input(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    (tmp_path / "o").mkdir()
+    model = tiny_model()
+    cfg = SftConfig(out=str(tmp_path / "o"), model="m", data=str(data), save_every=2, checkpoint_format="sharded")
+    with pytest.raises(UserError, match="non-finite loss at step 3"):
+        train(model, iter([[0, 1]] * 4), 4, nan_at({3}, model), cfg, tmp_path / "o", "t")
+    data.write_text('{"prompt": "a", "response": "c"}\n')
+    cfg = SftConfig(out=str(tmp_path / "o"), model="m", data=str(data), save_every=2, checkpoint_format="sharded",
+                    resume=True)
+    with pytest.raises(UserError, match=rf"another version of input 'data' \({data}\): its content changed"):
+        train(tiny_model(), iter([[0, 1]] * 4), 4, nan_at(set(), model), cfg, tmp_path / "o", "t")
