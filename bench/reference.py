@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from aligndistil_cli.losses.functions import compose_teacher_full, head_logits, position_weights, reverse_kl
+from aligndistil_cli.losses.functions import compose_teacher_full, reverse_kl
+from aligndistil_cli.losses.fused import head_logits, position_weights
 
 
 def compose_teacher(

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from aligndistil_cli.data.encode import Encoded, collate
-from aligndistil_cli.losses.functions import dpo_loss, fused_head_kl_loss, position_weights, reverse_kl
+from aligndistil_cli.losses.functions import dpo_loss, reverse_kl
+from aligndistil_cli.losses.fused import fused_head_kl_loss, position_weights
 from aligndistil_cli.model.loading import (
     final_hidden,
     head_logps,

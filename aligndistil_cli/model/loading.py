@@ -14,7 +14,7 @@ import torch
 
 from aligndistil_cli.core.errors import UserError
 from aligndistil_cli.data.encode import Batch
-from aligndistil_cli.losses.functions import fused_token_logps, head_logits
+from aligndistil_cli.losses.fused import fused_token_logps, head_logits
 from aligndistil_cli.model.tokenizer_file import as_saved
 from aligndistil_cli.parallel import distributed, fsdp
 from aligndistil_cli.parallel.fsdp import unwrap

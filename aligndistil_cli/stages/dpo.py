@@ -12,7 +12,7 @@ sharded and only rank 0 reads the weights, so no other rank holds a whole copy.
 --loss simpo needs no reference at all. --loss tdpo1|tdpo2 needs the reference's
 whole distribution at every response position: the frozen reference runs live on
 the step's batch (its hidden states), and its head is applied chunk by chunk inside
-the policy's fused head pass (losses.fused_token_logps_kl). docs/guide.md says why
+the policy's fused head pass (losses.fused.fused_token_logps_kl). docs/guide.md says why
 live rather than cached.
 """
 
@@ -30,7 +30,8 @@ from aligndistil_cli.core.console import progress
 from aligndistil_cli.core.hashing import sha256_json
 from aligndistil_cli.data.encode import collate, data_fingerprint, data_input, encode_pairs, load_data
 from aligndistil_cli.eval.monitor import make_monitor
-from aligndistil_cli.losses.functions import dpo_loss, fused_token_logps_kl, head_logits
+from aligndistil_cli.losses.functions import dpo_loss
+from aligndistil_cli.losses.fused import fused_token_logps_kl, head_logits
 from aligndistil_cli.losses.preference import TDPO_VERSIONS, simpo_loss, tdpo_kl_weights, tdpo_loss
 from aligndistil_cli.model.loading import (
     bf16_enabled,
@@ -272,8 +273,8 @@ def tdpo_step(config: DpoConfig, model, batching: dict, ref_model):
 
 
 def load_live_reference(config: DpoConfig, device):
-    """TDPO's frozen reference, run live on every micro-batch: the --model weights (a LoRA run's base), whole on every rank, in bf16 where the
-    precision says so (as the live teachers are)."""
+    """TDPO's frozen reference, run live on every micro-batch: the --model weights (a LoRA run's base), whole on
+    every rank, in bf16 where the precision says so (as the live teachers are)."""
     dtype = torch.bfloat16 if bf16_enabled(config.precision, device) else torch.float32
     return load_teacher(config.model, device, dtype, config.attn_implementation, False, **hub_options(config))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from aligndistil_cli.core.console import say
-from aligndistil_cli.losses.functions import fused_head_kl_loss, position_weights
+from aligndistil_cli.losses.fused import fused_head_kl_loss, position_weights
 from aligndistil_cli.model.loading import autocast, num_sequences, output_head, response_hidden, sequence_ids
 from aligndistil_cli.parallel import distributed, fsdp
 from aligndistil_cli.parallel.distributed import rank_micro_batches

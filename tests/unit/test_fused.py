@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligndistil_cli.losses.functions import fused_head_kl_loss
+from aligndistil_cli.losses.fused import fused_head_kl_loss
 
 
 def explicit_loss(hidden, weight, bias, teacher, weights, vocab):

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aligndistil_cli.losses.functions import dpo_loss, fused_token_logps
+from aligndistil_cli.losses.functions import dpo_loss
+from aligndistil_cli.losses.fused import fused_token_logps
 
 N, H, WIDTH, VOCAB = 12, 5, 17, 14  # three padded vocabulary rows
 

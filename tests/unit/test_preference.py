@@ -1,4 +1,4 @@
-"""SimPO and TDPO (losses.preference) and TDPO's fused per-token KL (losses.functions.fused_token_logps_kl).
+"""SimPO and TDPO (losses.preference) and TDPO's fused per-token KL (losses.fused.fused_token_logps_kl).
 
 Expected values are worked out by plain arithmetic in the test, taken from an invariant (DPO's own
 loss), from TRL's formula written out as TRL writes it, or from a float64 computation over the full
@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aligndistil_cli.losses.functions import dpo_loss, fused_token_logps_kl
+from aligndistil_cli.losses.functions import dpo_loss
+from aligndistil_cli.losses.fused import fused_token_logps_kl
 from aligndistil_cli.losses.preference import simpo_loss, tdpo_kl_weights, tdpo_loss
 
 

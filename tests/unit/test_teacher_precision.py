@@ -10,7 +10,8 @@ import torch
 
 from aligndistil_cli.config.stages import PrecomputeConfig
 from aligndistil_cli.core.errors import ConfigError
-from aligndistil_cli.losses.functions import fused_head_kl_loss, reverse_kl
+from aligndistil_cli.losses.functions import reverse_kl
+from aligndistil_cli.losses.fused import fused_head_kl_loss
 from aligndistil_cli.teacher.compose import TeacherSpec, encode_chunk, float32_heads, logq_fn
 from bench.reference import aligndistil_loss
 
