@@ -241,27 +241,33 @@ def trainable_names(model) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def save_sharded(path, model, optimizer) -> dict:
-    """Write this rank's shards of the model's and the optimizer's tensors under path, in safetensors; return
-    the rest of the optimizer state, for JSON (every rank calls: a collective).
+def local_parts(model, optimizer) -> tuple[dict[str, tuple[torch.Tensor, list[int]]], dict]:
+    """({name: (tensor, offsets)}, rest): the parts of the model's and the optimizer's tensors that this rank
+    writes to a sharded checkpoint, each with its offsets in the whole tensor, and the rest of the optimizer
+    state (param groups, non-tensor values), for JSON.
 
-    torch's HuggingFaceStorageWriter writes one file per rank,
-    shard-<rank + 1>-model-00001-of-00001.safetensors, whose header records where each tensor's part
-    sits in the whole tensor (metadata DCP_SHARDING_INFO, JSON: {name: {"saved_offsets": [...]}});
-    a tensor every rank holds whole (a model that is not sharded, AdamW's step counts) is written once.
-    No index file and no pickle: the reader rebuilds the layout from the headers.
+    Names are model.<parameter> and optimizer.<parameter>.<key>, the keys under which load_sharded looks
+    them up. A rank writes its own shards of a sharded tensor; a tensor that every rank holds whole (a model
+    that is not sharded, AdamW's step counts) is written by rank 0 alone.
     """
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
-
     tensors, rest = _sharded_state(model, optimizer)
-    with _checkpointing():
-        save(tensors, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True))
-    return rest
+    flat = {f"model.{name}": t for name, t in tensors["model"].items()}
+    flat.update({f"optimizer.{name}.{key}": t for name, state in tensors["optimizer"].items() for key, t in state.items()})
+    parts = {}
+    for name, tensor in flat.items():
+        if hasattr(tensor, "to_local"):
+            [chunk] = tensor.__create_chunk_list__()  # what torch's checkpoint planner reads of a DTensor
+            parts[name] = (tensor.to_local(), list(chunk.offsets))
+        elif distributed.is_main():
+            parts[name] = (tensor, [0] * tensor.dim())
+    return parts, rest
 
 
 def load_sharded(path, model, optimizer, rest: dict) -> None:
-    """Load what save_sharded wrote, on any world size: each rank reads the parts of the files that overlap
-    its own shards (every rank calls; a model that is not sharded reads every tensor whole)."""
+    """Load the checkpoint files under path (local_parts, one file per rank that wrote it) on any world size,
+    with torch's HuggingFaceStorageReader: it rebuilds each tensor's layout from the files' headers, and each
+    rank reads the parts that overlap its own shards (every rank calls; a model that is not sharded reads
+    every tensor whole)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -298,9 +304,9 @@ def _sharded_state(model, optimizer) -> tuple[dict, dict]:
 
 @contextmanager
 def _checkpointing():
-    """Around torch's checkpoint save and load. Without a process group they warn that they run in one process,
-    the intent here. They gather every rank's error into one CheckpointException, a BaseException that no error
-    handler catches: the first failing rank's own error is raised instead (a full disk's OSError)."""
+    """Around torch's checkpoint load. Without a process group it warns that it runs in one process, the intent
+    here. It gathers every rank's error into one CheckpointException, a BaseException that no error handler
+    catches: the first failing rank's own error is raised instead."""
     import warnings
 
     from torch.distributed.checkpoint.api import CheckpointException

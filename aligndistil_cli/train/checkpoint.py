@@ -7,10 +7,11 @@ OUT/checkpoints/step-00000050/          --checkpoint-format full (the default)
     state.json              format, step, optimizer param groups, scheduler, python RNG, config hash, and the
                             fingerprint of every input (data, models, teacher cache)
 OUT/checkpoints/step-00000050/          --checkpoint-format sharded
-    shards/shard-<rank + 1>-model-00001-of-00001.safetensors
+    shards/rank-<rank>-of-<world size>.safetensors
                             each rank's shards of the weights (model.<name>) and of the optimizer's tensors
-                            (optimizer.<name>.<key>), with their offsets in the whole tensors in the header
-                            (fsdp.save_sharded)
+                            (optimizer.<name>.<key>); the header's metadata DCP_SHARDING_INFO (JSON) gives
+                            each one's offsets in the whole tensor, as torch's HuggingFaceStorageWriter
+                            writes it, and torch's HuggingFaceStorageReader reads them back
     rng.safetensors, state.json as above; state.json also holds the world size that wrote the shards
 A checkpoint is written to a hidden temporary directory and renamed into
 place, so a kill at any moment leaves either no checkpoint or a whole one;
@@ -93,7 +94,7 @@ def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, ke
     try:
         if sharded:
             distributed.barrier()  # the directory exists before any rank writes into it
-            opt_meta = fsdp.save_sharded(tmp / SHARDS, model, optimizer)
+            opt_meta = _save_shards(tmp / SHARDS, model, optimizer)
         else:
             opt_meta = _save_full(tmp, model, optimizer)
         if distributed.is_main():
@@ -113,6 +114,30 @@ def save(out: Path, step: int, model, optimizer, scheduler, config_hash: str, ke
         shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _save_shards(path: Path, model, optimizer) -> dict:
+    """This rank's file of a sharded checkpoint (fsdp.local_parts); the optimizer's JSON part.
+
+    Written with save_file, which writes the tensors where they lie, not torch's HuggingFaceStorageWriter,
+    which builds each file in memory first: twice the rank's bytes at its peak (measured in
+    docs/distributed.md). Every rank learns whether all wrote their file, so all fail alike.
+    """
+    parts, rest = fsdp.local_parts(model, optimizer)
+    tensors = {name: t.detach().cpu().contiguous() for name, (t, _) in parts.items()}
+    # torch's HuggingFaceStorageReader reads each part's offsets from this header key.
+    offsets = {name: {"saved_offsets": at} for name, (_, at) in parts.items()}
+    file = path / f"rank-{distributed.rank():05d}-of-{distributed.world_size():05d}.safetensors"
+    path.mkdir(parents=True, exist_ok=True)
+    failed = None
+    try:
+        with writing(file):
+            save_file(tensors, str(file), metadata={"DCP_SHARDING_INFO": json.dumps(offsets)})
+    except Exception as e:
+        failed = e
+    if distributed.all_reduce_max(float(failed is not None)):
+        raise failed or UserError(f"another rank could not write its part of checkpoint {path.parent}")
+    return rest
 
 
 def _save_full(tmp: Path, model, optimizer) -> dict:

@@ -268,7 +268,7 @@ def test_sharded_checkpoints_resume_across_world_sizes(world, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     sharded = step2["two-sharded"]
     assert sorted(p.name for p in (sharded / "shards").iterdir()) == [
-        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+        "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
     assert {p.name for p in sharded.iterdir()} == {"shards", "rng.safetensors", "state.json"}
     state = json.loads((sharded / "state.json").read_text())
     assert state["format"] == "sharded" and state["world_size"] == 2

@@ -63,7 +63,8 @@ def test_ctrl_c_exits_130_naming_the_last_checkpoint(monkeypatch, capsys, tmp_pa
     assert err.count("\n") == 0 and "step-00000004" in err and "--resume" in err
 
 
-def test_full_disk_removes_the_half_written_checkpoint_and_says_so(monkeypatch, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_full_disk_removes_the_half_written_checkpoint_and_says_so(monkeypatch, tmp_path, sharded):
     model = tiny_llama()
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -73,7 +74,7 @@ def test_full_disk_removes_the_half_written_checkpoint_and_says_so(monkeypatch, 
 
     monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(OSError) as caught:
-        checkpoint.save(tmp_path, 1, model, optimizer, scheduler, "h", keep=2, inputs={})
+        checkpoint.save(tmp_path, 1, model, optimizer, scheduler, "h", keep=2, inputs={}, sharded=sharded)
     assert list((tmp_path / "checkpoints").iterdir()) == [], "the temporary checkpoint is cleaned up"
     line = cli.internal_error_line(caught.value)
     assert line.startswith("no space left on device (writing ") and "internal error" not in line

@@ -126,7 +126,7 @@ def test_a_checkpoint_of_either_format_resumes_exactly(tmp_path, fmt):
     saved = checkpoint.latest(tmp_path)
     assert json.loads((saved / "state.json").read_text())["format"] == fmt
     files = {p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()}
-    assert files == {"rng.safetensors", "state.json"} | ({"shards/shard-00001-model-00001-of-00001.safetensors"}
+    assert files == {"rng.safetensors", "state.json"} | ({"shards/rank-00000-of-00001.safetensors"}
                                                          if fmt == "sharded" else
                                                          {"model.safetensors", "optimizer.safetensors"})
     resumed = tiny_model()
