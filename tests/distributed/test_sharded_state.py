@@ -23,7 +23,7 @@ from test_torchrun import (
     write_big_model,
 )
 
-from aligndistil_cli.config.stages import build_config
+from aligndistil_cli.config.files import build_config
 from aligndistil_cli.parallel import distributed
 
 
