@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-# Remembered file hashes (filehash.py) go to a directory of this test session, not the user's cache;
+# Remembered file hashes (core/hashing.py) go to a directory of this test session, not the user's cache;
 # subprocesses started by the tests inherit it.
 if "ALIGNDISTIL_CACHE_DIR" not in os.environ:
     os.environ["ALIGNDISTIL_CACHE_DIR"] = tempfile.mkdtemp(prefix="aligndistil-test-cache-")

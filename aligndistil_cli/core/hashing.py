@@ -10,6 +10,7 @@ the same size is noticed even if the mtime is restored.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -22,6 +23,7 @@ _CHUNK = 1 << 20
 _FILE = "file-hashes.json"
 _PRUNE_AT = 20_000
 _memory: dict[str, list] | None = None
+_pending: dict[str, list] = {}
 
 
 def sha256_file(path: Path) -> str:
@@ -54,17 +56,30 @@ def _load() -> dict[str, list]:
 
 
 def _remember(key: str, entry: list) -> None:
-    memory = _load()
-    memory[key] = entry
+    """Remember a hash in memory; flush() writes what is new. Writing the file per hash would cost a read and a
+    write of the whole memory (thousands of entries on a busy machine) for every file a stage hashes."""
+    _load()[key] = entry
+    if not _pending:
+        atexit.register(flush)
+    _pending[key] = entry
+
+
+def flush() -> None:
+    """Write the hashes remembered since the last flush, merged with what other processes wrote meanwhile (a lost
+    entry only costs a re-hash)."""
+    if not _pending:
+        return
+    atexit.unregister(flush)
     path = cache_dir() / _FILE
-    try:  # merge with what other processes wrote meanwhile; a lost entry only costs a re-hash
+    try:
         on_disk = json.loads(path.read_text())
     except (OSError, ValueError):
         on_disk = {}
-    on_disk.update(memory)
+    on_disk.update(_pending)
+    _pending.clear()
     if len(on_disk) > _PRUNE_AT:  # forget files that are gone, so the memory does not grow forever
         on_disk = {k: v for k, v in on_disk.items() if os.path.exists(k)}
-    memory.update(on_disk)
+    _load().update(on_disk)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_FILE}.", suffix=".tmp")
@@ -76,7 +91,8 @@ def _remember(key: str, entry: list) -> None:
 
 
 def sha256_cached(path: Path) -> str:
-    """sha256 of path, read from disk only when the file changed since it was last hashed."""
+    """sha256 of path, read from disk only when the file changed since it was last hashed. New hashes reach the
+    file of remembered hashes at flush() (or at exit)."""
     key = os.path.realpath(path)
     stamp = _stamp(path)
     entry = _load().get(key)

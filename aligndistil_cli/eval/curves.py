@@ -118,7 +118,7 @@ def plot_training(plt, name: str, records: list[dict], path: Path) -> list[str]:
             ax.tick_params(labelsize=8)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)  # the constrained layout already fits the labels: "tight" would draw it twice
     shown = [ax.get_label() for ax in fig.axes]
     plt.close(fig)
     return shown

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aligndistil_cli import __version__
-from aligndistil_cli.core.hashing import config_dict, sha256_cached
+from aligndistil_cli.core.hashing import config_dict, flush, sha256_cached
 from aligndistil_cli.rundir import outdir
 from aligndistil_cli.rundir.artifacts import (
     CONFIG_FILE,
@@ -42,6 +42,7 @@ def finalize(out: Path, stage: str, config: Any, inputs: dict[str, Any], metrics
     for p in files:
         default_mode(p)
     outputs = {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": sha256_cached(p)} for p in files}
+    flush()  # now, not at exit: a sweep's other jobs read these outputs next
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "complete": True,
