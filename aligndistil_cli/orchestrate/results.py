@@ -87,9 +87,9 @@ def _spread(data: dict, method: str, value) -> str:
             f"its {len(sds)} converged settings")
     text += (f"; for the default's own setting ({method}, r = {label(value)}) it is {own:.3f}" if own is not None
              else f"; the default's own setting ({method}, r = {label(value)}) has fewer than two converged seeds")
-    return text + (". A run of the default on another machine (another seed, other rounding: another thread count "
-                   "is enough, as `OMP_NUM_THREADS=1 make full-pipeline` shows) may land about that far from the "
-                   "table above.")
+    return text + (". A run of the default with another seed, or on a machine that rounds differently (another "
+                   "thread count: `OMP_NUM_THREADS=1 make full-pipeline`), may land about that far from the table "
+                   "above.")
 
 
 def render_headline(data: dict) -> list[str]:
