@@ -54,6 +54,10 @@ def default_run(eval_dir: Path) -> dict:
             "num_prompts": report["num_prompts"], "models": rows, "student_r": r}
 
 
+# A 1-minute load average at or above this, before the sweep's own jobs started, means other work shared the cores.
+SHARED_LOAD = 1.0
+
+
 def _provenance(data: dict) -> str:
     sweep = data.get("sweep") or {}
     seeds = sorted({r["seed"] for r in data["records"]})
@@ -63,7 +67,16 @@ def _provenance(data: dict) -> str:
             + f", {len(seeds)} whole-pipeline seeds, started {sweep.get('started', '?')}: "
             f"{sweep.get('wall_s', 0) / 60:.0f} min of wall time on {sweep.get('cpus', '?')} cores, "
             f"OMP_NUM_THREADS={sweep.get('omp_num_threads')}, load average {load} (1, 5, 15 min; at the start; at "
-            "the end: the machine was shared).")
+            f"the end){_machine(sweep)}.")
+
+
+def _machine(sweep: dict) -> str:
+    """Whether the wall time is an idle machine's: the load of the minute before the sweep started (its own jobs
+    only count after that)."""
+    start = sweep.get("load_average_at_start") or []
+    if not start:
+        return ""
+    return ": the machine was shared" if start[0] >= SHARED_LOAD else ": the machine was idle when it started"
 
 
 def render_results(data: dict) -> list[str]:

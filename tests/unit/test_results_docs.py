@@ -29,3 +29,13 @@ def test_fill_block_replaces_only_the_block(tmp_path):
     doc.write_text("no block here\n")
     with pytest.raises(UserError, match="no block between"):
         fill_block(doc, ["x"])
+
+
+def test_the_provenance_says_whether_the_machine_was_idle_when_the_sweep_started():
+    data = json.loads((REPO / "docs" / "results" / "summary.json").read_text(encoding="utf-8"))
+    data["sweep"] = {**data["sweep"], "load_average_at_start": [2.9, 3.8, 4.0], "wall_s": 5231}
+    shared = render_results(data)[0]
+    assert "87 min of wall time" in shared and "load average 2.9, 3.8, 4.0" in shared
+    assert shared.endswith(": the machine was shared.")
+    data["sweep"]["load_average_at_start"] = [0.35, 0.42, 0.9]
+    assert render_results(data)[0].endswith(": the machine was idle when it started.")
