@@ -11,11 +11,13 @@ TEST_STAMP := $(VENV)/.installed-test
 # (each test's CLI run, each pipeline) would compile torch's, transformers' and our modules anew, about 6.7 s
 # of a 4.5 s import. One import when the test extra is installed writes the bytecode of what the stages load
 # (`make full-pipeline` is one process: there it would only move those seconds into set-up).
+# Imported after torch and transformers (sympy by transformers through torch.distributed), compiled without them.
+LATER_IMPORTS := sympy, datasets, matplotlib.pyplot
 define WARM_BYTECODE
 import importlib, pkgutil, aligndistil_cli
 for m in pkgutil.walk_packages(aligndistil_cli.__path__, "aligndistil_cli."):
     m.name.endswith("__main__") or importlib.import_module(m.name)
-import datasets, matplotlib.pyplot, transformers.models.llama.modeling_llama, transformers.models.qwen2.modeling_qwen2
+import $(LATER_IMPORTS), transformers.models.llama.modeling_llama, transformers.models.qwen2.modeling_qwen2
 endef
 export WARM_BYTECODE
 
@@ -58,7 +60,7 @@ $(TEST_STAMP): $(STAMP)
 # the other core compiles what later stages import, once, so that they do not (about 7 s of a fresh clone's run).
 full-pipeline: setup
 	@test -f $(VENV)/.bytecode || { env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -c \
-	    "import sympy, datasets, matplotlib.pyplot" && touch $(VENV)/.bytecode; } >/dev/null 2>&1 & \
+	    "import $(LATER_IMPORTS)" && touch $(VENV)/.bytecode; } >/dev/null 2>&1 & \
 	echo $(BIN)/aligndistil run pipelines/tiny.yaml; \
 	$(BIN)/aligndistil run pipelines/tiny.yaml; rc=$$?; wait; exit $$rc
 

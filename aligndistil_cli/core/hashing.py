@@ -59,8 +59,6 @@ def _remember(key: str, entry: list) -> None:
     """Remember a hash in memory; flush() writes what is new. Writing the file per hash would cost a read and a
     write of the whole memory (thousands of entries on a busy machine) for every file a stage hashes."""
     _load()[key] = entry
-    if not _pending:
-        atexit.register(flush)
     _pending[key] = entry
 
 
@@ -69,7 +67,6 @@ def flush() -> None:
     entry only costs a re-hash)."""
     if not _pending:
         return
-    atexit.unregister(flush)
     path = cache_dir() / _FILE
     try:
         on_disk = json.loads(path.read_text())
@@ -102,6 +99,9 @@ def sha256_cached(path: Path) -> str:
     if _stamp(path) == stamp:  # not written to while we read it
         _remember(key, [stamp, digest])
     return digest
+
+
+atexit.register(flush)
 
 
 def sha256_json(obj: Any) -> str:

@@ -45,22 +45,37 @@ class Interrupted(Exception):
 
 
 @contextmanager
+def patched(module, name: str, wrap):
+    """module.name replaced by wrap(the real one) inside."""
+    real = getattr(module, name)
+    setattr(module, name, wrap(real))
+    try:
+        yield
+    finally:
+        setattr(module, name, real)
+
+
+def run_stage(stage: str, config) -> None:
+    """As `aligndistil STAGE --config ...` runs it."""
+    with distributed.session(config, lambda: by_path(config)):
+        STAGES[stage].run(config)
+
+
+@contextmanager
 def interrupted_after_first_checkpoint():
     """Stop the stage run inside right after its first checkpoint is complete (on every rank), leaving the
     checkpoint and no manifest, as a kill would."""
-    real = checkpoint.save
+    def stop_after(real):
+        def save(out, *args, **kwargs):
+            real(out, *args, **kwargs)
+            raise Interrupted(out)
+        return save
 
-    def save(out, *args, **kwargs):
-        real(out, *args, **kwargs)
-        raise Interrupted(out)
-
-    checkpoint.save = save
     try:
-        yield
+        with patched(checkpoint, "save", stop_after):
+            yield
     except Interrupted as stop:
         outdir.release(stop.args[0])  # a killed process's lock on OUT goes with it
-    finally:
-        checkpoint.save = real
 
 
 def refusal(fn, *args) -> str | None:
@@ -127,18 +142,15 @@ def dpo_rss(path: str) -> None:
     Path("/proc/self/clear_refs").write_text("5")
     before = proc_bytes("VmRSS")
     peaks = {}
-    real = dpo.train
 
-    def train(*args, **kwargs):
-        peaks["before_training"] = proc_bytes("VmHWM") - before
-        return real(*args, **kwargs)
+    def peak_before(real):
+        def train(*args, **kwargs):
+            peaks["before_training"] = proc_bytes("VmHWM") - before
+            return real(*args, **kwargs)
+        return train
 
-    dpo.train = train
-    try:
-        with distributed.session(config, lambda: by_path(config)):
-            STAGES["train-dpo"].run(config)
-    finally:
-        dpo.train = real
+    with patched(dpo, "train", peak_before):
+        run_stage("train-dpo", config)
     peaks["stage"] = proc_bytes("VmHWM") - before
     peaks = distributed.gather_objects(peaks)
     if distributed.is_main():
@@ -148,21 +160,18 @@ def dpo_rss(path: str) -> None:
 def save_rss(path: str) -> None:
     config = load_config(STAGES["sft"].config, path, {})
     peaks = []
-    real = checkpoint.save
 
-    def save(*args, **kwargs):
-        Path("/proc/self/clear_refs").write_text("5")
-        before = proc_bytes("VmRSS")
-        saved = real(*args, **kwargs)
-        peaks.append(proc_bytes("VmHWM") - before)
-        return saved
+    def peak_of(real):
+        def save(*args, **kwargs):
+            Path("/proc/self/clear_refs").write_text("5")
+            before = proc_bytes("VmRSS")
+            saved = real(*args, **kwargs)
+            peaks.append(proc_bytes("VmHWM") - before)
+            return saved
+        return save
 
-    checkpoint.save = save
-    try:
-        with distributed.session(config, lambda: by_path(config)):
-            STAGES["sft"].run(config)
-    finally:
-        checkpoint.save = real
+    with patched(checkpoint, "save", peak_of):
+        run_stage("sft", config)
     peaks = distributed.gather_objects({"first_save": peaks[0]})
     if distributed.is_main():
         Path(f"{path}-save-rss.json").write_text(json.dumps(peaks))
@@ -195,8 +204,8 @@ def main(args: list[str]) -> None:
         stage, _, name = stage.partition("/")
         config = load_config(STAGES[stage].config, path, {"reverse": True} if stage == "train-reverse-dpo" else {})
         stop = interrupted_after_first_checkpoint() if name.startswith("interrupted") else nullcontext()
-        with stop, distributed.session(config, lambda config=config: by_path(config)):
-            STAGES[stage].run(config)
+        with stop:
+            run_stage(stage, config)
     dist.barrier()
     # Every output is on disk and every collective done. A process that exits with its gloo group still
     # alive can abort in the interpreter's teardown: gloo's worker threads still hold work objects whose
